@@ -1,0 +1,74 @@
+"""The one object that carries a rollout through an RL step.
+
+B = number of completions on this process = prompts × G (the G samples of a prompt are adjacent rows
+and always live on the same process, so group statistics need no communication).
+P = prompt length (left-padded), T = completion length (right-padded after EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Batch:
+    # --- filled by the rollout engine -------------------------------------------------------------
+    prompt_ids: torch.Tensor
+    """(B, P) long. Prompt tokens, left-padded with the pad id."""
+    prompt_mask: torch.Tensor
+    """(B, P) long. 1 on real prompt tokens, 0 on left padding."""
+    completion_ids: torch.Tensor
+    """(B, T) long. Sampled tokens a_t; pad id after EOS / stop."""
+    completion_mask: torch.Tensor
+    """(B, T) float. 1 for tokens up to and including EOS (or the stop string's last token), else 0."""
+    old_logprobs: torch.Tensor
+    """(B, T) float. log π_old(a_t|s_t) of the sampled tokens under the sampling policy (τ applied), 0 on padding."""
+    group_size: int
+    """G: completions per prompt; rows [i·G, (i+1)·G) share a prompt."""
+
+    # --- texts and dataset columns (filled by the trainer) -----------------------------------------
+    prompts: list[Any] = field(default_factory=list)
+    """Original prompts (str or chat messages), one per row (repeated G times)."""
+    prompt_texts: list[str] = field(default_factory=list)
+    """Prompts as the model saw them (chat template applied), one per row."""
+    completions: list[str] = field(default_factory=list)
+    """Decoded completions (special tokens removed)."""
+    columns: dict[str, list] = field(default_factory=dict)
+    """Other dataset columns (e.g. `answer`), one entry per row, passed to reward functions."""
+
+    # --- filled by rewards / reference / value passes / advantage estimator -----------------------
+    scores: torch.Tensor | None = None
+    """(B,) float. Weighted sequence reward R(x, y) from the reward functions."""
+    token_rewards: torch.Tensor | None = None
+    """(B, T) float. r_t: per-token reward (scores on the last token, dense rewards, − β·KL if kl_in=reward)."""
+    ref_logprobs: torch.Tensor | None = None
+    """(B, T) float. log π_ref(a_t|s_t); None when β = 0 (no reference model)."""
+    values: torch.Tensor | None = None
+    """(B, T) float. V(s_t) from the value head at rollout time; None without a value head."""
+    advantages: torch.Tensor | None = None
+    """(B, T) float. Â_t from the advantage estimator."""
+    returns: torch.Tensor | None = None
+    """(B, T) float. Return targets (value-function targets for gae)."""
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Batch":
+        """Rows ``idx`` of every per-row field (tensors, lists and columns); used for minibatches."""
+        out: dict[str, Any] = {}
+        ilist = idx.tolist()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in ilist] if v else []
+            elif isinstance(v, dict):
+                out[f.name] = {k: [col[i] for i in ilist] for k, col in v.items()}
+            else:
+                out[f.name] = v
+        return Batch(**out)

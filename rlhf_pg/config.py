@@ -1,0 +1,381 @@
+"""Run configuration: nested pydantic models, recipe loading, dotted overrides, presets, validation.
+
+The models below are the single source of truth for every option: each field's docstring (the
+string literal under it) is its documentation, shown by ``rlhf-pg config`` and carried into the
+JSON schema. A recipe YAML maps one-to-one onto them. Unknown keys, wrong types, out-of-range values
+and impossible combinations all become a one-line :class:`~rlhf_pg.errors.UserError`.
+
+Resolution order: preset defaults for ``algo.name`` < recipe YAML < command-line ``key=value``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"
+    """Policy model: a built-in alias (`smollm2-135m-instruct`, `tiny-random-llama`), a local directory, or a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. `auto` = float32 on CPU, bfloat16 on GPUs that support it (else float16)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub (only for models you trust)."""
+    ref_name: str | None = None
+    """Reference model for the KL term; default: a frozen copy of the initial policy (`name`)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower)."""
+
+
+class DataConfig(_Section):
+    train: str = "arithmetic"
+    """Prompt source: a built-in task (`arithmetic`), a local .jsonl/.json/.csv/.parquet file, or a hub dataset name."""
+    train_split: str = "train"
+    """Split of `train` used for training."""
+    eval: str | None = None
+    """Held-out prompt source (same forms as `train`); default: the same source as `train`."""
+    eval_split: str = "test"
+    """Split of the eval source."""
+    eval_limit: int | None = Field(200, ge=1)
+    """Use at most this many eval prompts (the first ones); null = all."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: a string (used as is) or a list of chat messages (chat template applied)."""
+    system_prompt: str | None = None
+    """System message prepended to conversational prompts that have none."""
+    max_prompt_tokens: int = Field(512, ge=1)
+    """Longest prompt in tokens; longer prompts are handled by `too_long`."""
+    too_long: Literal["truncate", "error"] = "truncate"
+    """Prompts over `max_prompt_tokens`: keep the last tokens (with a warning) or stop with an error."""
+    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Options of a built-in task, e.g. `{max_operand: 20, n_train: 5000, seed: 0}` for `arithmetic`."""
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled per RL step (over all processes)."""
+    group_size: int = Field(4, ge=1)
+    """G: completions sampled per prompt. Each step trains on prompts_per_step × group_size completions."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest completion in tokens; sampling stops earlier at EOS or a stop string."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature τ. The policy trained is softmax(logits/τ), so log-probs use the same τ."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off). Log-probs stay those of the untruncated policy, as in peers."""
+    top_k: int = Field(0, ge=0)
+    """Sample among the k most likely tokens (0 = off)."""
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings; the completion ends with the token that completes one."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Prompts per batch during evaluation (greedy decoding)."""
+
+
+class RewardFunctionConfig(_Section):
+    name: str
+    """A built-in (`accuracy`, `format`, `length_penalty`, `sentiment`, ...), `package.module:function` or `path/to/file.py:function`."""
+    weight: float = 1.0
+    """Weight of this function in the summed reward."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the function (e.g. `{pattern: ...}` for `format`)."""
+
+
+class RewardsConfig(_Section):
+    functions: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(name="accuracy")]
+    )
+    """Reward functions, summed with their weights; each one is also logged on its own."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """A reward function raises: stop with its message, or treat its values for the batch as missing (0)."""
+    on_nonfinite: Literal["raise", "zero", "none"] = "raise"
+    """A reward function returns NaN/inf: stop, use 0, or treat as missing."""
+    on_all_none: Literal["raise", "zero"] = "raise"
+    """Every function returns None for a sample: stop, or score it 0."""
+
+
+class AlgoConfig(_Section):
+    name: Literal["grpo", "reinforce", "rloo", "ppo"] = "grpo"
+    """Preset: fills the defaults of the fields below (see PRESETS); any field can still be set."""
+    advantage: str = "grpo"
+    """Advantage estimator (registry in core.py): grpo, rloo, reinforce, gae."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide centred group rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    policy_loss: str = "clip"
+    """Policy loss (registry in core.py): `clip` (PPO ratio clip) or `pg` (−Â·log π)."""
+    clip_eps_low: float = Field(0.2, ge=0)
+    """ε_low: the ratio is clipped below at 1 − ε_low."""
+    clip_eps_high: float = Field(0.2, ge=0)
+    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020); null = off."""
+    kl_coef: float = Field(0.0, ge=0)
+    """β: weight of the KL to the reference model. 0 = no reference model is loaded at all."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (Schulman 2020): k1 = log π/π_ref, k2 = ½(log ratio)², k3 = (r − 1) − log r."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL goes: a term in the loss (GRPO) or a per-token penalty in the reward (PPO)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adaptive KL controller target (Ziegler et al. 2019); null = fixed β."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive KL controller horizon in samples."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight: loss −= coef × entropy."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"] = "token-mean"
+    """How per-token losses become one number (normalised over the whole minibatch, all processes)."""
+    loss_agg_constant: float | None = Field(None, gt=0)
+    """Normaliser per sequence for `constant` aggregation (Dr. GRPO); default: rollout.max_new_tokens."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount γ for returns (reinforce, gae)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ."""
+    reward_to_go: bool = True
+    """reinforce: weight log π(a_t) by the return from t (True) or by the full return (False)."""
+    baseline: Literal["none", "mean", "ema", "loo"] = "none"
+    """reinforce baseline: none, group mean (includes the sample itself), EMA of past returns, leave-one-out."""
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    """Decay of the `ema` baseline."""
+    whiten_advantages: bool = False
+    """Normalise advantages to zero mean, unit std over the whole batch (masked, across processes)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Value loss weight (gae)."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip range of the value prediction around the rollout's values; null = no clipping."""
+    epochs: int = Field(1, ge=1)
+    """Optimisation passes over each rollout."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per epoch: the rollout is split into this many minibatches."""
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(30, ge=0)
+    """RL steps (each = one rollout + its optimisation)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW β1, β2."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up, in optimizer steps."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up, over all optimizer steps of the run."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Completions per forward/backward; a minibatch is accumulated over micro-batches."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm; null = off."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate autocast precision."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N steps (0 = only at start and end)."""
+    eval_at_start: bool = True
+    """Evaluate the initial policy before training."""
+    samples_every: int = Field(5, ge=0)
+    """Write the step's completions to samples.jsonl every N steps (0 = never)."""
+    save_model: bool = True
+    """Save the final policy with save_pretrained into output_dir/model."""
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, samples.jsonl and the model go."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a run."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        a, r = self.algo, self.rollout
+        if a.advantage in ("grpo", "rloo") and r.group_size < 2:
+            raise ValueError(
+                f"algo.advantage={a.advantage} compares samples of the same prompt: set rollout.group_size >= 2"
+            )
+        if a.advantage == "reinforce" and a.baseline in ("mean", "loo") and r.group_size < 2:
+            raise ValueError(f"algo.baseline={a.baseline} needs rollout.group_size >= 2")
+        if a.kl_target is not None and a.kl_in != "reward":
+            raise ValueError("algo.kl_target (adaptive KL) needs algo.kl_in=reward")
+        if a.kl_target is not None and a.kl_coef == 0:
+            raise ValueError("algo.kl_target needs a starting algo.kl_coef > 0")
+        n = r.prompts_per_step * r.group_size
+        if n % a.minibatches:
+            raise ValueError(
+                f"rollout.prompts_per_step × group_size = {n} is not divisible by algo.minibatches={a.minibatches}"
+            )
+        if a.loss_agg == "constant" and a.loss_agg_constant is None:
+            a.loss_agg_constant = float(r.max_new_tokens)
+        return self
+
+
+# Preset defaults per algo.name; the recipe and overrides win over these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": dict(advantage="grpo", policy_loss="clip", kl_in="loss", scale="group"),
+    "rloo": dict(advantage="rloo", policy_loss="clip", kl_in="reward", kl_estimator="k1"),
+    "reinforce": dict(advantage="reinforce", policy_loss="pg", reward_to_go=True, baseline="ema", kl_in="reward", kl_estimator="k1"),
+    "ppo": dict(advantage="gae", policy_loss="clip", kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95,
+                whiten_advantages=True, epochs=2, minibatches=2),
+}
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating sections as needed."""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise UserError(f"override '{key}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``['algo.kl_coef=0.02', 'train.max_steps=5']`` → nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' is not key=value (e.g. train.max_steps=5)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe file '{path}' not found: pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise UserError(f"recipe '{path}' is not valid YAML at {where}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{path}' is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Known field names of the section at ``loc`` (for 'did you mean')."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        f = cls.model_fields.get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        inner = getattr(ann, "__args__", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+            cls = inner[0]
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        names = _field_names(RunConfig, loc)
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
+            f" — known keys here: {', '.join(names)}" if names else "")
+        return f"unknown config key '{key}'{hint}"
+    if e["type"] == "value_error":
+        return f"invalid config: {e['msg'].removeprefix('Value error, ')}"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config key '{key}': {e['msg']}{got_s}"
+
+
+def build_config(recipe: dict | None = None, overrides: dict | None = None) -> RunConfig:
+    """Merge preset < recipe < overrides and validate; errors become one-line UserErrors."""
+    tree = _merge(recipe or {}, overrides or {})
+    algo = tree.get("algo")
+    if algo is not None and not isinstance(algo, dict):
+        raise UserError("config section 'algo' must be a mapping")
+    name = (algo or {}).get("name", "grpo")
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        raise UserError(f"unknown algo.name '{name}'; choose one of {', '.join(PRESETS)}"
+                        + (f" (did you mean '{close[0]}'?)" if close else ""))
+    tree["algo"] = _merge(PRESETS[name], algo or {})
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_explain(err)) from None
+    _check_registries(cfg)
+    return cfg
+
+
+def _check_registries(cfg: RunConfig) -> None:
+    from .core import ADVANTAGE_ESTIMATORS, POLICY_LOSSES  # local: keep config import light
+
+    for key, name, reg in (("algo.advantage", cfg.algo.advantage, ADVANTAGE_ESTIMATORS),
+                           ("algo.policy_loss", cfg.algo.policy_loss, POLICY_LOSSES)):
+        if name not in reg:
+            close = difflib.get_close_matches(name, reg, n=1)
+            raise UserError(f"unknown {key} '{name}'; known: {', '.join(sorted(reg))}"
+                            + (f" (did you mean '{close[0]}'?)" if close else ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe file (or defaults when ``path`` is None) with ``key=value`` overrides."""
+    recipe = read_yaml(path) if path is not None else {}
+    return build_config(recipe, parse_overrides(overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every option — the CLI's `config` listing."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, key + ".")
+        else:
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [d.model_dump() for d in default]
+            rows.append((key, repr(default), f.description or ""))
+    return rows

@@ -1,0 +1,380 @@
+"""Prompt datasets: built-in procedural tasks, local files and hub datasets.
+
+:func:`load_prompt_dataset` returns a :class:`datasets.Dataset` with
+
+* ``prompt`` — the original prompt: a string (standard form) or a list of ``{"role", "content"}``
+  messages (conversational form);
+* ``prompt_text`` — the text the model sees (the chat template applied for conversational
+  prompts, with a generation prompt);
+* ``prompt_ids`` — ``prompt_text`` tokenized without special tokens;
+* every other column of the source unchanged (e.g. ``answer`` for a reward function).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import operator
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_pg.errors import UserError
+
+PROMPT = "prompt"
+PROMPT_TEXT = "prompt_text"
+PROMPT_IDS = "prompt_ids"
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""Local file suffix → ``datasets`` packaged builder."""
+
+TOO_LONG_POLICIES = ("truncate", "error")
+
+ARITHMETIC_TEMPLATE = "What is {a} {op} {b}? Answer with just the number."
+"""User message of the ``arithmetic`` task."""
+
+_ARITHMETIC_OPS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+}
+_TEST_BUCKETS = 5
+"""One question in this many (by a seeded hash of the question) belongs to the test split."""
+_MAX_DRAWS_PER_ROW = 50
+_MAX_EXTRA_DRAWS = 10_000
+"""Bound on random draws when sampling distinct test questions from a small question space."""
+_SPLIT_ALIASES = {"train": "train", "test": "test", "eval": "test", "validation": "test"}
+
+
+def make_arithmetic(
+    split: str,
+    n: int,
+    seed: int = 0,
+    max_operand: int = 20,
+    ops: str = "+-*",
+    template: str = ARITHMETIC_TEMPLATE,
+) -> datasets.Dataset:
+    """Generate ``n`` arithmetic questions ``a op b`` with operands in ``[0, max_operand]``.
+
+    Rows have a conversational ``prompt`` (one user message: ``template`` formatted with ``a``,
+    ``op`` and ``b``) and the ``answer`` as a string.
+    Every possible question is assigned to train or test by a seeded hash, so the splits never
+    share a question whatever their sizes. Test questions are distinct; train questions are drawn
+    with replacement (the train part of the question space may be smaller than ``n``).
+    ``split`` is ``"train"`` or ``"test"`` (``"eval"`` and ``"validation"`` mean test).
+    """
+    split = _task_split("arithmetic", split)
+    if n < 1:
+        raise UserError(f"arithmetic needs at least 1 {split} question, got n={n}: raise it")
+    if max_operand < 1:
+        raise UserError(f"arithmetic max_operand must be >= 1, got {max_operand}: raise it")
+    try:
+        template.format(a=1, op="+", b=2)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(
+            f"arithmetic template {template!r} is invalid ({err!r}): use only the fields "
+            "{a}, {op} and {b}"
+        ) from None
+    if not ops or any(op not in _ARITHMETIC_OPS for op in ops):
+        raise UserError(
+            f"arithmetic ops '{ops}' is invalid: use a non-empty string of {''.join(_ARITHMETIC_OPS)}"
+        )
+    operators = sorted(set(ops), key=ops.index)
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+    prompts: list[list[dict[str, str]]] = []
+    answers: list[str] = []
+    seen: set[str] = set()
+    draws_left = _MAX_DRAWS_PER_ROW * n + _MAX_EXTRA_DRAWS
+    while len(prompts) < n:
+        if draws_left == 0:
+            raise UserError(
+                f"arithmetic with max_operand={max_operand} and ops '{ops}' has too few distinct "
+                f"test questions for n={n} (found {len(seen)}): lower n_eval or raise max_operand"
+            )
+        draws_left -= 1
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice(operators)
+        expression = f"{a} {op} {b}"
+        if _is_test_question(expression, seed) != (split == "test"):
+            continue
+        if split == "test":
+            if expression in seen:
+                continue
+            seen.add(expression)
+        prompts.append([{"role": "user", "content": template.format(a=a, op=op, b=b)}])
+        answers.append(str(_ARITHMETIC_OPS[op](a, b)))
+    return datasets.Dataset.from_dict({PROMPT: prompts, "answer": answers})
+
+
+def _arithmetic_task(
+    split: str,
+    *,
+    seed: int = 0,
+    n_train: int = 5000,
+    n_eval: int = 200,
+    max_operand: int = 20,
+    ops: str = "+-*",
+    template: str = ARITHMETIC_TEMPLATE,
+) -> datasets.Dataset:
+    """The ``arithmetic`` task: ``n_train`` train or ``n_eval`` test questions."""
+    n = n_train if _task_split("arithmetic", split) == "train" else n_eval
+    return make_arithmetic(
+        split, n, seed=seed, max_operand=max_operand, ops=ops, template=template
+    )
+
+
+TASKS: dict[str, Callable[..., datasets.Dataset]] = {"arithmetic": _arithmetic_task}
+"""Built-in tasks: name → ``builder(split, *, seed, **task_kwargs) -> Dataset``."""
+
+
+def load_prompt_dataset(
+    source: str,
+    split: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_column: str = PROMPT,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int | None = None,
+    too_long: str = "truncate",
+    task_kwargs: dict[str, Any] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """Load prompts from a built-in task, a local file or a hub dataset and tokenize them.
+
+    Args:
+        source: a name in :data:`TASKS`, a ``.jsonl``/``.json``/``.csv``/``.parquet`` file (a
+            single file is the whole dataset for any ``split``), or a hub dataset name.
+        split: split to load (``train``/``test`` for tasks; ``eval``/``validation`` mean test).
+        tokenizer: tokenizer whose chat template renders conversational prompts.
+        prompt_column: column holding the prompts; renamed to ``prompt`` in the result.
+        system_prompt: prepended as a system message to conversational prompts that have none;
+            string prompts are used as they are.
+        max_prompt_tokens: longest allowed prompt in tokens, ``None`` for no limit.
+        too_long: ``"truncate"`` keeps the last ``max_prompt_tokens`` tokens (with one warning
+            giving the count); ``"error"`` raises :class:`UserError`.
+        task_kwargs: keyword arguments of a built-in task (e.g. ``n_train``, ``max_operand``).
+        limit: keep only the first ``limit`` rows.
+        seed: seed of a built-in task, unless ``task_kwargs`` sets ``seed``.
+
+    Returns:
+        The dataset with ``prompt``, ``prompt_text``, ``prompt_ids`` and the other source columns.
+    """
+    if too_long not in TOO_LONG_POLICIES:
+        raise UserError(f"too_long='{too_long}' is invalid: use one of {', '.join(TOO_LONG_POLICIES)}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise UserError(f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none")
+    if limit is not None and limit < 1:
+        raise UserError(f"data limit={limit} is invalid: use a positive number of rows or none")
+
+    raw = _load_raw(source, split, task_kwargs or {}, seed)
+    if len(raw) == 0:
+        raise UserError(f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts")
+    raw = _with_prompt_column(raw, source, prompt_column)
+    if limit is not None and limit < len(raw):
+        raw = raw.select(range(limit))
+
+    texts = [
+        _render_prompt(prompt, index, tokenizer, system_prompt)
+        for index, prompt in enumerate(raw[PROMPT])
+    ]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_prompt_tokens is not None:
+        texts, ids = _enforce_length(texts, ids, tokenizer, max_prompt_tokens, too_long, source)
+
+    others = [column for column in raw.column_names if column != PROMPT]
+    out = raw.add_column(PROMPT_TEXT, texts).add_column(PROMPT_IDS, ids)
+    return out.select_columns([PROMPT, PROMPT_TEXT, PROMPT_IDS, *others])
+
+
+def _task_split(task: str, split: str) -> str:
+    """Normalise a task split name to ``train`` or ``test``."""
+    try:
+        return _SPLIT_ALIASES[split]
+    except KeyError:
+        raise UserError(
+            f"task '{task}' has no split '{split}': use one of {', '.join(_SPLIT_ALIASES)}"
+        ) from None
+
+
+def _is_test_question(expression: str, seed: int) -> bool:
+    """Whether ``expression`` belongs to the test split (a seeded hash, stable across runs)."""
+    digest = hashlib.blake2b(f"{seed}|{expression}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _TEST_BUCKETS == 0
+
+
+def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -> datasets.Dataset:
+    """Load the source's rows as they are."""
+    if source in TASKS:
+        kwargs = {"seed": seed, **task_kwargs}
+        try:
+            return TASKS[source](split, **kwargs)
+        except TypeError as err:
+            raise UserError(
+                f"invalid task_kwargs for task '{source}' ({err}): use only the task's options"
+            ) from err
+    if task_kwargs:
+        raise UserError(
+            f"task_kwargs {sorted(task_kwargs)} were given but '{source}' is not a built-in task "
+            f"({', '.join(TASKS)}): remove data.task_kwargs"
+        )
+    path = Path(source).expanduser()
+    if path.suffix.lower() in FILE_BUILDERS or path.exists() or _looks_like_path(source):
+        return _load_file(path)
+    return _load_hub(source, split)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a dataset name is meant as a filesystem path rather than a hub name."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    """Load a single local data file as one dataset."""
+    if not path.exists():
+        raise UserError(f"data file '{path}' does not exist: check the path (data.source)")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None or not path.is_file():
+        raise UserError(
+            f"data source '{path}' is not a supported file: use a "
+            f"{'/'.join(FILE_BUILDERS)} file"
+        )
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+        reason = _first_line(err)
+        raise UserError(f"could not read data file '{path}' ({reason}): fix or re-export the file") from err
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    """Load one split of a hub dataset."""
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(name, split=split)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise UserError(
+            f"dataset '{name}' is not a built-in task ({', '.join(TASKS)}) or local file and could "
+            f"not be downloaded (offline?): use a local .jsonl/.json/.csv/.parquet file"
+        ) from err
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as err:
+        raise UserError(
+            f"could not load split '{split}' of dataset '{name}' ({_first_line(err)}): "
+            "check the dataset name and split"
+        ) from err
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the ``datasets`` progress bars for the block."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _first_line(err: Exception) -> str:
+    """First line of an exception message, or its type name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _with_prompt_column(raw: datasets.Dataset, source: str, prompt_column: str) -> datasets.Dataset:
+    """Check the prompt column exists and rename it to ``prompt``."""
+    columns = raw.column_names
+    if prompt_column not in columns:
+        raise UserError(
+            f"dataset '{source}' has no prompt column '{prompt_column}' (columns: "
+            f"{', '.join(columns)}): set data.prompt_column= to one of them"
+        )
+    for reserved in (PROMPT_TEXT, PROMPT_IDS):
+        if reserved in columns:
+            raise UserError(
+                f"dataset '{source}' has a column '{reserved}', which rlhf-pg computes: "
+                "rename or drop that column"
+            )
+    if prompt_column == PROMPT:
+        return raw
+    if PROMPT in columns:
+        raise UserError(
+            f"dataset '{source}' has both '{PROMPT}' and '{prompt_column}' columns: rename or drop "
+            f"'{PROMPT}', or set data.prompt_column={PROMPT}"
+        )
+    return raw.rename_column(prompt_column, PROMPT)
+
+
+def _render_prompt(
+    prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None
+) -> str:
+    """Return the text the model sees for one prompt (row ``index``)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise UserError(f"prompt in row {index} is empty: remove the row or fill it in")
+        return prompt
+    if not isinstance(prompt, list) or not prompt or not all(_is_message(m) for m in prompt):
+        raise UserError(
+            f"prompt in row {index} is neither a string nor a non-empty list of "
+            '{"role": ..., "content": ...} messages: fix that row'
+        )
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # templates raise anything (jinja errors, ValueError without template)
+        raise UserError(
+            f"chat template failed on the prompt in row {index} ({_first_line(err)}): fix the "
+            "messages or use a tokenizer with a chat template"
+        ) from err
+    return str(text)
+
+
+def _is_message(message: Any) -> bool:
+    """Whether ``message`` is a ``{"role": str, "content": str}`` mapping."""
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
+
+
+def _enforce_length(
+    texts: list[str],
+    ids: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+    too_long: str,
+    source: str,
+) -> tuple[list[str], list[list[int]]]:
+    """Apply the ``too_long`` policy to prompts longer than ``max_tokens`` tokens.
+
+    Truncation keeps the last ``max_tokens`` tokens and re-decodes ``prompt_text`` from them so the
+    two columns agree.
+    """
+    truncated = 0
+    for index, row_ids in enumerate(ids):
+        if len(row_ids) <= max_tokens:
+            continue
+        if too_long == "error":
+            raise UserError(
+                f"prompt in row {index} of '{source}' has {len(row_ids)} tokens, more than "
+                f"max_prompt_tokens={max_tokens}: raise the limit or set too_long=truncate"
+            )
+        ids[index] = row_ids[-max_tokens:]
+        texts[index] = tokenizer.decode(ids[index])
+        truncated += 1
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(ids)} prompts from '{source}' were longer than "
+            f"max_prompt_tokens={max_tokens} and were left-truncated",
+            stacklevel=3,
+        )
+    return texts, ids

@@ -1,0 +1,132 @@
+"""Rollout engine: left-padded prompts → G sampled completions each → masks and log-probs.
+
+How it avoids redundant work:
+
+* the prompt prefill runs once per prompt; its KV cache is then repeated G times for decoding
+  (``DynamicCache.batch_repeat_interleave``), instead of prefilling P×G rows;
+* rows that finished (EOS or a stop string) are dropped from the decoding batch and the cache, so
+  they stop costing compute;
+* the log-prob of each sampled token under the sampling policy softmax(logits/τ) is recorded as it
+  is sampled, so a single-epoch, single-minibatch step needs no extra "old log-probs" forward pass.
+
+Positions: with left padding, position ids are cumsum(attention_mask) − 1, passed explicitly in every
+forward (here and in the trainer) so sampling and training see identical positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .batch import Batch
+from .core import sample_from_logits
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (N, L) ids and attention mask, padded on the left."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _StopChecker:
+    """Finds the first completion token at which a stop string appears in the decoded text."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+
+    def hits(self, rows: list[list[int]]) -> list[bool]:
+        if not self.stop:
+            return [False] * len(rows)
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return [any(s in t for s in self.stop) for t in texts]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params: SamplingParams,
+             generator: torch.Generator | None = None) -> Batch:
+    """Sample ``group_size`` completions for each prompt (token id lists) with a KV cache.
+
+    Returns a :class:`Batch` of B = len(prompts)·G rows; rows i·G … i·G+G−1 belong to prompt i.
+    """
+    device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    G, P = group_size, len(prompts)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    # Prefill once per prompt, then share the cache across the G samples.
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)
+    B = P * G
+    attn = prompt_mask.repeat_interleave(G, 0)  # (B_active, P + t)
+    next_pos = attn.sum(-1, keepdim=True)  # (B_active, 1): position of the next token
+    active = torch.arange(B, device=device)  # rows of the full batch still decoding
+
+    T = params.max_new_tokens
+    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, T), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), T, dtype=torch.long, device=device)
+    stopper = _StopChecker(tokenizer, params.stop)
+
+    for t in range(T):
+        tok, lp = sample_from_logits(logits, params.temperature, params.top_p, params.top_k, generator)
+        tokens[active, t] = tok
+        logps[active, t] = lp
+        done = tok == eos_id
+        if stopper.stop:
+            hits = stopper.hits(tokens[active, : t + 1].tolist())
+            done |= torch.tensor(hits, device=device)
+        if done.any():
+            lengths[active[done]] = t + 1
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            active, attn, next_pos, tok = active[keep], attn[keep], next_pos[keep], tok[keep]
+            cache.batch_select_indices(keep)
+        if t == T - 1:
+            break
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+
+    # Trim to the longest completion; mask = 1 up to and including EOS / the stop token.
+    T_used = int(lengths.max().item())
+    tokens, logps = tokens[:, :T_used], logps[:, :T_used]
+    mask = (torch.arange(T_used, device=device)[None, :] < lengths[:, None]).float()
+    tokens = tokens.masked_fill(mask == 0, pad_id)
+    return Batch(
+        prompt_ids=prompt_ids.repeat_interleave(G, 0),
+        prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        completion_ids=tokens,
+        completion_mask=mask,
+        old_logprobs=logps * mask,
+        group_size=G,
+    )

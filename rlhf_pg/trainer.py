@@ -1,0 +1,457 @@
+"""The training loop. One step = rollout → rewards → (reference) → advantages → optimise → log.
+
+    for step in range(max_steps):
+        batch = rollout(policy, prompts)                        # G samples per prompt, log π_old
+        batch.scores = Σ_k w_k · reward_k(prompts, completions)  # rewards.py
+        batch.ref_logprobs = log π_ref(completions)              # only when β > 0
+        r_t = scores on last token  (− β·KL_t if kl_in = reward)
+        Â, R = ADVANTAGE_ESTIMATORS[algo.advantage](r, mask, values, G, algo)
+        for epoch, minibatch:                                    # optimizer step per minibatch
+            for micro-batch:                                     # gradient accumulation
+                ℓ = POLICY_LOSSES[algo.policy_loss] (+ β·KL if kl_in = loss) − c_H·H
+                backward(aggregate(ℓ) · world_size)              # normalised by GLOBAL counts
+            clip grad norm, optimizer.step(), scheduler.step()
+
+All the math lives in core.py; this file only moves tensors between the pieces. Accelerate owns the
+devices, data parallelism and mixed precision even for one CPU process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import core
+from .batch import Batch
+from .config import RunConfig, dump_config
+from .data import load_prompt_dataset
+from .errors import UserError
+from .models import load_model, load_tokenizer
+from .rewards import REWARD_REGISTRY, RewardSet, RewardSpec
+from .rollout import SamplingParams, generate, position_ids
+
+_NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """Accelerator for this run. ``cpu=True`` when no GPU is present: without it, processes launched
+    with ``accelerate launch``/``torchrun`` on a CPU machine never synchronise (each trains alone)."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.acc = accelerator or make_accelerator(cfg)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        r = cfg.rollout
+        if r.prompts_per_step % self.world:
+            raise UserError(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by the "
+                            f"{self.world} processes: choose a multiple of {self.world}")
+        set_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        self._prepare_output_dir()
+
+        dev = self.acc.device
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        policy = load_model(cfg.model.name, cfg.model.dtype, dev, cfg.model.trust_remote_code, cfg.model.revision)
+        if cfg.model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+        self.ref = None
+        if cfg.algo.kl_coef > 0:  # β = 0 → no reference model at all
+            self.ref = load_model(cfg.model.ref_name or cfg.model.name, cfg.model.dtype, dev,
+                                  cfg.model.trust_remote_code, cfg.model.revision).eval().requires_grad_(False)
+
+        d = cfg.data
+        common = dict(tokenizer=self.tokenizer, prompt_column=d.prompt_column, system_prompt=d.system_prompt,
+                      max_prompt_tokens=d.max_prompt_tokens, too_long=d.too_long, task_kwargs=d.task_kwargs,
+                      seed=cfg.seed)
+        self.train_data = load_prompt_dataset(d.train, d.train_split, **common)
+        self.eval_data = load_prompt_dataset(d.eval or d.train, d.eval_split, limit=d.eval_limit, **common)
+
+        self.rewards = RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.rewards.functions],
+                                 on_error=cfg.rewards.on_error, on_nonfinite=cfg.rewards.on_nonfinite,
+                                 on_all_none=cfg.rewards.on_all_none, tokenizer=self.tokenizer)
+
+        a, t = cfg.algo, cfg.train
+        self.opt_steps_per_rl_step = a.epochs * a.minibatches
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
+        scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=t.warmup_steps,
+                                  num_training_steps=max(1, t.max_steps * self.opt_steps_per_rl_step))
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
+
+        self.kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None
+        self.ema_baseline: float | None = None
+        self.step_idx = 0
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, list(r.stop))
+
+    # ------------------------------------------------------------------------------------ outputs
+    def _prepare_output_dir(self) -> None:
+        if self.acc.is_main_process:
+            if (self.out / "metrics.jsonl").exists() and not self.cfg.overwrite:
+                raise UserError(f"output_dir '{self.out}' already holds a run: choose another output_dir "
+                                "or pass overwrite=true to replace it")
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        self.acc.wait_for_everyone()
+
+    def _write_jsonl(self, name: str, rows: list[dict]) -> None:
+        if self.acc.is_main_process and rows:
+            with open(self.out / name, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value if self.kl_ctl else self.cfg.algo.kl_coef
+
+    # ------------------------------------------------------------------------------------- data
+    def _step_rows(self, step: int) -> list[int]:
+        """Dataset rows for this process at RL step ``step``: a seeded permutation per epoch, the
+        global step's prompts split contiguously across processes (a prompt's G samples stay here)."""
+        n, P = len(self.train_data), self.cfg.rollout.prompts_per_step
+        per_rank = P // self.world
+        rows = []
+        for g in range(step * P + self.rank * per_rank, step * P + (self.rank + 1) * per_rank):
+            epoch, pos = divmod(g, n)
+            perm = np.random.default_rng(self.cfg.seed + epoch).permutation(n)
+            rows.append(int(perm[pos]))
+        return rows
+
+    # ---------------------------------------------------------------------------------- rollout
+    def _rollout(self, data, rows: list[int], group_size: int, params: SamplingParams) -> Batch:
+        sub = data.select(rows)
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        model.config.use_cache = True
+        with self.acc.autocast():
+            batch = generate(model, self.tokenizer, list(sub["prompt_ids"]), group_size, params, self.gen)
+        model.config.use_cache = False
+        model.train(was_training)
+        rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
+        batch.prompts = rep(sub["prompt"])
+        batch.prompt_texts = rep(sub["prompt_text"])
+        batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in _NON_REWARD_COLUMNS}
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        batch.completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return batch
+
+    def _score(self, batch: Batch) -> dict[str, torch.Tensor]:
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        out = self.rewards(batch.prompts, batch.completions, ids, batch.columns, prompt_text=batch.prompt_texts)
+        dev = batch.completion_mask.device
+        batch.scores = out.scores.to(dev)
+        if out.token_rewards is not None:
+            tr = out.token_rewards.to(dev)
+            T = batch.completion_mask.shape[1]
+            tr = torch.nn.functional.pad(tr, (0, max(0, T - tr.shape[1])))[:, :T]
+            batch.token_rewards = tr * batch.completion_mask
+        else:
+            batch.token_rewards = core.place_scores(batch.scores, batch.completion_mask)
+        return {k: v.to(dev) for k, v in out.per_function.items()}
+
+    # -------------------------------------------------------------------------------- forward
+    def _forward(self, model, mb: Batch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π(a_t|s_t) (and entropy) of the completion tokens, (B, T).
+
+        Padding is trimmed per micro-batch (leading prompt columns that are all padding, trailing
+        completion columns past the longest completion) and logits are computed only over the
+        completion positions (``logits_to_keep``).
+        """
+        T = mb.completion_ids.shape[1]
+        p0 = int(mb.prompt_mask.any(0).float().argmax())
+        t1 = int(mb.completion_mask.sum(-1).max().item())
+        ids = torch.cat([mb.prompt_ids[:, p0:], mb.completion_ids[:, :t1]], 1)
+        attn = torch.cat([mb.prompt_mask[:, p0:], mb.completion_mask[:, :t1].long()], 1)
+        with self.acc.autocast():
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
+                           logits_to_keep=t1 + 1, use_cache=False).logits[:, :-1]
+        logp, ent = core.token_logprobs(logits, mb.completion_ids[:, :t1], self.cfg.rollout.temperature, with_entropy)
+        pad = lambda x: torch.nn.functional.pad(x, (0, T - t1)) if x is not None else None  # noqa: E731
+        return pad(logp), pad(ent)
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:
+        mbs = self.cfg.train.micro_batch_size
+        parts = [self._forward(model, batch.select(torch.arange(i, min(i + mbs, batch.size))), False)[0]
+                 for i in range(0, batch.size, mbs)]
+        return torch.cat(parts)
+
+    def _sum_global(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x.detach().clone(), reduction="sum") if self.world > 1 else x
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self) -> dict[str, Any]:
+        cfg, a = self.cfg, self.cfg.algo
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        batch = self._rollout(self.train_data, self._step_rows(self.step_idx), cfg.rollout.group_size, self.sampling)
+        mask = batch.completion_mask
+        times["rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        per_fn = self._score(batch)
+        times["rewards"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.ref is not None:
+            batch.ref_logprobs = self._logprobs_no_grad(self.ref, batch)
+        times["reference"] = time.perf_counter() - t0
+
+        metrics: dict[str, float] = {}
+        if self.ref is not None and a.kl_in == "reward":
+            kl_tok = core.KL_ESTIMATORS[a.kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
+            batch.token_rewards = batch.token_rewards - self.kl_coef * kl_tok
+            metrics["kl_ref"] = self._global_mean(kl_tok.sum(-1), torch.ones_like(batch.scores))
+        if a.baseline == "ema" and a.advantage == "reinforce":
+            ret0 = core.discounted_cumsum(batch.token_rewards, mask, a.gamma)[:, 0]
+            b = self.ema_baseline if self.ema_baseline is not None else 0.0
+            batch.values = torch.full_like(mask, b)
+            mean_ret = self._global_mean(ret0, torch.ones_like(ret0))
+            self.ema_baseline = mean_ret if self.ema_baseline is None else (
+                a.ema_decay * self.ema_baseline + (1 - a.ema_decay) * mean_ret)
+        adv, ret = core.ADVANTAGE_ESTIMATORS[a.advantage](batch.token_rewards, mask, batch.values,
+                                                          batch.group_size, a)
+        if a.whiten_advantages:
+            adv = core.masked_whiten(adv, mask, reduce=self._sum_global)
+        batch.advantages, batch.returns = adv, ret
+
+        t0 = time.perf_counter()
+        metrics.update(self._optimise(batch))
+        times["train"] = time.perf_counter() - t0
+        if self.kl_ctl is not None and "kl_ref" in metrics:
+            self.kl_ctl.update(metrics["kl_ref"], cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+
+        metrics.update(self._rollout_metrics(batch, per_fn))
+        total = sum(times.values())
+        metrics.update({f"time/{k}": v for k, v in times.items()})
+        metrics["time/step"] = total
+        n_tok = self._sum_global(mask.sum()).item()
+        metrics["tokens_per_s"] = n_tok / max(times["rollout"], 1e-9)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["kl_coef"] = self.kl_coef
+        self.step_idx += 1
+        metrics["step"] = self.step_idx
+        if cfg.train.samples_every and self.step_idx % cfg.train.samples_every == 0:
+            self._write_samples(batch, per_fn)
+        return metrics
+
+    def _global_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        s = self._sum_global(torch.stack([core.masked_sum(x, mask), mask.sum()]).float())
+        return (s[0] / s[1].clamp(min=1)).item()
+
+    def _optimise(self, batch: Batch) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algo
+        on_policy = a.epochs == 1 and a.minibatches == 1
+        mbs = cfg.train.micro_batch_size
+        # Sums over every micro-batch (and process) for metrics: name -> [Σ value·mask, Σ mask].
+        sums: dict[str, torch.Tensor] = {}
+
+        def acc(name: str, x: torch.Tensor, m: torch.Tensor) -> None:
+            v = torch.stack([core.masked_sum(x.detach().float(), m), m.sum()])
+            sums[name] = sums[name] + v if name in sums else v
+
+        grad_norms, losses = [], []
+        for _ in range(a.epochs):
+            order = torch.randperm(batch.size, generator=self.gen).to(batch.completion_mask.device)
+            for mb_rows in order.chunk(a.minibatches):
+                minibatch = batch.select(mb_rows)
+                m_all = minibatch.completion_mask
+                n_tok = self._sum_global(m_all.sum()).item()
+                n_seq = self._sum_global(torch.tensor(float(minibatch.size), device=m_all.device)).item()
+                chunks = list(range(0, minibatch.size, mbs))
+                loss_total = 0.0
+                for ci, start in enumerate(chunks):
+                    mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
+                    m = mb.completion_mask
+                    sync = ci == len(chunks) - 1
+                    with (nullcontext() if sync else self.acc.no_sync(self.model)):
+                        logp, ent = self._forward(self.model, mb, with_entropy=True)
+                        old = logp.detach() if on_policy else mb.old_logprobs
+                        pl, st = core.POLICY_LOSSES[a.policy_loss](logp, old, mb.advantages, m, a)
+                        per_tok = pl
+                        if self.ref is not None:
+                            kl = core.KL_ESTIMATORS[a.kl_estimator](logp, mb.ref_logprobs)
+                            if a.kl_in == "loss":
+                                per_tok = per_tok + self.kl_coef * kl
+                            acc("kl", kl, m)
+                        if a.entropy_coef > 0:
+                            per_tok = per_tok - a.entropy_coef * ent
+                        loss = core.aggregate(per_tok, m, a.loss_agg, num_tokens=n_tok, num_seqs=n_seq,
+                                              constant=a.loss_agg_constant)
+                        # DDP averages gradients over processes; the global normaliser already
+                        # accounts for them, so undo the average.
+                        self.acc.backward(loss * self.world)
+                    loss_total += loss.item()
+                    acc("entropy", ent, m)
+                    acc("policy_loss", pl, m)
+                    for k, v in st.items():
+                        acc(k, v, m)
+                if cfg.train.max_grad_norm is not None:
+                    gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                else:
+                    gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters()
+                                        if p.grad is not None))
+                grad_norms.append(float(gn))
+                losses.append(loss_total)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+        out = {}
+        for name, v in sums.items():
+            v = self._sum_global(v)
+            out[name] = (v[0] / v[1].clamp(min=1)).item()
+        out["loss"] = float(np.mean(self._mean_over_processes(losses)))
+        out["grad_norm"] = float(np.mean(grad_norms))
+        return out
+
+    def _mean_over_processes(self, xs: list[float]) -> list[float]:
+        if self.world == 1:
+            return xs
+        t = self._sum_global(torch.tensor(xs, device=self.acc.device)) / self.world
+        return t.tolist()
+
+    def _rollout_metrics(self, batch: Batch, per_fn: dict[str, torch.Tensor]) -> dict[str, float]:
+        mask = batch.completion_mask
+        lengths = mask.sum(-1)
+        scores = self.acc.gather(batch.scores) if self.world > 1 else batch.scores
+        lens = self.acc.gather(lengths) if self.world > 1 else lengths
+        g = scores.view(-1, batch.group_size)
+        m = {
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "frac_zero_std_groups": (g.std(1) < 1e-6).float().mean().item() if batch.group_size > 1 else 0.0,
+            "completion_len": lens.mean().item(),
+            "completion_len_max": lens.max().item(),
+            "eos_frac": self._global_mean((batch.completion_ids.gather(1, core.last_token_index(mask)[:, None])
+                                           .squeeze(1) == self.tokenizer.eos_token_id).float(), torch.ones_like(lengths)),
+            "advantage_mean": self._global_mean(batch.advantages, mask),
+            "advantage_std": math.sqrt(max(0.0, self._global_mean(batch.advantages ** 2, mask)
+                                           - self._global_mean(batch.advantages, mask) ** 2)),
+            "return_mean": self._global_mean(batch.returns, mask),
+        }
+        for name, v in per_fn.items():
+            ok = ~torch.isnan(v)
+            m[f"reward/{name}"] = self._global_mean(torch.nan_to_num(v), ok.float())
+        return m
+
+    def _write_samples(self, batch: Batch, per_fn: dict[str, torch.Tensor]) -> None:
+        rows = []
+        first_adv = batch.advantages[:, 0].tolist()
+        for i in range(batch.size):
+            p = batch.prompts[i]
+            rows.append({
+                "step": self.step_idx,
+                "prompt": p if isinstance(p, str) else p[-1]["content"],
+                "completion": batch.completions[i],
+                "reward": batch.scores[i].item(),
+                **{f"reward/{k}": (None if math.isnan(v[i].item()) else v[i].item()) for k, v in per_fn.items()},
+                "advantage": first_adv[i],
+            })
+        rows = self._gather_objects(rows)
+        self._write_jsonl("samples.jsonl", rows)
+
+    def _gather_objects(self, rows: list) -> list:
+        if self.world == 1:
+            return rows
+        from accelerate.utils import gather_object
+
+        return gather_object(rows)
+
+    # ---------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy decoding on the held-out split (sharded across processes): mean reward, reward per
+        function, and accuracy (the `accuracy` rule) when the data has an `answer` column."""
+        n = len(self.eval_data)
+        rows = list(range(self.rank, n, self.world))
+        greedy = SamplingParams(self.cfg.rollout.max_new_tokens, 0.0, 1.0, 0, list(self.cfg.rollout.stop))
+        sums: dict[str, torch.Tensor] = {}
+        bs = self.cfg.rollout.eval_batch_size
+        dev = self.acc.device
+        has_answer = "answer" in self.eval_data.column_names
+        for s in range(0, len(rows), bs):
+            batch = self._rollout(self.eval_data, rows[s:s + bs], 1, greedy)
+            per_fn = self._score(batch)
+            vals = {"reward": batch.scores, "completion_len": batch.completion_mask.sum(-1)}
+            vals.update({f"reward/{k}": v for k, v in per_fn.items()})
+            if has_answer:
+                acc = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
+                vals["accuracy"] = torch.tensor([float(x or 0.0) for x in acc], device=dev)
+            for k, v in vals.items():
+                ok = ~torch.isnan(v.float())
+                add = torch.stack([torch.nan_to_num(v.float()).sum(), ok.float().sum()])
+                sums[k] = sums[k] + add if k in sums else add
+        out = {}
+        for k in sorted(sums):
+            v = self._sum_global(sums[k])
+            out[f"eval/{k}"] = (v[0] / v[1].clamp(min=1)).item()
+        out["eval/n"] = n
+        out["step"] = self.step_idx
+        return out
+
+    # ---------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        history: dict[str, Any] = {}
+        if cfg.train.eval_at_start:
+            history["eval_start"] = ev = self.evaluate()
+            self._write_jsonl("metrics.jsonl", [ev])
+            self._print(f"eval at step 0: " + _fmt(ev))
+        bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not self.acc.is_main_process,
+                   dynamic_ncols=True)
+        while self.step_idx < cfg.train.max_steps:
+            m = self.step()
+            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                self._print(f"warning: step {self.step_idx}: non-finite loss or gradient norm")
+            self._write_jsonl("metrics.jsonl", [m])
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}", len=f"{m['completion_len']:.0f}")
+            if cfg.train.eval_every and self.step_idx % cfg.train.eval_every == 0 and self.step_idx < cfg.train.max_steps:
+                ev = self.evaluate()
+                self._write_jsonl("metrics.jsonl", [ev])
+        bar.close()
+        history["eval_end"] = ev = self.evaluate()
+        self._write_jsonl("metrics.jsonl", [ev])
+        self._print(f"eval at step {self.step_idx}: " + _fmt(ev))
+        if cfg.train.save_model:
+            self.save(self.out / "model")
+        return history
+
+    def save(self, path: Path) -> None:
+        self.acc.wait_for_everyone()
+        model = self.acc.unwrap_model(self.model)
+        if self.acc.is_main_process:
+            model.config.use_cache = True
+            model.save_pretrained(path, safe_serialization=True)
+            model.config.use_cache = False
+            self.tokenizer.save_pretrained(path)
+        self.acc.wait_for_everyone()
+
+    def _print(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            tqdm.write(msg)
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("eval/accuracy", "eval/reward", "eval/completion_len") if k in metrics]
+    return ", ".join(f"{k.removeprefix('eval/')}={metrics[k]:.3f}" for k in keys) + f" (n={metrics['eval/n']})"

@@ -1,0 +1,47 @@
+"""CLI: help lists the commands, the happy path trains, user errors are one line with exit code 2."""
+
+import subprocess
+import sys
+
+from rlhf_pg.cli import main
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "config" in out
+
+
+def test_config_lists_options(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "algo.kl_coef" in out and "rollout.group_size" in out
+
+
+def test_train_happy_path(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: tiny-random-llama}\n"
+        "data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 32, n_eval: 8}}\n"
+        "rollout: {prompts_per_step: 2, group_size: 2, max_new_tokens: 4}\n"
+        "rewards: {functions: [{name: length_penalty, kwargs: {target: 2, scale: 1}}]}\n"
+    )
+    rc = main(["train", str(recipe), f"output_dir={tmp_path / 'out'}", "train.max_steps=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and str(tmp_path / "out") in out
+    assert (tmp_path / "out" / "model" / "config.json").exists()
+
+
+def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pg", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "missing.yaml" in proc.stderr and "not found" in proc.stderr
+
+
+def test_bad_override_exit_2(capsys):
+    assert main(["config", "recipes/grpo_arithmetic.yaml", "algo.kl_cof=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'algo.kl_coef'" in err
