@@ -181,6 +181,9 @@ class TrainConfig(_Section):
     """Evaluate the initial policy before training."""
     samples_every: int = Field(5, ge=0)
     """Write the step's completions to samples.jsonl every N steps (0 = never)."""
+    shared_prefix: bool = True
+    """Training/reference passes run each prompt once and let its G completions attend to that one
+    copy (same gradients as the padded batch, fewer FLOPs). Off under gradient checkpointing."""
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model."""
 

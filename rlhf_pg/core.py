@@ -19,8 +19,9 @@ Known biases (each measured numerically in tests/test_exact_gradients.py on an e
   weight of each prompt (prompts with low reward spread get amplified) and couples samples; it is not
   an unbiased estimate of ∇J (Liu et al. 2025, "Dr. GRPO"). ``scale=none`` with the group mean as
   baseline is biased only by the factor (G−1)/G (the sample is in its own baseline); ``rloo`` removes that.
-* ``baseline=mean``: same (G−1)/G shrinkage; ``loo`` and ``ema`` (built from other samples / past
-  batches) are unbiased.
+* ``baseline=mean``: the sample is in its own per-position baseline, which averages the n_t group
+  members still alive at t: position t's gradient shrinks by 1 − E[1/n_t] ((G−1)/G when all lengths are
+  equal, more where fewer are alive); ``loo`` and ``ema`` (built from other samples / past batches) are unbiased.
 * ``loss_agg=token-mean``/``seq-mean-token-mean`` divide by lengths that depend on the sample, so the
   gradient is that of a length-reweighted objective; ``seq-mean-token-sum`` and ``constant`` are
   unbiased for J (``constant`` up to the known factor 1/C).
@@ -186,7 +187,8 @@ def reinforce_advantages(token_rewards, mask, values, group_size, cfg):
 
     G_t is the reward-to-go Σ_{k≥t} γ^{k−t} r_k (``reward_to_go=True``) or the full return G_0 for
     every t. Baselines, per position t within the prompt's group of G samples:
-    ``mean`` b_t = mean_j G_{j,t} (includes the sample: shrinks the gradient by (G−1)/G);
+    ``mean`` b_t = mean_j G_{j,t} over the n_t samples alive at t (includes the sample: shrinks position
+    t's gradient by 1 − E[1/n_t], i.e. (G−1)/G when all lengths are equal);
     ``loo`` b_t = mean_{j≠i} G_{j,t} (unbiased); ``ema`` b = ``values`` (the trainer passes a running
     mean of past returns, a constant within the batch: unbiased); ``none`` b = 0.
     """
@@ -268,7 +270,7 @@ def clip_loss(logp, old_logp, advantages, mask, cfg):
         stats = {
             "clip_low": ((ratio < 1.0 - cfg.clip_eps_low) & (advantages < 0)).float(),
             "clip_high": ((ratio > 1.0 + cfg.clip_eps_high) & (advantages > 0)).float(),
-            "approx_kl": torch.expm1(-log_ratio) + log_ratio,
+            "approx_kl": kl_k3(old_logp, logp),  # samples come from π_old: log r = log π_θ − log π_old
         }
     return loss, stats
 

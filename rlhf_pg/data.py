@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_pg.errors import UserError
@@ -244,12 +246,32 @@ def _load_file(path: Path) -> datasets.Dataset:
             f"data source '{path}' is not a supported file: use a "
             f"{'/'.join(FILE_BUILDERS)} file"
         )
+    # datasets fails on files without rows in a different obscure way per format (even with a
+    # bare StopIteration for an empty .jsonl), so they are caught here first.
+    if not _has_rows(path, builder):
+        raise UserError(f"data file '{path}' has no rows: use a file with prompts")
     try:
         with _quiet_datasets():
             return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        reason = _first_line(err)
-        raise UserError(f"could not read data file '{path}' ({reason}): fix or re-export the file") from err
+        raise UserError(
+            f"could not read data file '{path}' ({_first_line(err)}): fix or re-export the file"
+        ) from err
+
+
+def _has_rows(path: Path, builder: str) -> bool:
+    """Cheaply tell whether a data file holds at least one row (``True`` when unsure)."""
+    if builder == "parquet":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except (OSError, pa.ArrowException):
+            return True  # not valid parquet: let datasets report the problem
+    with path.open("rb") as handle:
+        lines = (line.strip() for line in handle)
+        first = next((line for line in lines if line), b"")
+        if builder == "csv":  # the first non-blank line is the header
+            return bool(next((line for line in lines if line), b""))
+        return first not in (b"", b"[]")
 
 
 def _load_hub(name: str, split: str) -> datasets.Dataset:

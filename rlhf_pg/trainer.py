@@ -179,14 +179,46 @@ class Trainer:
         T = mb.completion_ids.shape[1]
         p0 = int(mb.prompt_mask.any(0).float().argmax())
         t1 = int(mb.completion_mask.sum(-1).max().item())
-        ids = torch.cat([mb.prompt_ids[:, p0:], mb.completion_ids[:, :t1]], 1)
-        attn = torch.cat([mb.prompt_mask[:, p0:], mb.completion_mask[:, :t1].long()], 1)
+        pids, pmask = mb.prompt_ids[:, p0:], mb.prompt_mask[:, p0:]
+        cids, cmask = mb.completion_ids[:, :t1], mb.completion_mask[:, :t1].long()
         with self.acc.autocast():
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
-                           logits_to_keep=t1 + 1, use_cache=False).logits[:, :-1]
-        logp, ent = core.token_logprobs(logits, mb.completion_ids[:, :t1], self.cfg.rollout.temperature, with_entropy)
+            if self.cfg.train.shared_prefix and not self.cfg.model.gradient_checkpointing:
+                logits = self._shared_prefix_logits(model, pids, pmask, cids, cmask)
+            else:
+                ids, attn = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
+                               logits_to_keep=t1 + 1, use_cache=False).logits[:, :-1]
+        logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy)
         pad = lambda x: torch.nn.functional.pad(x, (0, T - t1)) if x is not None else None  # noqa: E731
         return pad(logp), pad(ent)
+
+    @staticmethod
+    def _shared_prefix_logits(model, pids, pmask, cids, cmask) -> torch.Tensor:
+        """(B, T, V) logits predicting each completion token, running each distinct prompt once.
+
+        The G completions of a prompt attend to ONE copy of its keys/values: the prompt is run once
+        (with gradients), its KV cache is indexed out to the rows (an index_select, differentiable),
+        and the completions run on top of it. The gradient of all G completions flows back through
+        the shared prompt pass; the result equals the padded full-sequence forward
+        (tests/test_trainer.py checks logits and gradients) with (G−1)·P fewer token passes.
+        """
+        uniq, inv = torch.unique(pids, dim=0, return_inverse=True)  # (U, P), (B,)
+        first = torch.empty(uniq.shape[0], dtype=torch.long, device=pids.device).scatter_(
+            0, inv, torch.arange(pids.shape[0], device=pids.device))
+        umask = pmask[first]  # identical prompts have identical masks
+        pre = model(input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask),
+                    use_cache=True, logits_to_keep=1)
+        first_logits = pre.logits[:, -1][inv]  # (B, V): predicts completion token 0
+        if cids.shape[1] == 1:
+            return first_logits[:, None]
+        cache = pre.past_key_values
+        cache.batch_select_indices(inv)  # (U, ...) → (B, ...)
+        prompt_len = pmask.sum(-1, keepdim=True)  # (B, 1)
+        steps = cids.shape[1] - 1
+        pos = prompt_len + torch.arange(steps, device=cids.device)[None, :]  # (B, T−1)
+        out = model(input_ids=cids[:, :steps], attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
+                    position_ids=pos, past_key_values=cache, use_cache=True)
+        return torch.cat([first_logits[:, None], out.logits], 1)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:

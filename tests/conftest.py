@@ -1,0 +1,76 @@
+"""Shared test setup: an isolated cache, offline hubs, the tiny model and the ``slow`` marker.
+
+The environment is set at import time, before any test module imports ``datasets`` or
+``huggingface_hub`` (which read these variables when imported):
+
+* ``RLHF_PG_CACHE`` → a fresh temporary directory, so tests never touch the user's cache;
+* ``HF_DATASETS_CACHE`` → inside it, so loading local data files leaves nothing behind;
+* ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` → 1, so hub look-ups fail at once instead of
+  retrying for ~20 s on a machine without network.
+
+Tests marked ``slow`` run only with ``--runslow`` or ``RLHF_PG_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="rlhf_pg-test-cache-"))
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ["RLHF_PG_CACHE"] = str(_SESSION_CACHE)
+os.environ["HF_DATASETS_CACHE"] = str(_SESSION_CACHE / "hf_datasets")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import torch  # noqa: E402  (after the environment above)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from rlhf_pg.models import TINY_ALIAS, load_model, load_tokenizer, resolve_model  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--runslow``."""
+    parser.addoption(
+        "--runslow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``slow`` marker."""
+    config.addinivalue_line(
+        "markers", "slow: needs the real SmolLM2 model or minutes of CPU; run with --runslow"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless ``--runslow`` or ``RLHF_PG_SLOW=1``."""
+    if config.getoption("--runslow") or os.environ.get("RLHF_PG_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or RLHF_PG_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """Directory of the tiny random Llama, built once in the session cache."""
+    return Path(resolve_model(TINY_ALIAS))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
+    """The SmolLM2 tokenizer (as shipped with the tiny model), left-padded."""
+    return load_tokenizer(TINY_ALIAS)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir: Path) -> PreTrainedModel:
+    """A fresh float32 tiny model on CPU for each test."""
+    return load_model(TINY_ALIAS, dtype="float32", device=torch.device("cpu"))

@@ -1,0 +1,494 @@
+"""Tests of rlhf_pg.core: every function on hand-derived values (arithmetic in the comments), plus
+invariants and reference implementations written as plain loops.
+
+The statistical checks (KL estimators, sampling frequencies) use fixed seeds and tolerances of
+≥ 4.5 standard errors, so a correct implementation fails them with probability < 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_pg import core
+
+
+def cfg(**kw):
+    d = dict(gamma=1.0, lam=1.0, scale="none", reward_to_go=False, baseline="none",
+             clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def right_mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.as_tensor(lengths)[:, None]).float()
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               **({"atol": 1e-5, "rtol": 1e-5} | kw))
+
+
+# -------------------------------------------------------------------------------------- masked ops
+def test_masked_sum_mean_and_empty_mask():
+    x = torch.tensor([[1.0, 2.0, 100.0], [4.0, 100.0, 100.0]])
+    m = right_mask([2, 1], 3)
+    close(core.masked_sum(x, m), 7.0)  # 1 + 2 + 4
+    close(core.masked_mean(x, m), 7.0 / 3)
+    close(core.masked_mean(x, m, dim=-1), [1.5, 4.0])  # (1+2)/2, 4/1
+    close(core.masked_mean(x, torch.zeros_like(m)), 0.0)  # empty mask: 0, not nan
+
+
+def test_masked_whiten_zero_mean_unit_var_zero_padding():
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(6, 9, generator=g)
+    m = right_mask([9, 1, 4, 7, 0, 5], 9)
+    w = core.masked_whiten(x, m)
+    n = m.sum()
+    close((w * m).sum() / n, 0.0, atol=1e-5)
+    close(((w * m) ** 2).sum() / n, 1.0, atol=1e-4)  # population variance (÷ n), as implemented
+    assert (w[m == 0] == 0).all()
+    # hand case: [1, 3] (padding 50 ignored): mean 2, var 1 → [−1, 1]
+    close(core.masked_whiten(torch.tensor([[1.0, 3.0, 50.0]]), right_mask([2], 3)), [[-1.0, 1.0, 0.0]], atol=1e-6)
+
+
+def test_last_token_index_and_place_scores():
+    m = right_mask([3, 1, 0, 2], 3)
+    assert core.last_token_index(m).tolist() == [2, 0, 0, 1]
+    r = core.place_scores(torch.tensor([1.0, 2.0, 3.0, -4.0]), m)
+    # R on the last real token; an empty row gets nothing (it is masked out)
+    close(r, [[0, 0, 1.0], [2.0, 0, 0], [0, 0, 0], [0, -4.0, 0]])
+
+
+# -------------------------------------------------------------------------------- discounted cumsum
+def _discounted_cumsum_loop(x, mask, factor):
+    """The plain per-row loop: y_t = Σ_{k=t}^{L−1} factor^(k−t) x_k for the L real (right-padded) tokens."""
+    out = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        L = int(mask[i].sum())
+        for t in range(L):
+            out[i, t] = sum(factor ** (k - t) * x[i, k] for k in range(t, L))
+    return out
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.9, 0.5, 0.0])
+def test_discounted_cumsum_equals_loop(factor):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 6, generator=g)
+    m = right_mask(torch.randint(0, 7, (7,), generator=g), 6)
+    x_padded = x + 100.0 * (1 - m)  # garbage in padding must not leak
+    close(core.discounted_cumsum(x_padded, m, factor), _discounted_cumsum_loop(x, m, factor))
+
+
+# ---------------------------------------------------------------------------------- KL estimators
+def test_kl_estimators_hand_values():
+    half, quarter = math.log(0.5), math.log(0.25)
+    lp, ref = torch.tensor([half, quarter]), torch.tensor([quarter, half])
+    ln2 = math.log(2)
+    # row 0: logp − ref = log 2;  row 1: −log 2
+    close(core.kl_k1(lp, ref), [ln2, -ln2])
+    # ½ (ref − logp)² = ½ (log 2)² = 0.2402 for both
+    close(core.kl_k2(lp, ref), [0.5 * ln2**2] * 2)
+    # k3 = e^{ref−logp} − 1 − (ref − logp):  row 0: 0.5 − 1 + log 2 = 0.1931;  row 1: 2 − 1 − log 2 = 0.3069
+    close(core.kl_k3(lp, ref), [0.5 - 1 + ln2, 2 - 1 - ln2])
+    assert set(core.KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+def test_kl_estimators_zero_when_equal_and_k3_nonnegative():
+    g = torch.Generator().manual_seed(2)
+    a, b = 5 * torch.randn(1000, generator=g), 5 * torch.randn(1000, generator=g)
+    for fn in core.KL_ESTIMATORS.values():
+        assert (fn(a, a) == 0).all()
+    assert (core.kl_k3(a, b) >= 0).all() and torch.isfinite(core.kl_k3(a, b)).all()
+    assert (core.kl_k2(a, b) >= 0).all()
+
+
+def test_kl_estimators_monte_carlo():
+    """Under samples x ~ p: E[k1] = E[k3] = KL(p‖q) (unbiased); E[k2] ≠ KL for far-apart p, q."""
+    p = torch.softmax(torch.tensor([2.0, 0.0, -1.0, 1.0, -2.0]), -1)
+    q = torch.softmax(torch.tensor([-1.0, 1.0, 2.0, 0.0, 0.5]), -1)
+    kl = (p * (p / q).log()).sum()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(3))
+    lp, lq = p.log()[x], q.log()[x]
+    for name in ("k1", "k3"):
+        k = core.KL_ESTIMATORS[name](lp, lq)
+        se = k.std() / math.sqrt(len(k))
+        assert abs(k.mean() - kl) < 4.5 * se, name
+    k2 = core.kl_k2(lp, lq)
+    assert abs(k2.mean() - kl) > 10 * k2.std() / math.sqrt(len(k2))  # biased, far beyond noise
+    # exact expectations (Σ_x p(x)·k(x)) agree with the above
+    close((p * core.kl_k3(p.log(), q.log())).sum(), kl)
+    close((p * core.kl_k1(p.log(), q.log())).sum(), kl)
+
+
+def test_adaptive_kl_controller():
+    c = core.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    # KL 9: error = 9/6 − 1 = 0.5 → clipped to 0.2; β = 0.1·(1 + 0.2·1000/10000) = 0.102
+    close(c.update(9.0, 1000), 0.102)
+    c = core.AdaptiveKLController(0.1, 6.0, 10_000)
+    # KL 3: error −0.5 → −0.2; β = 0.1·(1 − 0.02) = 0.098
+    close(c.update(3.0, 1000), 0.098)
+    c = core.AdaptiveKLController(0.1, 6.0, 10_000)
+    # KL 6.6: error 0.1 (not clipped); β = 0.1·1.01
+    close(c.update(6.6, 1000), 0.101)
+    # a huge KL still only moves β by the clipped 20 %·n/horizon
+    c = core.AdaptiveKLController(1.0, 1.0, 100)
+    close(c.update(1e6, 100), 1.2)
+    close(c.update(0.0, 100), 1.2 * 0.8)
+    c2 = core.AdaptiveKLController(0.5, 1.0, 100)
+    c2.load_state_dict(c.state_dict())
+    assert c2.value == c.value
+
+
+# ------------------------------------------------------------------------------------------- GRPO
+# Two groups of G = 3; T = 3; lengths [3, 1, 2 | 3, 2, 1]; the rewards of row 0 are split over tokens
+# (grpo uses R = Σ_t r_t).  Group 1: R = [1, 2, 6]; group 2: R = [0, 0, 3].
+GRPO_MASK = right_mask([3, 1, 2, 3, 2, 1], 3)
+GRPO_R = torch.tensor([[0.5, 0.0, 0.5], [2.0, 0, 0], [0, 6.0, 0], [0, 0, 0], [0, 0, 0], [3.0, 0, 0]])
+
+
+def test_grpo_scales():
+    # group 1: mean 3 → centred [−2, −1, 3]; unbiased var (4+1+9)/2 = 7
+    # group 2: mean 1 → centred [−1, −1, 2]; unbiased var (1+1+4)/2 = 3
+    centred = torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0])
+    # whole batch R = [1,2,6,0,0,3]: mean 2, squared deviations 1+0+16+4+4+1 = 26, unbiased var 26/5
+    expected = {
+        "none": centred,
+        "group": centred / (torch.tensor([7.0] * 3 + [3.0] * 3).sqrt() + 1e-4),
+        "batch": centred / (math.sqrt(26 / 5) + 1e-4),
+    }
+    for scale, per_seq in expected.items():
+        adv, ret = core.grpo_advantages(GRPO_R, GRPO_MASK, None, 3, cfg(scale=scale))
+        close(adv, per_seq[:, None] * GRPO_MASK)  # the same on every real token, 0 on padding
+        close(ret, torch.tensor([1.0, 2, 6, 0, 0, 3])[:, None] * GRPO_MASK)
+        if scale != "batch":
+            close(adv[:, 0].view(2, 3).sum(1), [0.0, 0.0], atol=1e-5)  # each group's advantages sum to 0
+
+
+def test_grpo_group_with_equal_rewards_gives_zero_not_nan():
+    adv, _ = core.grpo_advantages(torch.ones(4, 2), torch.ones(4, 2), None, 4, cfg(scale="group"))
+    assert (adv == 0).all()
+
+
+def test_rloo():
+    adv, ret = core.rloo_advantages(GRPO_R, GRPO_MASK, None, 3, cfg())
+    # R_i − mean of the other two: group 1: 1 − 4 = −3, 2 − 3.5 = −1.5, 6 − 1.5 = 4.5; group 2: −1.5, −1.5, 3
+    per_seq = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    close(adv, per_seq[:, None] * GRPO_MASK)
+    # = G/(G−1)·(R − mean) = 1.5 · centred
+    close(adv[:, 0], 1.5 * torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
+
+
+# -------------------------------------------------------------------------------------- REINFORCE
+def test_reinforce_reward_to_go_vs_full_return_discounted():
+    # r = [1, 2, 4], γ = 0.5:  G_2 = 4;  G_1 = 2 + 0.5·4 = 4;  G_0 = 1 + 0.5·4 = 3
+    # row 2 = [1, 2, pad]:     G_1 = 2;  G_0 = 1 + 0.5·2 = 2
+    r = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 0.0]])
+    m = right_mask([3, 2], 3)
+    adv, ret = core.reinforce_advantages(r, m, None, 1, cfg(gamma=0.5, reward_to_go=True))
+    close(adv, [[3.0, 4.0, 4.0], [2.0, 2.0, 0.0]])
+    close(ret, adv)
+    adv, _ = core.reinforce_advantages(r, m, None, 1, cfg(gamma=0.5, reward_to_go=False))
+    close(adv, [[3.0, 3.0, 3.0], [2.0, 2.0, 0.0]])  # G_0 on every real token
+
+
+# One group of G = 3, γ = 1, dense rewards; reward-to-go G_t:
+#   a: r = [1, 0, 2]   → [3, 2, 2]
+#   b: r = [0, 1, 1]   → [2, 2, 1]
+#   c: r = [2, 1, pad] → [3, 1, 0]
+BL_R = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [2.0, 1.0, 0.0]])
+BL_M = right_mask([3, 3, 2], 3)
+
+
+@pytest.mark.parametrize("baseline,expected", [
+    ("none", [[3, 2, 2], [2, 2, 1], [3, 1, 0]]),
+    # per position over the members alive there: t0 (3+2+3)/3 = 8/3; t1 (2+2+1)/3 = 5/3; t2 (2+1)/2 = 3/2
+    ("mean", [[1 / 3, 1 / 3, 0.5], [-2 / 3, 1 / 3, -0.5], [1 / 3, -2 / 3, 0]]),
+    # the others alive at t: a: t0 (2+3)/2, t1 (2+1)/2, t2 (b) 1;  b: t0 (3+3)/2, t1 1.5, t2 (a) 2;
+    #                        c: t0 (3+2)/2, t1 (2+2)/2
+    ("loo", [[0.5, 0.5, 1.0], [-1.0, 0.5, -1.0], [0.5, -1.0, 0]]),
+    # b = values = 1.5 everywhere
+    ("ema", [[1.5, 0.5, 0.5], [0.5, 0.5, -0.5], [1.5, -0.5, 0]]),
+])
+def test_reinforce_baselines(baseline, expected):
+    values = torch.full((3, 3), 1.5) if baseline == "ema" else None
+    adv, ret = core.reinforce_advantages(BL_R, BL_M, values, 3, cfg(reward_to_go=True, baseline=baseline))
+    close(adv, expected)
+    close(ret, [[3, 2, 2], [2, 2, 1], [3, 1, 0]])
+
+
+def test_reinforce_loo_without_other_samples_uses_no_baseline():
+    # c alone is alive at t = 2 (G_2 = 5): no other sample → baseline 0, advantage 5
+    r, m = torch.tensor([[1.0, 0, 0], [0, 2.0, 5.0]]), right_mask([1, 3], 3)
+    adv, _ = core.reinforce_advantages(r, m, None, 2, cfg(reward_to_go=True, baseline="loo"))
+    # t0: 1 − 7, 7 − 1; t1: b alone: 7; t2: 5
+    close(adv, [[-6.0, 0, 0], [6.0, 7.0, 5.0]])
+
+
+def test_reinforce_errors():
+    with pytest.raises(ValueError, match="ema"):
+        core.reinforce_advantages(BL_R, BL_M, None, 3, cfg(baseline="ema"))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        core.reinforce_advantages(BL_R, BL_M, None, 3, cfg(baseline="median"))
+
+
+def test_registries():
+    assert set(core.ADVANTAGE_ESTIMATORS) >= {"grpo", "rloo", "reinforce", "gae"}
+    assert set(core.POLICY_LOSSES) >= {"pg", "clip"}
+
+
+# -------------------------------------------------------------------------------------------- GAE
+def _gae_loop(r, v, mask, gamma, lam):
+    """δ_t = r_t + γ V_{t+1} − V_t (V = 0 after the last real token); Â_t = Σ_l (γλ)^l δ_{t+l}."""
+    adv = torch.zeros_like(r)
+    for i in range(r.shape[0]):
+        L = int(mask[i].sum())
+        delta = [r[i, t] + gamma * (v[i, t + 1] if t + 1 < L else 0.0) - v[i, t] for t in range(L)]
+        for t in range(L):
+            adv[i, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(L - t))
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95), (0.7, 0.0), (1.0, 0.5)])
+def test_gae_equals_loop(gamma, lam):
+    g = torch.Generator().manual_seed(4)
+    r, v = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    m = right_mask([5, 1, 3, 0, 4, 2], 5)
+    adv, ret = core.gae_advantages(r * m, m, v, 1, cfg(gamma=gamma, lam=lam))
+    expected = _gae_loop(r, v, m, gamma, lam)
+    close(adv, expected)
+    close(ret, (expected + v) * m)  # returns = Â + V
+
+
+def test_gae_lambda_one_zero_values_is_reward_to_go():
+    g = torch.Generator().manual_seed(5)
+    m = right_mask([4, 2, 3], 4)
+    r = torch.randn(3, 4, generator=g) * m
+    adv, _ = core.gae_advantages(r, m, torch.zeros(3, 4), 1, cfg(gamma=1.0, lam=1.0))
+    rtg, _ = core.reinforce_advantages(r, m, None, 1, cfg(gamma=1.0, reward_to_go=True))
+    close(adv, rtg)
+    # λ = 1 with any V: Â_t = G_t − V(s_t)  (the V terms telescope)
+    v = torch.randn(3, 4, generator=g)
+    adv, _ = core.gae_advantages(r, m, v, 1, cfg(gamma=1.0, lam=1.0))
+    close(adv, (rtg - v) * m)
+
+
+def test_gae_hand_example():
+    # r = [0, 0, 1], V = [0.5, 0.2, 0.8], γ = 0.9, λ = 0.5 (γλ = 0.45):
+    # δ_2 = 1 + 0 − 0.8 = 0.2;  δ_1 = 0.9·0.8 − 0.2 = 0.52;  δ_0 = 0.9·0.2 − 0.5 = −0.32
+    # Â_2 = 0.2;  Â_1 = 0.52 + 0.45·0.2 = 0.61;  Â_0 = −0.32 + 0.45·0.61 = −0.0455
+    # returns = Â + V = [0.4545, 0.81, 1.0]
+    r, v, m = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.8]]), torch.ones(1, 3)
+    adv, ret = core.gae_advantages(r, m, v, 1, cfg(gamma=0.9, lam=0.5))
+    close(adv, [[-0.0455, 0.61, 0.2]])
+    close(ret, [[0.4545, 0.81, 1.0]])
+    with pytest.raises(ValueError, match="values"):
+        core.gae_advantages(r, m, None, 1, cfg())
+
+
+# ----------------------------------------------------------------------------------- policy losses
+def _loss_and_grad(name, ratio, adv, c):
+    """Per-token loss and d loss / d logp at log π_old = 0, logp = log ratio."""
+    logp = torch.tensor(ratio, dtype=torch.float64).log().requires_grad_()
+    old = torch.zeros_like(logp)
+    a = torch.tensor(adv, dtype=torch.float64)
+    loss, stats = core.POLICY_LOSSES[name](logp, old, a, torch.ones_like(a), c)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    return loss.detach(), grad, stats
+
+
+def test_clip_at_ratio_one_equals_pg():
+    g = torch.Generator().manual_seed(6)
+    logp = torch.randn(4, 5, generator=g).requires_grad_()
+    adv, m = torch.randn(4, 5, generator=g), torch.ones(4, 5)
+    clip, stats = core.clip_loss(logp, logp.detach(), adv, m, cfg(clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0))
+    pg, _ = core.pg_loss(logp, logp.detach(), adv, m, cfg())
+    close(clip, -adv)  # ρ = 1: −min(Â, Â) = −Â
+    close(pg, -adv * logp)
+    (g_clip,) = torch.autograd.grad(clip.sum(), logp)
+    (g_pg,) = torch.autograd.grad(pg.sum(), logp)
+    close(g_clip, g_pg)
+    close(g_clip, -adv)  # −Â·∇logp
+    assert (stats["clip_low"] == 0).all() and (stats["clip_high"] == 0).all()
+    close(stats["approx_kl"], torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("ratio,adv,loss,grad,low,high", [
+    # ε_low = 0.2, ε_high = 0.28; loss = −min(ρÂ, clip(ρ, 0.8, 1.28)Â); d loss/d logp = −ρÂ when unclipped
+    (1.10, 1.0, -1.10, -1.10, 0, 0),   # inside the band
+    (1.25, 1.0, -1.25, -1.25, 0, 0),   # inside thanks to ε_high = 0.28 (a symmetric 0.2 would clip)
+    (1.50, 1.0, -1.28, 0.0, 0, 1),     # Â > 0 and ρ > 1 + ε_high: clipped, no gradient
+    (0.70, 1.0, -0.70, -0.70, 0, 0),   # Â > 0, ρ < 1 − ε_low: min picks ρÂ = 0.7 < 0.8 — not clipped
+    (0.70, -1.0, 0.80, 0.0, 1, 0),     # Â < 0, ρ < 1 − ε_low: −min(−0.7, −0.8) = 0.8, clipped
+    (0.78, -1.0, 0.80, 0.0, 1, 0),     # asymmetric: 0.78 < 0.8 is clipped on the low side
+    (0.90, -1.0, 0.90, 0.90, 0, 0),    # inside
+    (1.50, -1.0, 1.50, 1.50, 0, 0),    # Â < 0, ρ > 1 + ε_high: min picks ρÂ = −1.5 — not clipped
+    (2.90, -1.0, 2.90, 2.90, 0, 0),    # below the dual clip c = 3
+    (4.00, -1.0, 3.00, 0.0, 0, 0),     # dual clip: min(4, −cÂ = 3) = 3, no gradient
+    (5.00, -2.0, 6.00, 0.0, 0, 0),     # dual clip: −min(−10, −2.56) = 10 → min(10, −3·(−2) = 6)
+    (5.00, 2.0, -2.56, 0.0, 0, 1),     # dual clip never applies to Â > 0: −1.28·2
+])
+def test_clip_branches(ratio, adv, loss, grad, low, high):
+    c = cfg(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
+    l, g, stats = _loss_and_grad("clip", [ratio], [adv], c)
+    close(l, [loss])
+    close(g, [grad])
+    assert stats["clip_low"].item() == low and stats["clip_high"].item() == high
+
+
+def test_clip_continuous_at_band_edges_and_without_dual_clip():
+    c = cfg(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None)
+    for ratio, adv in ((1.28, 1.0), (0.8, -1.0)):
+        for d in (-1e-6, 1e-6):
+            l, _, _ = _loss_and_grad("clip", [ratio + d], [adv], c)
+            close(l, [-ratio * adv], atol=2e-6)
+    l, g, _ = _loss_and_grad("clip", [4.0], [-1.0], c)  # no dual clip: −min(−4, −1.28) = 4, gradient ρ|Â| = 4
+    close(l, [4.0])
+    close(g, [4.0])
+
+
+def test_clip_approx_kl_estimates_kl_old_to_new():
+    """approx_kl is k3 of KL(π_old‖π_θ) under tokens sampled from π_old: its exact expectation
+    Σ_x π_old(x)·approx_kl(x) equals KL(π_old‖π_θ)."""
+    old = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 2.0]), -1)
+    new = torch.log_softmax(torch.tensor([0.0, 1.0, 0.5, 0.0]), -1)
+    _, stats = core.clip_loss(new, old, torch.ones(4), torch.ones(4), cfg())
+    kl_old_new = (old.exp() * (old - new)).sum()
+    close((old.exp() * stats["approx_kl"]).sum(), kl_old_new)
+    assert (stats["approx_kl"] >= 0).all()
+
+
+# ------------------------------------------------------------------------------------ value / EV
+def test_value_loss_branches():
+    v = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    old, ret = torch.tensor([0.5, 0.5, 1.2]), torch.tensor([2.0, 0.0, 1.0])
+    loss, used = core.value_loss(v, old, ret, clip=0.2)
+    # 0: V_clip = 0.5 + clip(0.5, ±0.2) = 0.7; (1−2)² = 1 < (0.7−2)² = 1.69 → ½·1.69 = 0.845, clipped branch
+    # 1: V_clip = 0.7; (1−0)² = 1 > 0.49 → 0.5, unclipped
+    # 2: V − V_old = −0.2 (inside): V_clip = V → 0
+    close(loss, [0.845, 0.5, 0.0])
+    close(used, [1.0, 0.0, 0.0])
+    (g,) = torch.autograd.grad(loss.sum(), v)
+    close(g, [0.0, 1.0, 0.0])  # clipped branch is flat in V; unclipped: V − R = 1
+    loss, used = core.value_loss(v, old, ret, clip=None)
+    close(loss, [0.5, 0.5, 0.0])  # ½(V − R)²
+    assert (used == 0).all()
+
+
+def test_explained_variance():
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(4, 6, generator=g)
+    m = right_mask([6, 2, 4, 5], 6)
+    garbage = target + 1000 * (1 - m)  # padding must be ignored
+    close(core.explained_variance(target, garbage, m), 1.0)
+    close(core.explained_variance(torch.full_like(target, 3.7), target, m), 0.0, atol=1e-5)
+    # hand case: target [0, 2] (var 1), pred [0, 0]: diff [0, 2] (var 1) → 1 − 1/1 = 0;
+    # pred [1, 1]: diff [−1, 1], var 1 → 0;  pred [0, 1]: diff [0, 1], var 0.25 → 0.75
+    t, m1 = torch.tensor([[0.0, 2.0]]), torch.ones(1, 2)
+    close(core.explained_variance(torch.tensor([[0.0, 1.0]]), t, m1), 0.75)
+
+
+# -------------------------------------------------------------------------------------- aggregate
+def test_aggregate_modes_hand_values():
+    per_tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    m = right_mask([3, 2], 3)
+    kw = dict(num_tokens=5, num_seqs=2)
+    close(core.aggregate(per_tok, m, "token-mean", **kw), 3.0)  # 15/5
+    close(core.aggregate(per_tok, m, "seq-mean-token-mean", **kw), 3.25)  # (6/3 + 9/2)/2
+    close(core.aggregate(per_tok, m, "seq-mean-token-sum", **kw), 7.5)  # 15/2
+    close(core.aggregate(per_tok, m, "constant", constant=4.0, **kw), 1.875)  # 15/(2·4)
+    with pytest.raises(ValueError, match="constant"):
+        core.aggregate(per_tok, m, "constant", **kw)
+    with pytest.raises(ValueError, match="unknown"):
+        core.aggregate(per_tok, m, "median", **kw)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"])
+def test_aggregate_invariant_to_micro_batching(mode):
+    """Σ over micro-batches of their shares (with the WHOLE batch's counts) = the whole batch's loss,
+    in value and in gradient."""
+    g = torch.Generator().manual_seed(8)
+    B, T = 11, 7
+    w = torch.randn(T, generator=g).requires_grad_()
+    feats = torch.randn(B, T, generator=g)
+    m = right_mask(torch.randint(1, T + 1, (B,), generator=g), T)
+    counts = dict(num_tokens=m.sum().item(), num_seqs=B, constant=5.0)
+
+    def losses(parts):
+        return sum(core.aggregate(feats[p] * w, m[p], mode, **counts) for p in parts)
+
+    whole = losses([torch.arange(B)])
+    (g_whole,) = torch.autograd.grad(whole, w)
+    perm = torch.randperm(B, generator=g)
+    parts = [perm[:3], perm[3:4], perm[4:9], perm[9:]]
+    split = losses(parts)
+    (g_split,) = torch.autograd.grad(split, w)
+    close(split, whole)
+    close(g_split, g_whole)
+
+
+# --------------------------------------------------------------------------------- log-probs etc.
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 4096), (0.7, 4), (1.3, 1), (0.5, 7)])
+def test_token_logprobs_and_entropy(temperature, chunk):
+    g = torch.Generator().manual_seed(9)
+    logits = 3 * torch.randn(3, 5, 11, generator=g)  # 15 rows: chunks of 4/1/7 cut across sequence rows
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    logp, ent = core.token_logprobs(logits, ids, temperature, chunk=chunk)
+    ref = torch.log_softmax(logits / temperature, -1)
+    close(logp, ref.gather(-1, ids[..., None]).squeeze(-1))
+    close(ent, -(ref.exp() * ref).sum(-1))  # −Σ p log p
+    logp2, none = core.token_logprobs(logits, ids, temperature, with_entropy=False, chunk=chunk)
+    assert none is None and torch.equal(logp2, logp)
+    logp_bf16, _ = core.token_logprobs(logits.bfloat16(), ids, temperature, chunk=chunk)
+    assert logp_bf16.dtype == torch.float32  # computed in fp32
+
+
+def test_sample_greedy_topk1_and_tiny_top_p_are_argmax():
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(500, 9, generator=g)
+    amax = logits.argmax(-1)
+    tok, _ = core.sample_from_logits(logits, 0.0, 1.0, 0, g)
+    assert torch.equal(tok, amax)
+    tok, _ = core.sample_from_logits(logits, 1.5, 1.0, 1, g)
+    assert torch.equal(tok, amax)
+    tok, _ = core.sample_from_logits(logits, 1.5, 1e-6, 0, g)
+    assert torch.equal(tok, amax)
+
+
+def test_sample_returns_untruncated_tempered_logprob():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(300, 9, generator=g)
+    for tau, top_p, top_k in ((0.7, 1.0, 0), (1.3, 0.8, 0), (1.0, 1.0, 3), (0.9, 0.5, 4)):
+        tok, lp = core.sample_from_logits(logits, tau, top_p, top_k, g)
+        close(lp, torch.log_softmax(logits / tau, -1).gather(-1, tok[:, None]).squeeze(-1))
+
+
+def _chi2(counts, probs):
+    expected = counts.sum() * probs
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+def test_sample_frequencies_match_softmax_and_truncation():
+    """40 000 draws of one row; Pearson χ² with V − 1 dof. Thresholds sit at p ≈ 1e-6 (dof 4: 33;
+    dof 1: 24), so a correct sampler fails with probability ~1e-6 while a wrong temperature or support
+    gives χ² in the hundreds."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.tensor([1.0, 0.2, -0.5, 0.6, -1.5])
+    n, tau = 40_000, 0.8
+    tok, _ = core.sample_from_logits(logits.expand(n, -1), tau, 1.0, 0, g)
+    counts = torch.bincount(tok, minlength=5).float()
+    assert _chi2(counts, torch.softmax(logits / tau, -1)) < 33
+    # top-k = 2: only tokens 0 and 3 (the two largest), renormalised
+    tok, _ = core.sample_from_logits(logits.expand(n, -1), tau, 1.0, 2, g)
+    counts = torch.bincount(tok, minlength=5).float()
+    assert counts[[1, 2, 4]].sum() == 0
+    assert _chi2(counts[[0, 3]], torch.softmax(logits[[0, 3]] / tau, -1)) < 24
+    # top-p: at τ = 1 the sorted probabilities are 0.412, 0.277, 0.185, 0.092, 0.034 (cumulative 0.412,
+    # 0.689, …); top_p = 0.6 keeps the smallest prefix with mass ≥ 0.6: tokens 0 and 3
+    tok, _ = core.sample_from_logits(logits.expand(n, -1), 1.0, 0.6, 0, g)
+    counts = torch.bincount(tok, minlength=5).float()
+    assert counts[[1, 2, 4]].sum() == 0
+    assert _chi2(counts[[0, 3]], torch.softmax(logits[[0, 3]], -1)) < 24

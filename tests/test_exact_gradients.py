@@ -1,0 +1,495 @@
+r"""The policy-gradient estimators of core.py against the EXACT gradient of an enumerable policy.
+
+The toy
+-------
+Vocabulary {a, b, c, $} ($ = EOS). A completion has at most T = 3 tokens: $ ends it, and it ends
+anyway after the third token. That gives 40 completions: "$"; "x$" (3); "xy$" (9); "xyz" (27), with
+x, y ∈ {a, b, c}, z ∈ {a, b, c, $}. The state s_t is the prefix a_{<t}: 1 + 3 + 9 = 13 states, and the
+policy is a table of logits θ[s] ∈ R^4 (52 parameters, seeded N(0, 0.8²) init, not uniform):
+π_θ(y) = Π_t softmax(θ[s_t])[a_t]. Since θ[s] is only used at s, the gradient block of a state of
+depth d is the contribution of position t = d alone.
+
+Two reward settings (γ = 1):
+  seq    R(y) = #a(y) − 0.5·|y| + 1[y ends with $], on the last token (multiples of ½: few distinct values)
+  dense  r_t = w[a_t] + 0.5·1[a_t = a_{t−1}],  w = (a: 1.5, b: 0.5, c: −0.5, $: 1.0)
+J(θ) = Σ_y π_θ(y) Σ_t r_t(y), and ∇J, are computed exactly by enumerating the 40 completions (autograd).
+
+The Monte-Carlo protocol (what the trainer does, on the toy)
+-----------------------------------------------------------
+K = 4000 batches of N = 16 completions of one prompt (4 groups of G = 4), all K·N sampled at once with
+core.sample_from_logits. Per batch: token rewards (core.place_scores for seq), advantages
+core.ADVANTAGE_ESTIMATORS[·], per-token loss core.POLICY_LOSSES[·] (old_logp = logp.detach(), i.e. ratio 1),
+core.aggregate with that batch's own counts, and ĝ_k = −∇_θ loss_k (one backward for all batches: each
+batch differentiates its own copy of θ). Tests compare mean_k ĝ_k to a target coordinate by coordinate:
+|mean − target| ≤ Z·SE + 1e-6, SE = std_k(ĝ_k)/√K.
+
+Z = 5: a two-sided normal tail of 5.7e-7 per coordinate; with 52 coordinates × ~20 comparisons in
+this file (≈ 1000), Bonferroni bounds the chance that a correct estimator fails ANY of them by ≈ 6e-4.
+(Seeds are fixed, so the tests are deterministic; this is the chance that the chosen seeds are unlucky.)
+A bias is called significant when max_j |mean_j − ∇J_j| / SE_j > Z, the same family-wise level.
+
+Every biased estimator is also compared to its EXACT expectation, derived in ``expected_gradient``:
+enumeration for estimators whose advantage depends on the sample alone (GAE, REINFORCE without a
+group baseline); closed forms over the reward / length distribution for the group and length effects.
+
+Measured (``python tests/test_exact_gradients.py``; rel. bias = ‖mean − ∇J‖/‖∇J‖, exact = the same for
+the exact expectation, noise = ‖SE‖/‖∇J‖ (what an unbiased estimator's rel. bias should be close to),
+scale = ⟨mean, ∇J⟩/‖∇J‖², tr Cov = trace of the covariance of ĝ for one batch of N = 16, /‖∇J‖²):
+
+    estimator                           rel.bias  exact   noise   scale   trCov/|g|^2
+    --------------------------------------------------------------------------------
+    TABLE_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from rlhf_pg import core
+
+A, B, C, EOS = 0, 1, 2, 3
+VOCAB, T, NUM_STATES = 4, 3, 13
+G, N, K = 4, 16, 4000  # group size, completions per batch, batches
+Z = 5.0  # per-coordinate z threshold (Bonferroni: see the module docstring)
+ATOL = 1e-6
+SEED = 1234
+DENSE_W = torch.tensor([1.5, 0.5, -0.5, 1.0])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These are thousands of tiny ops: intra-op threads only contend (10-100x slower on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------ the toy
+def states_of(ids: torch.Tensor) -> torch.Tensor:
+    """(n, T) token ids → (n, T) index of s_t = a_{<t}: root 0; "x" 1 + x; "xy" 4 + 3x + y.
+
+    Past the end of a completion the index is still a valid (irrelevant) state: those positions are masked.
+    """
+    x0, x1 = ids[:, 0].clamp(max=2), ids[:, 1].clamp(max=2)
+    return torch.stack([torch.zeros_like(x0), 1 + x0, 4 + 3 * x0 + x1], dim=1)
+
+
+STATE_DEPTH = torch.tensor([0] + [1] * 3 + [2] * 9)
+
+
+def init_theta() -> torch.Tensor:
+    return 0.8 * torch.randn(NUM_STATES, VOCAB, generator=torch.Generator().manual_seed(0))
+
+
+THETA = init_theta()
+
+
+def enumerate_completions() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 40 completions as (40, T) ids (padded with $) and float mask (1 up to and including $)."""
+    seqs = [[EOS]] + [[x, EOS] for x in range(3)]
+    seqs += [[x, y, z] for x in range(3) for y in range(3) for z in range(4)]
+    ids = torch.full((len(seqs), T), EOS)
+    mask = torch.zeros(len(seqs), T)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1.0
+    return ids, mask
+
+
+ENUM_IDS, ENUM_MASK = enumerate_completions()
+
+
+def sample_completions(theta: torch.Tensor, n: int, generator: torch.Generator):
+    """n completions from π_θ at once (one vectorised step per position)."""
+    ids, mask = torch.full((n, T), EOS), torch.zeros(n, T)
+    alive = torch.ones(n, dtype=torch.bool)
+    for t in range(T):
+        tok, _ = core.sample_from_logits(theta[states_of(ids)[:, t]], 1.0, 1.0, 0, generator)
+        ids[:, t] = torch.where(alive, tok, EOS)
+        mask[:, t] = alive.float()
+        alive = alive & (tok != EOS)
+    return ids, mask
+
+
+def token_logp(theta: torch.Tensor, ids: torch.Tensor, rows_per_copy: int | None = None) -> torch.Tensor:
+    """(n, T) log π_θ(a_t|s_t) via core.token_logprobs. With ``rows_per_copy``, ``theta`` is (K, 13, 4)
+    and rows k·rows_per_copy … use copy k (so one backward yields K separate per-batch gradients)."""
+    st = states_of(ids)
+    if rows_per_copy is None:
+        logits = theta[st]
+    else:
+        copy = torch.arange(ids.shape[0]) // rows_per_copy
+        logits = theta.reshape(-1, VOCAB)[copy[:, None] * NUM_STATES + st]
+    return core.token_logprobs(logits, ids, with_entropy=False, chunk=1 << 30)[0]
+
+
+def token_rewards(kind: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if kind == "seq":
+        n_a = ((ids == A).float() * mask).sum(-1)
+        last = ids.gather(1, core.last_token_index(mask)[:, None]).squeeze(1)
+        R = n_a - 0.5 * mask.sum(-1) + (last == EOS).float()
+        return core.place_scores(R, mask)
+    r = DENSE_W[ids].clone()
+    r[:, 1:] += 0.5 * ((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != EOS)).float()
+    return r * mask
+
+
+def seq_prob(theta, ids=ENUM_IDS, mask=ENUM_MASK):
+    return ((token_logp(theta, ids) * mask).sum(-1)).exp()
+
+
+def objective(theta: torch.Tensor, kind: str) -> torch.Tensor:
+    """J(θ) = Σ_y π_θ(y) Σ_t r_t(y), exactly."""
+    return (seq_prob(theta) * token_rewards(kind, ENUM_IDS, ENUM_MASK).sum(-1)).sum()
+
+
+def grad_of(fn) -> torch.Tensor:
+    theta = THETA.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(theta), theta)
+    return g.reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def true_gradient(kind: str) -> torch.Tensor:
+    return grad_of(lambda th: objective(th, kind))
+
+
+@functools.lru_cache(maxsize=None)
+def true_state_values(kind: str) -> torch.Tensor:
+    """V^π(s) = E[G_t | s_t = s] (γ = 1) for the 13 states, by enumeration."""
+    p = seq_prob(THETA)
+    rtg = core.discounted_cumsum(token_rewards(kind, ENUM_IDS, ENUM_MASK), ENUM_MASK, 1.0)
+    st = states_of(ENUM_IDS)
+    w = p[:, None] * ENUM_MASK
+    num = torch.zeros(NUM_STATES).index_add_(0, st.reshape(-1), (w * rtg).reshape(-1))
+    den = torch.zeros(NUM_STATES).index_add_(0, st.reshape(-1), w.reshape(-1))
+    return num / den
+
+
+WRONG_V = 2.0 * torch.randn(NUM_STATES, generator=torch.Generator().manual_seed(7))  # arbitrary V table
+
+
+# ------------------------------------------------------------------------------------ the estimators
+@dataclass(frozen=True)
+class Spec:
+    advantage: str
+    rewards: str  # "seq" | "dense"
+    cfg: dict = field(default_factory=dict)
+    values: str | None = None  # None | "ema" (constant 0.7) | "wrong" (WRONG_V[s_t]) | "true" (V^π(s_t))
+    loss: str = "pg"
+    agg: str = "seq-mean-token-sum"
+    unbiased: bool = True
+    per_sample: bool = False  # the advantage depends on the completion alone (expectation by enumeration)
+
+    def namespace(self):
+        d = dict(gamma=1.0, lam=1.0, scale="none", reward_to_go=False, baseline="none",
+                 clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
+        return types.SimpleNamespace(**{**d, **self.cfg})
+
+
+SPECS: dict[str, Spec] = {
+    # unbiased
+    "reinforce full return": Spec("reinforce", "seq", per_sample=True),
+    "reinforce full return (dense)": Spec("reinforce", "dense", per_sample=True),
+    "reinforce reward-to-go (dense)": Spec("reinforce", "dense", {"reward_to_go": True}, per_sample=True),
+    "reinforce rtg + loo (dense)": Spec("reinforce", "dense", {"reward_to_go": True, "baseline": "loo"}),
+    "reinforce full + loo": Spec("reinforce", "seq", {"baseline": "loo"}),
+    "reinforce full + ema (const)": Spec("reinforce", "seq", {"baseline": "ema"}, values="ema", per_sample=True),
+    "rloo": Spec("rloo", "seq"),
+    "gae lam=1, arbitrary V (dense)": Spec("gae", "dense", {"lam": 1.0}, values="wrong", per_sample=True),
+    "gae lam=0.5, true V (dense)": Spec("gae", "dense", {"lam": 0.5}, values="true", per_sample=True),
+    "ppo clip at ratio 1, rtg+loo (dense)": Spec("reinforce", "dense", {"reward_to_go": True, "baseline": "loo"},
+                                                 loss="clip"),
+    # biased, each with a known expectation (see expected_gradient)
+    "agg constant (C=T): grad/C": Spec("reinforce", "seq", agg="constant", per_sample=True, unbiased=False),
+    "grpo scale=none: (G-1)/G": Spec("grpo", "seq", {"scale": "none"}, unbiased=False),
+    "reinforce rtg + mean (dense)": Spec("reinforce", "dense", {"reward_to_go": True, "baseline": "mean"},
+                                         unbiased=False),
+    "grpo scale=group": Spec("grpo", "seq", {"scale": "group"}, unbiased=False),
+    "agg token-mean": Spec("reinforce", "seq", agg="token-mean", unbiased=False),
+    "agg seq-mean-token-mean": Spec("reinforce", "seq", agg="seq-mean-token-mean", unbiased=False),
+    "gae lam=0.5, wrong V (dense)": Spec("gae", "dense", {"lam": 0.5}, values="wrong", per_sample=True,
+                                         unbiased=False),
+}
+UNBIASED = [k for k, s in SPECS.items() if s.unbiased]
+BIASED = [k for k, s in SPECS.items() if not s.unbiased]
+
+
+def advantages_for(spec: Spec, ids: torch.Tensor, mask: torch.Tensor, group_size: int):
+    r = token_rewards(spec.rewards, ids, mask)
+    if spec.values == "ema":
+        values = torch.full_like(mask, 0.7)
+    elif spec.values == "wrong":
+        values = WRONG_V[states_of(ids)] * mask
+    elif spec.values == "true":
+        values = true_state_values(spec.rewards)[states_of(ids)] * mask
+    else:
+        values = None
+    adv, _ = core.ADVANTAGE_ESTIMATORS[spec.advantage](r, mask, values, group_size, spec.namespace())
+    return adv
+
+
+@functools.lru_cache(maxsize=None)
+def mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.Tensor:
+    """(k, 52): the gradient estimate ĝ of each of k batches of n completions (n/G groups of G)."""
+    spec = SPECS[name]
+    ids, mask = sample_completions(THETA, k * n, torch.Generator().manual_seed(seed))
+    adv = advantages_for(spec, ids, mask, G)  # groups are adjacent rows and n % G == 0: never straddle batches
+    theta_k = THETA.expand(k, NUM_STATES, VOCAB).clone().requires_grad_()
+    logp = token_logp(theta_k, ids, rows_per_copy=n)
+    per_tok, _ = core.POLICY_LOSSES[spec.loss](logp, logp.detach(), adv, mask, spec.namespace())
+    shares = [core.aggregate(l_b, m_b, spec.agg, num_tokens=m_b.sum(), num_seqs=n, constant=T)
+              for l_b, m_b in zip(per_tok.view(k, n, T).unbind(0), mask.view(k, n, T).unbind(0))]
+    torch.stack(shares).sum().backward()
+    return -theta_k.grad.reshape(k, -1)
+
+
+# ------------------------------------------------------------------------ exact expected gradients
+def enumerated_expectation(spec: Spec) -> torch.Tensor:
+    """E[ĝ] = Σ_y π(y) · (−∇ Σ_t ℓ_t(y)) for an advantage that depends on y alone (then the batch mean
+    of N iid completions has the single completion's expectation). Uses core for Â and ℓ."""
+    p = seq_prob(THETA).detach()
+    adv = advantages_for(spec, ENUM_IDS, ENUM_MASK, group_size=1)
+
+    def surrogate(theta):
+        logp = token_logp(theta, ENUM_IDS)
+        per_tok, _ = core.POLICY_LOSSES[spec.loss](logp, logp.detach(), adv, ENUM_MASK, spec.namespace())
+        return -(p * (per_tok * ENUM_MASK).sum(-1)).sum()
+
+    return grad_of(surrogate)
+
+
+def weighted_score(weight: torch.Tensor) -> torch.Tensor:
+    """Σ_y π(y) w(y) ∇log π(y) = Σ_y ∇π(y) w(y) for fixed per-completion weights w (40,)."""
+    p = seq_prob(THETA).detach()
+    return grad_of(lambda th: (p * weight * (token_logp(th, ENUM_IDS) * ENUM_MASK).sum(-1)).sum())
+
+
+def reward_distribution(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct values u_m of Σ_t r_t, their probabilities, and each enumerated completion's index m."""
+    R = token_rewards(kind, ENUM_IDS, ENUM_MASK).sum(-1)
+    u, inv = torch.unique(R, return_inverse=True)
+    prob = torch.zeros(len(u)).index_add_(0, inv, seq_prob(THETA).detach())
+    return u, prob, inv
+
+
+def grpo_group_weight(kind: str, eps: float = 1e-4) -> torch.Tensor:
+    """w(R) = E[Â_1 | R_1 = R] for Â_1 = (R_1 − mean_g R)/(std_g R + eps) (unbiased std), over the G−1
+    other completions of the group, iid from π; written independently of core (enumerates the G−1 others'
+    reward values: (#values)^(G−1) tuples). Per completion (40,)."""
+    u, prob, inv = reward_distribution(kind)
+    others = torch.cartesian_prod(*[torch.arange(len(u))] * (G - 1))  # (M^(G−1), G−1)
+    p_others = prob[others].prod(-1)
+    groups = torch.cat([u[:, None, None].expand(-1, len(others), 1), u[others][None].expand(len(u), -1, -1)], -1)
+    a1 = (groups[..., 0] - groups.mean(-1)) / (groups.std(-1) + eps)  # (M, M^(G−1))
+    return (a1 * p_others).sum(-1)[inv]
+
+
+def length_distribution() -> torch.Tensor:
+    """P(|y| = L) for L = 0..T (index = length)."""
+    return torch.zeros(T + 1).index_add_(0, ENUM_MASK.sum(-1).long(), seq_prob(THETA).detach())
+
+
+@functools.lru_cache(maxsize=None)
+def expected_gradient(name: str) -> torch.Tensor:
+    """E[ĝ] of each estimator, exactly (γ = 1, batches of N = 16, groups of G = 4).
+
+    * per-sample advantages (no group baseline): ``enumerated_expectation``; ``constant`` divides by C = T.
+    * unbiased group baselines (loo, rloo): ∇J — the baseline uses only the other completions, which are
+      independent of a_t, and E[∇log π(a_t|s_t) | s_t] = 0.
+    * grpo scale=none: Â_i = R_i − (R_i + Σ_{j≠i} R_j)/G → E = (G−1)/G · ∇J (the others' part vanishes).
+    * baseline=mean at position t averages G_t over the n_t group members alive at t (the sample itself
+      included): the self term R_i/n_t shrinks position t by 1 − E[1/n_t], n_t − 1 ~ Bin(G−1, P(|y| > t)).
+      With the tabular policy, state blocks of depth d get the factor of t = d: exactly (G−1)/G at the
+      root (everyone is alive at t = 0), MORE shrinkage deeper down (fewer alive: the self term weighs more).
+    * grpo scale=group: E = Σ_y ∇π(y) w(R(y)) with w from ``grpo_group_weight``.
+    * token-mean: ĝ = Σ_i R_i ∇log π(y_i) / Σ_j |y_j| → E = Σ_y ∇π(y) R(y) · N·E[1/(|y| + L')],
+      L' = total length of the N − 1 other completions of the batch (pmf by convolution).
+    * seq-mean-token-mean: E = Σ_y ∇π(y) R(y)/|y| = ∇ of the length-normalised J' = Σ_y π(y) R(y)/|y|.
+    """
+    spec = SPECS[name]
+    g_true = true_gradient(spec.rewards)
+    if spec.per_sample and spec.agg in ("seq-mean-token-sum", "constant"):
+        g = enumerated_expectation(spec)
+        return g / T if spec.agg == "constant" else g
+    if spec.advantage == "rloo" or spec.cfg.get("baseline") == "loo":
+        return g_true
+    if spec.advantage == "grpo" and spec.cfg["scale"] == "none":
+        return (G - 1) / G * g_true
+    if spec.cfg.get("baseline") == "mean":
+        p_len = length_distribution()
+        factor = []
+        for t in range(T):
+            q = p_len[t + 1:].sum().item()  # P(alive at t)
+            e_inv = sum(math.comb(G - 1, j) * q ** j * (1 - q) ** (G - 1 - j) / (1 + j) for j in range(G))
+            factor.append(1.0 - e_inv)
+        return (torch.tensor(factor)[STATE_DEPTH][:, None].expand(NUM_STATES, VOCAB).reshape(-1) * g_true)
+    R = token_rewards(spec.rewards, ENUM_IDS, ENUM_MASK).sum(-1)
+    if spec.advantage == "grpo" and spec.cfg["scale"] == "group":
+        return weighted_score(grpo_group_weight(spec.rewards))
+    L = ENUM_MASK.sum(-1)
+    if spec.agg == "seq-mean-token-mean":
+        return weighted_score(R / L)
+    if spec.agg == "token-mean":
+        p_len, rest = length_distribution(), torch.tensor([1.0])
+        for _ in range(N - 1):  # pmf of the sum of N − 1 iid lengths
+            rest = torch.nn.functional.conv1d(rest[None, None], p_len.flip(0)[None, None],
+                                              padding=T).reshape(-1)
+        e_inv = torch.stack([(rest / (length + torch.arange(len(rest)).clamp(min=1))).sum() for length in range(T + 1)])
+        return weighted_score(R * N * e_inv[L.long()])
+    raise AssertionError(f"no expectation for {name}")
+
+
+# ----------------------------------------------------------------------------------------- stats
+def mean_se(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g.mean(0), g.std(0) / math.sqrt(g.shape[0])
+
+
+def assert_mean_matches(name: str, g: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    mean, se = mean_se(g)
+    z = (mean - target).abs() / (se + ATOL / Z)
+    bad = (mean - target).abs() > Z * se + ATOL
+    assert not bad.any(), (f"{name}: mean of {g.shape[0]} batch gradients differs from {what} at "
+                           f"{bad.nonzero().flatten().tolist()} (max z = {z.max():.1f} > {Z})")
+
+
+def max_z(g: torch.Tensor, target: torch.Tensor) -> float:
+    mean, se = mean_se(g)
+    return ((mean - target).abs() / se).max().item()
+
+
+def trace_cov(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tr Cov(ĝ) and per-batch squared deviations d_k = ‖ĝ_k − ḡ‖² (tr = mean d · K/(K−1))."""
+    d = ((g - g.mean(0)) ** 2).sum(-1) * g.shape[0] / (g.shape[0] - 1)
+    return d.mean(), d
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.norm() / ref.norm()).item()
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_enumeration_is_the_whole_distribution_and_sampler_matches_it():
+    p = seq_prob(THETA)
+    assert ENUM_IDS.shape == (40, T) and torch.allclose(p.sum(), torch.tensor(1.0), atol=1e-6)
+    assert p.min() > 1e-3  # every completion (and state) is reachable
+    # Pearson χ² of 64 000 sampled completions against π: 39 dof (mean 39, sd 8.8); 100 ≈ p < 1e-8.
+    ids, mask = sample_completions(THETA, 64_000, torch.Generator().manual_seed(5))
+    def key(ids, mask):  # a distinct integer per completion: Σ_t (a_t + 1)·5^t over real tokens
+        return (((ids + 1) * mask.long()) * torch.tensor([1, 5, 25])).sum(-1)
+
+    enum_key, samp_key = key(ENUM_IDS, ENUM_MASK), key(ids, mask)
+    assert len(enum_key.unique()) == 40
+    counts = (samp_key[:, None] == enum_key[None]).sum(0).float()
+    assert counts.sum() == 64_000
+    expected = 64_000 * p.detach()
+    assert ((counts - expected) ** 2 / expected).sum() < 100
+
+
+def test_exact_gradient_matches_finite_differences():
+    """∇J by autograd over the enumeration equals central differences of J (the reference is right)."""
+    for kind in ("seq", "dense"):
+        g, h = true_gradient(kind), 1e-3
+        theta64 = THETA.double()
+        for j in (0, 5, 17, 51):
+            e = torch.zeros(NUM_STATES * VOCAB, dtype=torch.float64)
+            e[j] = h
+            fd = (objective(theta64 + e.view_as(THETA), kind) - objective(theta64 - e.view_as(THETA), kind)) / (2 * h)
+            assert abs(fd.item() - g[j].item()) < 1e-4
+
+
+@pytest.mark.parametrize("name", [k for k in UNBIASED if SPECS[k].per_sample])
+def test_per_sample_estimator_expectation_equals_exact_gradient(name):
+    """No sampling noise: E[ĝ] summed over the 40 completions equals ∇J to float precision."""
+    torch.testing.assert_close(expected_gradient(name), true_gradient(SPECS[name].rewards), atol=2e-6, rtol=1e-5)
+
+
+def test_gae_with_lambda_below_one_is_unbiased_only_with_the_true_values():
+    g = true_gradient("dense")
+    assert rel(expected_gradient("gae lam=0.5, true V (dense)") - g, g) < 1e-5
+    assert rel(expected_gradient("gae lam=0.5, wrong V (dense)") - g, g) > 0.1
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_unbiased_estimator_matches_exact_gradient(name):
+    """mean_k ĝ_k = ∇J within Z·SE in every coordinate; the test has power: SE ≪ |∇J| (noise < 3 %)."""
+    g, target = mc_gradients(name), true_gradient(SPECS[name].rewards)
+    assert_mean_matches(name, g, target, "the exact ∇J")
+    assert rel(mean_se(g)[1], target) < 0.03
+
+
+@pytest.mark.parametrize("name", BIASED)
+def test_biased_estimator_has_its_derived_expectation(name):
+    """The bias is real (beyond Z·SE of ∇J) and equals the derived form (within Z·SE of it)."""
+    g, g_true = mc_gradients(name), true_gradient(SPECS[name].rewards)
+    assert max_z(g, g_true) > Z, f"{name}: no significant bias"
+    assert_mean_matches(name, g, expected_gradient(name), "its derived expectation")
+
+
+def test_known_bias_factors():
+    """The closed forms behind the biased targets, spelled out."""
+    g = true_gradient("dense")
+    mean_bl = expected_gradient("reinforce rtg + mean (dense)")
+    depth = STATE_DEPTH[:, None].expand(NUM_STATES, VOCAB).reshape(-1)
+    # root (t = 0, all G alive): exactly (G−1)/G
+    torch.testing.assert_close(mean_bl[depth == 0], (G - 1) / G * g[depth == 0])
+    # depth 1: n_1 − 1 ~ Bin(G−1, q), q = 1 − π($ | root); E[1/(1 + Bin(G−1, q))] = (1 − (1−q)^G)/(G q)
+    q = 1 - torch.softmax(THETA[0], -1)[EOS].item()
+    factor1 = 1 - (1 - (1 - q) ** G) / (G * q)
+    torch.testing.assert_close(mean_bl[depth == 1], factor1 * g[depth == 1])
+    assert factor1 < (G - 1) / G  # fewer alive at t → the sample weighs more in its own baseline
+    # the length-normalised objective is a genuinely different direction, not a rescaled ∇J
+    gs, sm = true_gradient("seq"), expected_gradient("agg seq-mean-token-mean")
+    assert rel(sm - (sm @ gs) / (gs @ gs) * gs, sm) > 0.1
+    # std normalisation (grpo scale=group) also changes the direction, not just the scale
+    gg = expected_gradient("grpo scale=group")
+    assert rel(gg - (gg @ gs) / (gs @ gs) * gs, gg) > 0.05
+
+
+def test_variance_ordering_full_return_rtg_loo():
+    """tr Cov(ĝ): full return ≥ reward-to-go ≥ reward-to-go − loo baseline (dense rewards). The three use
+    the same seed, hence the same completions: differences are judged with paired per-batch SEs."""
+    _, d_full = trace_cov(mc_gradients("reinforce full return (dense)"))
+    _, d_rtg = trace_cov(mc_gradients("reinforce reward-to-go (dense)"))
+    _, d_loo = trace_cov(mc_gradients("reinforce rtg + loo (dense)"))
+    for hi, lo in ((d_full, d_rtg), (d_rtg, d_loo)):
+        diff = hi - lo
+        assert diff.mean() > Z * diff.std() / math.sqrt(len(diff))
+        assert lo.mean() < 0.9 * hi.mean()  # a real reduction, not a rounding one
+
+
+def test_variance_scales_as_one_over_batch_size():
+    """Batches are n/G independent groups, so tr Cov(ĝ) ∝ 1/n: at n = 16 vs 64 the ratio is 4.
+    Each trace is a mean of K iid d_k; its relative SE std(d)/(mean(d)√K) (~2 %) gives the tolerance."""
+    name = "reinforce rtg + loo (dense)"
+    tr16, d16 = trace_cov(mc_gradients(name, n=16, k=K, seed=11))
+    tr64, d64 = trace_cov(mc_gradients(name, n=64, k=K // 2, seed=12))
+    rel_se = math.sqrt((d16.std() / tr16) ** 2 / len(d16) + (d64.std() / tr64) ** 2 / len(d64))
+    assert rel_se < 0.05
+    assert abs((tr16 / tr64).item() / 4 - 1) < Z * rel_se
+
+
+# ---------------------------------------------------------------------------------- the bias table
+def bias_table() -> str:
+    rows = ["estimator                           rel.bias  exact   noise   scale   trCov/|g|^2",
+            "-" * 80]
+    for name, spec in SPECS.items():
+        g, g_true = mc_gradients(name), true_gradient(spec.rewards)
+        mean, se = mean_se(g)
+        tr, _ = trace_cov(g)
+        rows.append(f"{name:<36}{rel(mean - g_true, g_true):>7.3f} {rel(expected_gradient(name) - g_true, g_true):>7.3f}"
+                    f" {rel(se, g_true):>7.3f} {(mean @ g_true / (g_true @ g_true)).item():>7.3f}"
+                    f" {tr.item() / (g_true @ g_true).item():>9.2f}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(bias_table())
