@@ -22,7 +22,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ TOKENIZER_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "smollm2_toke
 _TINY_DIRNAME = "tiny-random-llama-v1"
 _TINY_SEED = 0
 _HASH_STAMP_NAME = "smollm2-gguf-hash.json"
+_STALE_BUILD_SECONDS = 3600
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,7 +102,11 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     ``"float32"``, ``"bfloat16"`` and ``"float16"`` are taken literally.
     """
     if dtype == "auto":
-        if torch.device(device).type == "cuda":
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError:
+            raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+        if device_type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
@@ -212,21 +218,32 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_error(what: str, name: str, location: str, err: Exception) -> UserError:
     """Translate a ``from_pretrained`` failure into a one-line :class:`UserError`."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = _first_line(err)
     if Path(location).exists():
         return UserError(
-            f"could not load {what} from local directory '{location}' ({reason}): "
-            "point the model name at a directory written by save_pretrained"
+            f"could not load {what} from local path '{location}' ({reason}): point the model "
+            "name at a directory written by save_pretrained (with config.json)"
+        )
+    if isinstance(err, OSError):
+        return UserError(
+            f"{what} '{name}' could not be found locally or downloaded (offline?): pass a local "
+            f"model directory or an alias ({SMOLLM2_ALIAS}, {TINY_ALIAS})"
         )
     return UserError(
-        f"{what} '{name}' could not be found locally or downloaded (offline?): pass a local model "
-        f"directory or an alias ({SMOLLM2_ALIAS}, {TINY_ALIAS})"
+        f"could not load {what} '{name}' ({reason}): use a causal language model that "
+        "transformers' AutoModelForCausalLM supports"
     )
+
+
+def _first_line(err: Exception) -> str:
+    """First line of an exception message, or its type name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @contextlib.contextmanager
 def _quiet_progress_bars() -> Iterator[None]:
-    """Hide progress bars while converting, including the GGUF dequantization bar.
+    """Hide progress bars while building a model, including the GGUF dequantization bar.
 
     That bar uses plain ``tqdm`` (not ``transformers.utils.logging.tqdm``), so it ignores
     ``disable_progress_bar()``; ``TQDM_DISABLE`` is only read when tqdm is imported. The module's
@@ -261,7 +278,9 @@ def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """
     if (final / "config.json").is_file():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    prefix = f".tmp-{final.name}-"
+    _remove_stale(final.parent.glob(f"{prefix}*"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         build(tmp)
         try:
@@ -272,6 +291,16 @@ def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _remove_stale(paths: Iterable[Path]) -> None:
+    """Delete build directories left by killed processes (untouched for over an hour)."""
+    for path in paths:
+        try:
+            if time.time() - path.stat().st_mtime > _STALE_BUILD_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # removed by a concurrent process
 
 
 def _smollm2_dir() -> Path:
@@ -368,5 +397,6 @@ def _build_tiny(out: Path) -> None:
         model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = end_id
     model.generation_config.pad_token_id = end_id
-    model.save_pretrained(out, safe_serialization=True)
+    with _quiet_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

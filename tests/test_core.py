@@ -304,7 +304,8 @@ def test_clip_at_ratio_one_equals_pg():
     g = torch.Generator().manual_seed(6)
     logp = torch.randn(4, 5, generator=g).requires_grad_()
     adv, m = torch.randn(4, 5, generator=g), torch.ones(4, 5)
-    clip, stats = core.clip_loss(logp, logp.detach(), adv, m, cfg(clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0))
+    c = cfg(clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0)
+    clip, stats = core.clip_loss(logp, logp.detach(), adv, m, c)
     pg, _ = core.pg_loss(logp, logp.detach(), adv, m, cfg())
     close(clip, -adv)  # ρ = 1: −min(Â, Â) = −Â
     close(pg, -adv * logp)

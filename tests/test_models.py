@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -136,6 +137,16 @@ def test_failed_build_leaves_no_temporary_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stale_build_directories_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / ".tmp-model-killed"
+    fresh = tmp_path / ".tmp-model-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    models._build_atomically(tmp_path / "model", lambda out: (out / "config.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-model-running", "model"]
+
+
 def test_local_path_is_returned(tiny_model_dir: Path) -> None:
     assert resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
     model = load_model(str(tiny_model_dir))
@@ -161,7 +172,7 @@ def test_unreachable_hub_id_is_a_user_error() -> None:
 
 
 def test_local_directory_without_model_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="could not load model from local directory"):
+    with pytest.raises(UserError, match="could not load model from local path"):
         load_model(str(tmp_path))
 
 
@@ -186,6 +197,8 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cuda") is torch.float16
     with pytest.raises(UserError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", "cpu")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        resolve_dtype("auto", "gpu")
 
 
 def test_load_model_dtype(tiny_model_dir: Path) -> None:
