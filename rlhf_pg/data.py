@@ -84,7 +84,8 @@ def make_arithmetic(
         ) from None
     if not ops or any(op not in _ARITHMETIC_OPS for op in ops):
         raise UserError(
-            f"arithmetic ops '{ops}' is invalid: use a non-empty string of {''.join(_ARITHMETIC_OPS)}"
+            f"arithmetic ops '{ops}' is invalid: use a non-empty string of "
+            f"{''.join(_ARITHMETIC_OPS)}"
         )
     operators = sorted(set(ops), key=ops.index)
     rng = random.Random(f"arithmetic-{split}-{seed}")
@@ -160,7 +161,8 @@ def load_prompt_dataset(
         max_prompt_tokens: longest allowed prompt in tokens, ``None`` for no limit.
         too_long: ``"truncate"`` keeps the last ``max_prompt_tokens`` tokens (with one warning
             giving the count); ``"error"`` raises :class:`UserError`.
-        task_kwargs: keyword arguments of a built-in task (e.g. ``n_train``, ``max_operand``).
+        task_kwargs: keyword arguments of a built-in task (e.g. ``n_train``, ``max_operand``);
+            ignored for other sources, so one set can serve a task train source and a file eval.
         limit: keep only the first ``limit`` rows.
         seed: seed of a built-in task, unless ``task_kwargs`` sets ``seed``.
 
@@ -168,15 +170,21 @@ def load_prompt_dataset(
         The dataset with ``prompt``, ``prompt_text``, ``prompt_ids`` and the other source columns.
     """
     if too_long not in TOO_LONG_POLICIES:
-        raise UserError(f"too_long='{too_long}' is invalid: use one of {', '.join(TOO_LONG_POLICIES)}")
+        raise UserError(
+            f"too_long='{too_long}' is invalid: use one of {', '.join(TOO_LONG_POLICIES)}"
+        )
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise UserError(f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none")
+        raise UserError(
+            f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none"
+        )
     if limit is not None and limit < 1:
         raise UserError(f"data limit={limit} is invalid: use a positive number of rows or none")
 
     raw = _load_raw(source, split, task_kwargs or {}, seed)
     if len(raw) == 0:
-        raise UserError(f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts")
+        raise UserError(
+            f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts"
+        )
     raw = _with_prompt_column(raw, source, prompt_column)
     if limit is not None and limit < len(raw):
         raw = raw.select(range(limit))
@@ -211,7 +219,7 @@ def _is_test_question(expression: str, seed: int) -> bool:
 
 
 def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -> datasets.Dataset:
-    """Load the source's rows as they are."""
+    """Load the source's rows as they are (``task_kwargs`` only reach built-in tasks)."""
     if source in TASKS:
         kwargs = {"seed": seed, **task_kwargs}
         try:
@@ -220,11 +228,6 @@ def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -
             raise UserError(
                 f"invalid task_kwargs for task '{source}' ({err}): use only the task's options"
             ) from err
-    if task_kwargs:
-        raise UserError(
-            f"task_kwargs {sorted(task_kwargs)} were given but '{source}' is not a built-in task "
-            f"({', '.join(TASKS)}): remove data.task_kwargs"
-        )
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_BUILDERS or path.exists() or _looks_like_path(source):
         return _load_file(path)
@@ -239,7 +242,9 @@ def _looks_like_path(source: str) -> bool:
 def _load_file(path: Path) -> datasets.Dataset:
     """Load a single local data file as one dataset."""
     if not path.exists():
-        raise UserError(f"data file '{path}' does not exist: check the path (data.source)")
+        raise UserError(
+            f"data file '{path}' does not exist: check the path given in data.train or data.eval"
+        )
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None or not path.is_file():
         raise UserError(

