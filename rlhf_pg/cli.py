@@ -33,6 +33,45 @@ def _parser() -> argparse.ArgumentParser:
                        description="Without a recipe: list all options. With one: print the resolved config.")
     c.add_argument("recipe", nargs="?", help="recipe to resolve (optional)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+
+    e = sub.add_parser("eval", help="evaluate a model, run directory or checkpoint on a recipe's eval split",
+                       description="Greedy reward per function, accuracy and completion length on the recipe's "
+                                   "eval split; with --k > 1 also sampled reward and unbiased pass@k. Writes "
+                                   "eval.json and eval_samples.jsonl.")
+    e.add_argument("target", metavar="MODEL_OR_RUN",
+                   help="model alias, hub id or save_pretrained directory; a run directory (config.yaml + "
+                        "model/); or a LoRA adapter directory")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe options")
+    e.add_argument("--recipe", help="YAML recipe (data, rewards, sampling); default: the run's config.yaml")
+    e.add_argument("--k", type=int, default=1, help="report pass@k (k sampled completions per prompt; default 1: "
+                                                    "greedy only)")
+    e.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="sampled completions per prompt (n >= k; default k) for the unbiased pass@k estimator")
+    e.add_argument("--out", help="output directory (default: the run directory, else ./eval_<name>)")
+
+    pl = sub.add_parser("plot", help="PNG dashboard of one or more runs' metrics.jsonl",
+                        description="Reward (and per function), eval accuracy/reward, KL and its coefficient, "
+                                    "entropy, completion length, clip fractions, value loss and explained "
+                                    "variance against the step; several runs are overlaid.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
+    pl.add_argument("--out", help="PNG path (default: FIRST_RUN_DIR/dashboard.png)")
+
+    v = sub.add_parser("variance", help="gradient-variance lab: compare policy-gradient estimators at a policy",
+                       description="Estimate the policy gradient with several estimators (REINFORCE, reward-to-go, "
+                                   "baselines, RLOO, GRPO, optimal baseline) from the same sampled completions, "
+                                   "on K batches of each size N; report variance, gradient norm, SNR and cosine; "
+                                   "write variance.json and a log-log PNG.")
+    v.add_argument("recipe", help="YAML recipe (its model, prompts, rewards and sampling)")
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.name=runs/x/model")
+    v.add_argument("--batch-sizes", default=None, metavar="N1,N2,...",
+                   help="completions per batch, multiples of rollout.group_size (default: G,2G,4G)")
+    v.add_argument("--repeats", type=int, default=8, metavar="K", help="independent batches per size (default 8)")
+    v.add_argument("--proj-dim", type=int, default=512, metavar="D",
+                   help="sketch dimension for the flattened gradient (default 512; 0 = exact, small models only)")
+    v.add_argument("--params", default=None, metavar="REGEX",
+                   help="only parameters whose name matches this regex (default: every trainable parameter)")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--out", default=None, help="output directory (default: output_dir of the recipe + '/variance')")
     return p
 
 
@@ -74,13 +113,37 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import format_report, run_eval
+
+    report = run_eval(args.target, args.recipe, args.overrides, k=args.k, n_samples=args.samples, out=args.out)
+    print(format_report(report))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+def _cmd_variance(args) -> int:
+    from .variance import run_variance_cli
+
+    run_variance_cli(args.recipe, args.overrides, batch_sizes=args.batch_sizes, repeats=args.repeats,
+                     proj_dim=args.proj_dim, params=args.params, threads=args.threads, out=args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": _cmd_train, "config": _cmd_config}
+    handlers = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "plot": _cmd_plot,
+                "variance": _cmd_variance}
     try:
         return handlers[args.command](args)
     except UserError as e:

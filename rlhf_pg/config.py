@@ -150,6 +150,8 @@ class AlgoConfig(_Section):
     """Value loss weight (gae)."""
     value_clip: float | None = Field(0.2, gt=0)
     """Clip range of the value prediction around the rollout's values; null = no clipping."""
+    critic_warmup_steps: int = Field(0, ge=0)
+    """First RL steps that train only the value head (policy loss off) so GAE starts from a fitted V."""
     epochs: int = Field(1, ge=1)
     """Optimisation passes over each rollout."""
     minibatches: int = Field(1, ge=1)
@@ -211,6 +213,8 @@ class RunConfig(_Section):
             )
         if a.advantage == "reinforce" and a.baseline in ("mean", "loo") and r.group_size < 2:
             raise ValueError(f"algo.baseline={a.baseline} needs rollout.group_size >= 2")
+        if a.advantage == "gae" and a.vf_coef == 0:
+            raise ValueError("algo.advantage=gae learns a value head: set algo.vf_coef > 0")
         if a.kl_target is not None and a.kl_in != "reward":
             raise ValueError("algo.kl_target (adaptive KL) needs algo.kl_in=reward")
         if a.kl_target is not None and a.kl_coef == 0:

@@ -401,3 +401,32 @@ def _build_tiny(out: Path) -> None:
     with _quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A causal LM plus a scalar value head V(s_t) = w·h_t + b on its last hidden state (shared
+    backbone, as in Ziegler et al. 2019 and TRL's ``AutoModelForCausalLMWithValueHead``).
+
+    ``forward`` returns the LM's output with an extra ``"value_preds"`` entry of shape (B, S): the
+    value of the state at every position. The head starts at zero, so V ≡ 0 before training.
+    """
+
+    def __init__(self, policy: PreTrainedModel):
+        super().__init__()
+        self.policy = policy
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(policy.parameters()).device)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, **kwargs):
+        out = self.policy(**kwargs, output_hidden_states=True)
+        h = out.hidden_states[-1]
+        out["value_preds"] = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+        out.hidden_states = None
+        return out

@@ -37,7 +37,7 @@ from .batch import Batch
 from .config import RunConfig, dump_config
 from .data import load_prompt_dataset
 from .errors import UserError
-from .models import load_model, load_tokenizer
+from .models import PolicyWithValue, load_model, load_tokenizer
 from .rewards import REWARD_REGISTRY, RewardSet, RewardSpec
 from .rollout import SamplingParams, generate, position_ids
 
@@ -61,7 +61,6 @@ class Trainer:
                             f"{self.world} processes: choose a multiple of {self.world}")
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
-        self._prepare_output_dir()
 
         dev = self.acc.device
         self.tokenizer = load_tokenizer(cfg.model.name)
@@ -86,13 +85,15 @@ class Trainer:
                                  on_all_none=cfg.rewards.on_all_none, tokenizer=self.tokenizer)
 
         a, t = cfg.algo, cfg.train
+        self.has_value_head = a.advantage == "gae"
+        module = PolicyWithValue(policy) if self.has_value_head else policy
         self.opt_steps_per_rl_step = a.epochs * a.minibatches
-        params = [p for p in policy.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
         scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=t.warmup_steps,
                                   num_training_steps=max(1, t.max_steps * self.opt_steps_per_rl_step))
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(module, optimizer, scheduler)
 
         self.kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None
         self.ema_baseline: float | None = None
@@ -114,9 +115,16 @@ class Trainer:
 
     def _write_jsonl(self, name: str, rows: list[dict]) -> None:
         if self.acc.is_main_process and rows:
+            self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / name, "a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+
+    @property
+    def policy(self):
+        """The bare Hugging Face model being trained (without DDP or the value head)."""
+        m = self.acc.unwrap_model(self.model)
+        return m.policy if isinstance(m, PolicyWithValue) else m
 
     @property
     def kl_coef(self) -> float:
@@ -138,7 +146,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- rollout
     def _rollout(self, data, rows: list[int], group_size: int, params: SamplingParams) -> Batch:
         sub = data.select(rows)
-        model = self.acc.unwrap_model(self.model)
+        model = self.policy
         was_training = model.training
         model.eval()
         model.config.use_cache = True
@@ -169,12 +177,13 @@ class Trainer:
         return {k: v.to(dev) for k, v in out.per_function.items()}
 
     # -------------------------------------------------------------------------------- forward
-    def _forward(self, model, mb: Batch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(a_t|s_t) (and entropy) of the completion tokens, (B, T).
+    def _forward(self, model, mb: Batch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """log π(a_t|s_t), entropy (or None) and V(s_t) (or None without a value head), each (B, T).
 
         Padding is trimmed per micro-batch (leading prompt columns that are all padding, trailing
         completion columns past the longest completion) and logits are computed only over the
-        completion positions (``logits_to_keep``).
+        completion positions (``logits_to_keep``). V(s_t) is read at the same positions as the
+        logits that predict a_t.
         """
         T = mb.completion_ids.shape[1]
         p0 = int(mb.prompt_mask.any(0).float().argmax())
@@ -183,18 +192,21 @@ class Trainer:
         cids, cmask = mb.completion_ids[:, :t1], mb.completion_mask[:, :t1].long()
         with self.acc.autocast():
             if self.cfg.train.shared_prefix and not self.cfg.model.gradient_checkpointing:
-                logits = self._shared_prefix_logits(model, pids, pmask, cids, cmask)
+                logits, values = self._shared_prefix_forward(model, pids, pmask, cids, cmask)
             else:
                 ids, attn = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
-                               logits_to_keep=t1 + 1, use_cache=False).logits[:, :-1]
+                out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
+                            logits_to_keep=t1 + 1, use_cache=False)
+                logits = out.logits[:, :-1]
+                values = out["value_preds"][:, -(t1 + 1):-1] if "value_preds" in out else None
         logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy)
-        pad = lambda x: torch.nn.functional.pad(x, (0, T - t1)) if x is not None else None  # noqa: E731
-        return pad(logp), pad(ent)
+        pad = lambda x: torch.nn.functional.pad(x.float(), (0, T - t1)) if x is not None else None  # noqa: E731
+        return pad(logp), pad(ent), pad(values)
 
     @staticmethod
-    def _shared_prefix_logits(model, pids, pmask, cids, cmask) -> torch.Tensor:
-        """(B, T, V) logits predicting each completion token, running each distinct prompt once.
+    def _shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, V) logits predicting each completion token (and (B, T) values), running each
+        distinct prompt once.
 
         The G completions of a prompt attend to ONE copy of its keys/values: the prompt is run once
         (with gradients), its KV cache is indexed out to the rows (an index_select, differentiable),
@@ -208,9 +220,11 @@ class Trainer:
         umask = pmask[first]  # identical prompts have identical masks
         pre = model(input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask),
                     use_cache=True, logits_to_keep=1)
-        first_logits = pre.logits[:, -1][inv]  # (B, V): predicts completion token 0
+        logits = pre.logits[:, -1][inv][:, None]  # (B, 1, V): predicts completion token 0
+        has_v = "value_preds" in pre
+        values = pre["value_preds"][:, -1][inv][:, None] if has_v else None  # V(s_0)
         if cids.shape[1] == 1:
-            return first_logits[:, None]
+            return logits, values
         cache = pre.past_key_values
         cache.batch_select_indices(inv)  # (U, ...) → (B, ...)
         prompt_len = pmask.sum(-1, keepdim=True)  # (B, 1)
@@ -218,12 +232,16 @@ class Trainer:
         pos = prompt_len + torch.arange(steps, device=cids.device)[None, :]  # (B, T−1)
         out = model(input_ids=cids[:, :steps], attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
                     position_ids=pos, past_key_values=cache, use_cache=True)
-        return torch.cat([first_logits[:, None], out.logits], 1)
+        logits = torch.cat([logits, out.logits], 1)
+        if has_v:
+            values = torch.cat([values, out["value_preds"]], 1)
+        return logits, values
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:
+    def _no_grad_pass(self, model, batch: Batch, what: int) -> torch.Tensor:
+        """Log-probs (``what=0``) or values (``what=2``) of the whole batch, micro-batched, no grad."""
         mbs = self.cfg.train.micro_batch_size
-        parts = [self._forward(model, batch.select(torch.arange(i, min(i + mbs, batch.size))), False)[0]
+        parts = [self._forward(model, batch.select(torch.arange(i, min(i + mbs, batch.size))), False)[what]
                  for i in range(0, batch.size, mbs)]
         return torch.cat(parts)
 
@@ -245,7 +263,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         if self.ref is not None:
-            batch.ref_logprobs = self._logprobs_no_grad(self.ref, batch)
+            batch.ref_logprobs = self._no_grad_pass(self.ref, batch, 0)
         times["reference"] = time.perf_counter() - t0
 
         metrics: dict[str, float] = {}
@@ -253,6 +271,8 @@ class Trainer:
             kl_tok = core.KL_ESTIMATORS[a.kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
             batch.token_rewards = batch.token_rewards - self.kl_coef * kl_tok
             metrics["kl_ref"] = self._global_mean(kl_tok.sum(-1), torch.ones_like(batch.scores))
+        if self.has_value_head:
+            batch.values = self._no_grad_pass(self.acc.unwrap_model(self.model), batch, 2) * mask
         if a.baseline == "ema" and a.advantage == "reinforce":
             ret0 = core.discounted_cumsum(batch.token_rewards, mask, a.gamma)[:, 0]
             b = self.ema_baseline if self.ema_baseline is not None else 0.0
@@ -316,10 +336,15 @@ class Trainer:
                     m = mb.completion_mask
                     sync = ci == len(chunks) - 1
                     with (nullcontext() if sync else self.acc.no_sync(self.model)):
-                        logp, ent = self._forward(self.model, mb, with_entropy=True)
+                        logp, ent, values = self._forward(self.model, mb, with_entropy=True)
                         old = logp.detach() if on_policy else mb.old_logprobs
                         pl, st = core.POLICY_LOSSES[a.policy_loss](logp, old, mb.advantages, m, a)
-                        per_tok = pl
+                        per_tok = pl if self.step_idx >= a.critic_warmup_steps else torch.zeros_like(pl)
+                        if values is not None:
+                            vl, vclip = core.value_loss(values, mb.values, mb.returns, a.value_clip)
+                            per_tok = per_tok + a.vf_coef * vl
+                            acc("value_loss", vl, m)
+                            acc("value_clip_frac", vclip, m)
                         if self.ref is not None:
                             kl = core.KL_ESTIMATORS[a.kl_estimator](logp, mb.ref_logprobs)
                             if a.kl_in == "loss":
@@ -381,6 +406,13 @@ class Trainer:
                                            - self._global_mean(batch.advantages, mask) ** 2)),
             "return_mean": self._global_mean(batch.returns, mask),
         }
+        if batch.values is not None and self.has_value_head:
+            # explained variance 1 − Var[R − V]/Var[R] with global (all-process) moments
+            moments = [self._global_mean(x, mask) for x in
+                       (batch.returns, batch.returns ** 2, batch.returns - batch.values, (batch.returns - batch.values) ** 2)]
+            var_r, var_d = moments[1] - moments[0] ** 2, moments[3] - moments[2] ** 2
+            m["explained_variance"] = 1.0 - var_d / max(var_r, 1e-8)
+            m["value_mean"] = self._global_mean(batch.values, mask)
         for name, v in per_fn.items():
             ok = ~torch.isnan(v)
             m[f"reward/{name}"] = self._global_mean(torch.nan_to_num(v), ok.float())
@@ -444,6 +476,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
+        self._prepare_output_dir()
         history: dict[str, Any] = {}
         if cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()
@@ -471,12 +504,18 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         self.acc.wait_for_everyone()
-        model = self.acc.unwrap_model(self.model)
+        model = self.policy
         if self.acc.is_main_process:
             model.config.use_cache = True
             model.save_pretrained(path, safe_serialization=True)
             model.config.use_cache = False
             self.tokenizer.save_pretrained(path)
+            if self.has_value_head:
+                from safetensors.torch import save_file
+
+                head = self.acc.unwrap_model(self.model).value_head
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          str(path / "value_head.safetensors"))
         self.acc.wait_for_everyone()
 
     def _print(self, msg: str) -> None:

@@ -111,8 +111,8 @@ def test_existing_run_is_not_clobbered(tmp_path):
     cfg = tiny_config(tmp_path, train={"max_steps": 0, "eval_at_start": False, "save_model": False})
     Trainer(cfg).train()
     with pytest.raises(UserError, match="already holds a run"):
-        Trainer(cfg)
-    Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0}))
+        Trainer(cfg).train()
+    Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0, "save_model": False})).train()
 
 
 def test_shared_prefix_pass_equals_padded_batch(tmp_path):
@@ -125,7 +125,7 @@ def test_shared_prefix_pass_equals_padded_batch(tmp_path):
     for shared in (True, False):
         tr.cfg.train.shared_prefix = shared
         tr.model.zero_grad()
-        logp, ent = tr._forward(tr.model, batch, with_entropy=True)
+        logp, ent, _ = tr._forward(tr.model, batch, with_entropy=True)
         (logp * batch.completion_mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
         results.append((logp.detach() * batch.completion_mask, ent.detach() * batch.completion_mask, grads))
@@ -135,3 +135,36 @@ def test_shared_prefix_pass_equals_padded_batch(tmp_path):
     torch.testing.assert_close(l1, batch.old_logprobs, atol=1e-4, rtol=0)
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-3)
+
+
+def test_ppo_value_head_trains_and_is_saved(tmp_path):
+    cfg = tiny_config(tmp_path, algo={"name": "ppo", "kl_coef": 0.05},
+                      train={"max_steps": 2, "micro_batch_size": 2, "eval_at_start": False})
+    assert cfg.algo.advantage == "gae" and cfg.algo.epochs == 2 and cfg.algo.minibatches == 2
+    tr = Trainer(cfg)
+    head = tr.acc.unwrap_model(tr.model).value_head
+    before = head.weight.detach().clone()
+    tr.train()
+    assert not torch.equal(before, head.weight)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in recs if "reward" in r][-1]
+    for key in ("value_loss", "value_clip_frac", "explained_variance", "value_mean", "kl_ref", "approx_kl"):
+        assert key in step, key
+    assert (tmp_path / "run" / "model" / "value_head.safetensors").exists()
+    # the saved policy is a plain causal LM without the value head
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert not any("value_head" in n for n, _ in reloaded.named_parameters())
+
+
+def test_values_in_shared_prefix_pass_equal_padded_pass(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, algo={"name": "ppo"}, train={"max_steps": 0}))
+    with torch.no_grad():
+        torch.nn.init.normal_(tr.acc.unwrap_model(tr.model).value_head.weight)
+    batch = tr._rollout(tr.train_data, tr._step_rows(0), 4, tr.sampling)
+    vals = []
+    for shared in (True, False):
+        tr.cfg.train.shared_prefix = shared
+        with torch.no_grad():
+            vals.append(tr._forward(tr.model, batch, False)[2] * batch.completion_mask)
+    assert vals[0].abs().sum() > 0
+    torch.testing.assert_close(vals[0], vals[1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,340 @@
+r"""Held-out evaluation of a policy: greedy and sampled reward, accuracy and pass@k.
+
+:func:`evaluate_policy` is a pure library function (a model, a tokenizer, a prompt dataset and a
+:class:`~rlhf_pg.rewards.RewardSet` in; metrics out) used by ``rlhf-pg eval`` and by the trainer. It
+works on one shard of the eval rows, ``rows[rank::world]``, and accumulates every metric as a
+(sum, count) pair; pass ``reduce`` (a function summing a tensor over processes, e.g.
+``Accelerator.reduce(x, "sum")``) and the means are global. One all-reduce of one tensor per call.
+
+Metrics (prefix ``eval/``):
+
+* greedy decoding (τ = 0), one completion per prompt: ``reward`` (weighted sum of the reward
+  functions), ``reward/<name>`` (each function, ignoring ``None``), ``accuracy`` (the built-in
+  ``accuracy`` rule: last number == ``answer``; only when the data has an ``answer`` column),
+  ``completion_len`` (tokens, including EOS), ``n`` (prompts evaluated).
+* sampled decoding (only with ``n_samples > 0``; ``k > 1`` implies ``n_samples = k``): n samples per
+  prompt at the given temperature: ``sampled/reward``, ``sampled/reward/<name>``,
+  ``sampled/accuracy``, ``sampled/completion_len`` (means over all n·prompts samples) and, with an
+  ``answer`` column, ``pass@j`` for j = 1, 2, 4, … ≤ k and j = k, averaged over prompts with the
+  unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on Code", §2.1):
+
+      pass@k = E_x [ 1 − C(n − c, k) / C(n, k) ]      n samples of prompt x, c of them correct, n ≥ k
+
+  (the probability that at least one of k samples drawn without replacement from the n is correct;
+  averaging it over prompts is unbiased for the pass@k of k fresh samples, unlike 1 − (1 − c/n)^k).
+
+Samples whose ``accuracy`` is ``None`` (a missing answer) are left out of the accuracy means (count
+with them in ``n``); for pass@k such a sample counts as not correct.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .batch import Batch
+from .errors import UserError
+from .rewards import REWARD_REGISTRY, RewardSet
+from .rollout import SamplingParams, generate
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+_NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k)/C(n, k) (Chen et al. 2021).
+
+    Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i), which equals the ratio of binomials without forming
+    huge integers. 1 when n − c < k (every k-subset contains a correct sample), 0 when c = 0.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n samples, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass_ks(k: int) -> list[int]:
+    """The j of the reported pass@j: 1, 2, 4, … below k, and k."""
+    js, j = [], 1
+    while j < k:
+        js.append(j)
+        j *= 2
+    return js + [k]
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_policy` returns.
+
+    ``metrics``: name → global mean (after ``reduce``), e.g. ``eval/accuracy``, ``eval/pass@4``.
+    ``sums``: name (without prefix) → tensor [Σ value, count] of THIS shard before reduction.
+    ``samples``: one dict per generated completion on this shard (for ``eval_samples.jsonl``).
+    """
+
+    metrics: dict[str, float]
+    sums: dict[str, torch.Tensor]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rollout(model, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
+             generator: torch.Generator | None) -> Batch:
+    """Sample ``group_size`` completions for dataset ``rows``; fills texts and reward columns."""
+    sub = data.select(rows)
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator)
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
+    batch.prompts = rep(sub["prompt"])
+    batch.prompt_texts = rep(sub["prompt_text"])
+    batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in _NON_REWARD_COLUMNS}
+    ids = _completion_ids(batch)
+    batch.completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return batch
+
+
+def _completion_ids(batch: Batch) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+
+
+def _prompt_str(p: Any) -> str:
+    return p if isinstance(p, str) else str(p[-1]["content"])
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_tokens: int, batch_size: int,
+                    stop: list[str] | None = None, k: int = 1, n_samples: int | None = None,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
+                    reduce: Reduce | None = None, prefix: str = "eval/", keep_samples: bool = False,
+                    progress: bool = False) -> EvalResult:
+    """Evaluate ``model`` on ``dataset`` (rows with ``prompt_ids``, ``prompt``, ``prompt_text`` and
+    the reward columns, as :func:`rlhf_pg.data.load_prompt_dataset` returns them).
+
+    Greedy decoding always; with ``k > 1`` or ``n_samples ≥ 1`` also ``n_samples`` (default k)
+    sampled completions per prompt at ``temperature``/``top_p``/``top_k`` and pass@j (needs an
+    ``answer`` column). ``batch_size`` is prompts per greedy batch; sampled batches hold
+    ``max(1, batch_size // n)`` prompts so a forward pass keeps about ``batch_size`` rows.
+
+    ``shard = (rank, world)`` evaluates rows ``rank, rank + world, …``; ``reduce`` sums a tensor over
+    the processes (identity when omitted). Every process must call this with the same arguments.
+    Keys of ``sums`` are the same on every process (they depend only on the rewards and columns),
+    so the stacked tensor can be all-reduced. Run under the caller's autocast if it uses one.
+    """
+    if k < 1:
+        raise UserError(f"k={k}: pass@k needs k >= 1")
+    n = (k if k > 1 else 0) if n_samples is None else n_samples
+    if n and n < k:
+        raise UserError(f"{n} samples per prompt cannot estimate pass@{k}: use --samples >= k")
+    rank, world = shard
+    has_answer = "answer" in dataset.column_names
+    names = list(rewards.names)
+    keys = ["n", "reward", "completion_len"] + [f"reward/{x}" for x in names] + (["accuracy"] if has_answer else [])
+    if n:
+        keys += ["sampled/reward", "sampled/completion_len"] + [f"sampled/reward/{x}" for x in names]
+        if has_answer:
+            keys += ["sampled/accuracy"] + [f"pass@{j}" for j in pass_ks(k)]
+    device = next(model.parameters()).device
+    sums = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
+    samples: list[dict[str, Any]] = []
+
+    def add(key: str, values: torch.Tensor) -> None:
+        v = values.double().cpu()
+        ok = ~torch.isnan(v)
+        sums[key] += torch.stack([torch.nan_to_num(v).sum(), ok.double().sum()])
+
+    rows = list(range(rank, len(dataset), world))
+    stop = list(stop or [])
+    phases = [("", SamplingParams(max_new_tokens, 0.0, 1.0, 0, stop), 1, batch_size)]
+    if n:
+        phases.append(("sampled/", SamplingParams(max_new_tokens, temperature, top_p, top_k, stop), n,
+                       max(1, batch_size // n)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows) * (1 + n), desc="eval", unit="sample", dynamic_ncols=True)
+    for tag, params, group, per_batch in phases:
+        for s in range(0, len(rows), per_batch):
+            chunk = rows[s:s + per_batch]
+            batch = _rollout(model, tokenizer, dataset, chunk, group, params, generator)
+            out = rewards(batch.prompts, batch.completions, _completion_ids(batch), batch.columns,
+                          prompt_text=batch.prompt_texts)
+            lengths = batch.completion_mask.sum(-1).float().cpu()
+            add(f"{tag}reward", out.scores)
+            add(f"{tag}completion_len", lengths)
+            for name, v in out.per_function.items():
+                add(f"{tag}reward/{name}", v)
+            acc = None
+            if has_answer:
+                raw = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
+                acc = torch.tensor([math.nan if x is None else float(x) for x in raw], dtype=torch.float64)
+                add(f"{tag}accuracy", acc)
+            if not tag:
+                add("n", torch.ones(len(chunk)))
+            elif has_answer:
+                correct = torch.nan_to_num(acc).view(len(chunk), group).sum(1)  # (prompts,) c per prompt
+                for j in pass_ks(k):
+                    add(f"pass@{j}", torch.tensor([pass_at_k(group, int(c), j) for c in correct.tolist()]))
+            if keep_samples:
+                for i in range(batch.size):
+                    row = {
+                        "row": chunk[i // group],
+                        "decoding": "sampled" if tag else "greedy",
+                        "sample": i % group,
+                        "prompt": _prompt_str(batch.prompts[i]),
+                        "completion": batch.completions[i],
+                        "completion_len": int(lengths[i]),
+                        "reward": float(out.scores[i]),
+                        **{f"reward/{x}": (None if math.isnan(float(v[i])) else float(v[i]))
+                           for x, v in out.per_function.items()},
+                    }
+                    if "answer" in batch.columns:
+                        row["answer"] = batch.columns["answer"][i]
+                        row["correct"] = None if math.isnan(float(acc[i])) else bool(acc[i])
+                    samples.append(row)
+            if bar is not None:
+                bar.update(batch.size)
+    if bar is not None:
+        bar.close()
+
+    stacked = torch.stack([sums[key] for key in keys]).to(device)  # (K, 2): one all-reduce
+    if reduce is not None:
+        stacked = reduce(stacked)
+    stacked = stacked.double().cpu()
+    metrics: dict[str, Any] = {}  # None where nothing was counted (e.g. a function that never applied)
+    for key, (total, count) in zip(keys, stacked.tolist()):
+        metrics[prefix + key] = int(round(total)) if key == "n" else (total / count if count else None)
+    if n:
+        metrics[prefix + "samples_per_prompt"] = n
+    return EvalResult(metrics=metrics, sums=sums, samples=samples)
+
+
+# ----------------------------------------------------------------------------- the eval command
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip("/").split("/")[-1]) or "model"
+
+
+def resolve_target(target: str) -> dict[str, Any]:
+    """Classify ``rlhf-pg eval``'s MODEL_OR_RUN argument.
+
+    Returns ``{"kind", "model", "run_dir", "adapter"}``: ``run`` (a directory with ``config.yaml``
+    and ``model/``: its model), ``checkpoint`` (a directory holding ``model/`` but no
+    ``config.yaml``, or a ``save_pretrained`` directory with ``config.json``), ``lora`` (a PEFT
+    adapter directory: ``adapter_config.json``) or ``model`` (an alias or hub id, passed on).
+    """
+    p = Path(target).expanduser()
+    if p.is_dir():
+        if (p / "model").is_dir():
+            inner = resolve_target(str(p / "model"))
+            kind = "run" if (p / "config.yaml").is_file() else inner["kind"]
+            return {**inner, "kind": kind, "run_dir": p if (p / "config.yaml").is_file() else None}
+        if (p / "adapter_config.json").is_file():
+            return {"kind": "lora", "model": str(p), "run_dir": None, "adapter": p}
+        if (p / "config.json").is_file():
+            return {"kind": "checkpoint", "model": str(p), "run_dir": None, "adapter": None}
+        if (p / "config.yaml").is_file():
+            raise UserError(f"run directory '{target}' has no model/ (trained with train.save_model=false?): "
+                            "pass a run that saved its model, or a model directory")
+        raise UserError(f"'{target}' is a directory but neither a run (config.yaml + model/), a model "
+                        "(config.json) nor a LoRA adapter (adapter_config.json): pass one of those")
+    if p.exists():
+        raise UserError(f"'{target}' is a file: pass a model directory, a run directory, an alias or a hub id")
+    return {"kind": "model", "model": target, "run_dir": None, "adapter": None}
+
+
+def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
+    """(model, tokenizer) for a :func:`resolve_target` result; a LoRA adapter is merged into its base
+    (``base_model_name_or_path`` from the adapter config when it exists locally, else ``model.name``
+    of the recipe)."""
+    from .models import load_model, load_tokenizer
+
+    m = cfg.model
+    if target["adapter"] is not None:
+        from peft import PeftModel
+
+        adapter = Path(target["adapter"])
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base).expanduser().exists() or base in ("smollm2-135m-instruct", "tiny-random-llama")):
+            base = m.name
+        model = load_model(base, m.dtype, "cpu" if not torch.cuda.is_available() else "cuda",
+                           m.trust_remote_code, m.revision)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        tok_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+        return model, load_tokenizer(tok_src)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(target["model"], m.dtype, device, m.trust_remote_code, m.revision)
+    return model, load_tokenizer(target["model"])
+
+
+def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: int = 1,
+             n_samples: int | None = None, out: str | None = None, greedy_only: bool = False) -> dict[str, Any]:
+    """``rlhf-pg eval``: evaluate MODEL_OR_RUN on the recipe's eval split; write ``eval.json`` and
+    ``eval_samples.jsonl`` into ``out`` (default: the run directory, else ``./eval_<name>``)."""
+    from .config import load_config
+    from .data import load_prompt_dataset
+    from .rewards import RewardSpec
+
+    target = resolve_target(target_arg)
+    if recipe is None:
+        if target["run_dir"] is None:
+            raise UserError("--recipe is required unless MODEL_OR_RUN is a run directory (with config.yaml)")
+        recipe = str(target["run_dir"] / "config.yaml")
+    cfg = load_config(recipe, list(overrides))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_eval_model(target, cfg)
+    d = cfg.data
+    data = load_prompt_dataset(d.eval or d.train, d.eval_split, tokenizer=tokenizer, prompt_column=d.prompt_column,
+                               system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
+                               too_long=d.too_long, task_kwargs=d.task_kwargs, limit=d.eval_limit, seed=cfg.seed)
+    rewards = RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.rewards.functions],
+                        on_error=cfg.rewards.on_error, on_nonfinite=cfg.rewards.on_nonfinite,
+                        on_all_none=cfg.rewards.on_all_none, tokenizer=tokenizer)
+    r = cfg.rollout
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    res = evaluate_policy(model, tokenizer, data, rewards, max_new_tokens=r.max_new_tokens,
+                          batch_size=r.eval_batch_size, stop=list(r.stop), k=k,
+                          n_samples=0 if greedy_only else n_samples, temperature=r.temperature,
+                          top_p=r.top_p, top_k=r.top_k, generator=gen, keep_samples=True, progress=True)
+    out_dir = Path(out) if out else (target["run_dir"] if target["run_dir"] is not None
+                                     else Path(f"eval_{_safe_name(target_arg)}"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": target_arg, "kind": target["kind"], "recipe": recipe, "overrides": list(overrides),
+        "eval_data": d.eval or d.train, "eval_split": d.eval_split, "temperature": r.temperature,
+        "max_new_tokens": r.max_new_tokens, "k": k, **res.metrics,
+    }
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out_dir / "eval_samples.jsonl", "w") as f:
+        for row in res.samples:
+            f.write(json.dumps(row) + "\n")
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The metrics of :func:`run_eval` as aligned text lines."""
+    keys = [key for key in report if key.startswith("eval/")]
+    width = max(len(key) for key in keys)
+    lines = [f"{report['model']} ({report['kind']}) on {report['eval_data']}:{report['eval_split']}"]
+    for key in keys:
+        v = report[key]
+        lines.append(f"  {key:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {key:<{width}}  {v}")
+    lines.append(f"  wrote {Path(report['out_dir']) / 'eval.json'} and eval_samples.jsonl")
+    return "\n".join(lines)

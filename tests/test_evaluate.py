@@ -1,0 +1,175 @@
+"""Evaluation: pass@k on hand cases; greedy/sampled metrics equal a hand count on scripted
+completions; shards add up; the eval command works on an alias, a run directory and a LoRA adapter."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+
+from rlhf_pg import evaluate as ev
+from rlhf_pg.batch import Batch
+from rlhf_pg.cli import main
+from rlhf_pg.config import build_config, dump_config
+from rlhf_pg.errors import UserError
+from rlhf_pg.evaluate import evaluate_policy, pass_at_k, pass_ks
+from rlhf_pg.rewards import RewardSet, RewardSpec
+from rlhf_pg.rollout import left_pad
+
+
+# ------------------------------------------------------------------------------------------ pass@k
+def test_pass_at_k_hand_cases():
+    assert pass_at_k(5, 0, 1) == 0.0 and pass_at_k(4, 0, 4) == 0.0  # c = 0
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(3, 3, 3) == 1.0  # n = k, c ≥ 1
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c/n
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 − C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 − C(3,2)/C(4,2) = 1 − 3/6
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+    assert pass_ks(1) == [1] and pass_ks(5) == [1, 2, 4, 5] and pass_ks(8) == [1, 2, 4, 8]
+
+
+# ------------------------------------------------------------------- scripted completions, hand count
+QUESTIONS = ["1+3", "2+4", "5+5"]
+ANSWERS = ["4", "6", "10"]
+GREEDY = {"1+3": "4", "2+4": "7", "5+5": "the answer is 10"}
+SAMPLED = {"1+3": ["4", "4", "4", "4"], "2+4": ["6", "1", "2", "3"], "5+5": ["1", "2", "x", "9"]}
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(use_cache=False)
+
+
+def _dataset(tokenizer):
+    ids = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    return datasets.Dataset.from_dict({"prompt": QUESTIONS, "prompt_text": QUESTIONS, "prompt_ids": ids,
+                                       "answer": ANSWERS})
+
+
+def _scripted_generate(tokenizer):
+    by_ids = {tuple(tokenizer(q, add_special_tokens=False)["input_ids"]): q for q in QUESTIONS}
+
+    def fake(model, tok, prompts, group_size, params, generator=None):
+        texts = []
+        for p in prompts:
+            q = by_ids[tuple(p)]
+            texts += [GREEDY[q]] * group_size if params.temperature == 0 else SAMPLED[q][:group_size]
+        rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), tok.pad_token_id)
+        mask = torch.zeros(len(rows), T)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        pids, pmask = left_pad(prompts, tok.pad_token_id)
+        return Batch(pids.repeat_interleave(group_size, 0), pmask.repeat_interleave(group_size, 0), ids, mask,
+                     torch.zeros_like(mask), group_size)
+
+    return fake
+
+
+def _rewards():
+    return RewardSet([RewardSpec("accuracy", 1.0), RewardSpec("format", 0.5)])
+
+
+def test_metrics_match_a_hand_count(tokenizer, monkeypatch):
+    monkeypatch.setattr(ev, "generate", _scripted_generate(tokenizer))
+    res = evaluate_policy(FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=8,
+                          batch_size=2, k=2, n_samples=4, keep_samples=True)
+    m = res.metrics
+    # greedy: "4" (correct, bare number) | "7" (wrong, bare) | "the answer is 10" (correct, not bare)
+    assert m["eval/n"] == 3
+    assert m["eval/accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/reward/accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/reward/format"] == pytest.approx(2 / 3)
+    assert m["eval/reward"] == pytest.approx((1.5 + 0.5 + 1.0) / 3)
+    lens = [len(tokenizer(GREEDY[q], add_special_tokens=False)["input_ids"]) + 1 for q in QUESTIONS]
+    assert m["eval/completion_len"] == pytest.approx(sum(lens) / 3)
+    # sampled, n = 4: correct counts c = 4, 1, 0
+    assert m["eval/sampled/accuracy"] == pytest.approx(5 / 12)
+    assert m["eval/pass@1"] == pytest.approx((1 + 0.25 + 0) / 3)
+    assert m["eval/pass@2"] == pytest.approx((1 + 0.5 + 0) / 3)  # 1 − C(3,2)/C(4,2) = 0.5 for c = 1
+    assert m["eval/sampled/reward/format"] == pytest.approx(11 / 12)  # every sample is a bare number but "x"
+    assert m["eval/sampled/reward"] == pytest.approx((5 + 0.5 * 11) / 12)
+    assert m["eval/samples_per_prompt"] == 4
+    assert len(res.samples) == 3 + 12
+    greedy = [s for s in res.samples if s["decoding"] == "greedy"]
+    assert [s["correct"] for s in greedy] == [True, False, True]
+    assert [s["completion"] for s in greedy] == [GREEDY[q] for q in QUESTIONS]
+
+
+def test_shards_add_up_and_reduce_gives_global_means(tokenizer, monkeypatch):
+    monkeypatch.setattr(ev, "generate", _scripted_generate(tokenizer))
+    kw = dict(max_new_tokens=8, batch_size=4, k=2, n_samples=4)
+    data, rw = _dataset(tokenizer), _rewards()
+    full = evaluate_policy(FakeModel(), tokenizer, data, rw, **kw)
+    s1 = evaluate_policy(FakeModel(), tokenizer, data, rw, shard=(1, 2), **kw)
+    other = torch.stack(list(s1.sums.values()))
+    s0 = evaluate_policy(FakeModel(), tokenizer, data, rw, shard=(0, 2), reduce=lambda t: t + other, **kw)
+    for key in full.sums:
+        torch.testing.assert_close(full.sums[key], s0.sums[key] + s1.sums[key])
+    assert s0.metrics == pytest.approx(full.metrics)
+    assert s1.metrics["eval/n"] == 1 and s0.metrics["eval/n"] == 3
+
+
+def test_samples_must_cover_k(tokenizer):
+    with pytest.raises(UserError, match="samples"):
+        evaluate_policy(FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=4, batch_size=2,
+                        k=4, n_samples=2)
+
+
+# --------------------------------------------------------------------------------- eval command
+RECIPE = ("model: {name: tiny-random-llama}\n"
+          "data: {train: arithmetic, eval_limit: 3, task_kwargs: {n_train: 16, n_eval: 8}}\n"
+          "rollout: {prompts_per_step: 2, group_size: 2, max_new_tokens: 3, eval_batch_size: 4}\n"
+          "rewards: {functions: [{name: accuracy}, {name: length_penalty, kwargs: {target: 1, scale: 1}}]}\n")
+
+
+def test_eval_command_on_alias_and_run_dir(tmp_path, tiny_model, tokenizer, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "ev"
+    assert main(["eval", "tiny-random-llama", "--recipe", str(recipe), "--k", "2", "--out", str(out)]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["eval/n"] == 3 and "eval/pass@2" in rep and "eval/sampled/reward" in rep
+    rows = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 3 * 2
+    assert "eval/accuracy" in capsys.readouterr().out
+
+    # a run directory: its config.yaml is the default recipe, results land in the run dir
+    run = tmp_path / "run"
+    tiny_model.save_pretrained(run / "model")
+    tokenizer.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(dump_config(build_config({"model": {"name": "tiny-random-llama"},
+                                                               "data": {"eval_limit": 2}})))
+    assert main(["eval", str(run), "data.task_kwargs={n_train: 16, n_eval: 8}", "rollout.max_new_tokens=2"]) == 0
+    rep2 = json.loads((run / "eval.json").read_text())
+    assert rep2["kind"] == "run" and rep2["eval/n"] == 2 and "eval/pass@1" not in rep2
+
+
+def test_eval_command_on_lora_adapter(tmp_path, tiny_model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    assert main(["eval", str(tmp_path / "adapter"), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    rep = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert rep["kind"] == "lora" and rep["eval/n"] == 3
+
+
+def test_eval_command_user_errors(tmp_path, capsys):
+    assert main(["eval", "tiny-random-llama"]) == 2
+    assert "--recipe" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty"), "--recipe", "recipes/grpo_arithmetic.yaml"]) == 2
+    assert "neither a run" in capsys.readouterr().err
