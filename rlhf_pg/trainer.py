@@ -477,6 +477,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         self._prepare_output_dir()
+        a = cfg.algo
+        self._print(f"algorithm {a.name}: " + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")
+                    + f" | G={cfg.rollout.group_size}, prompts/step={cfg.rollout.prompts_per_step}, "
+                    f"processes={self.world}, value head={'yes' if self.has_value_head else 'no'}, "
+                    f"reference model={'yes' if self.ref is not None else 'no'}")
         history: dict[str, Any] = {}
         if cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlhf_pg import core
 from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
 from rlhf_pg.trainer import Trainer
@@ -168,3 +169,25 @@ def test_values_in_shared_prefix_pass_equal_padded_pass(tmp_path):
             vals.append(tr._forward(tr.model, batch, False)[2] * batch.completion_mask)
     assert vals[0].abs().sum() > 0
     torch.testing.assert_close(vals[0], vals[1], atol=1e-4, rtol=1e-4)
+
+
+DENSE_REWARD_FILE = '''
+def third_token_bonus(prompts, completions, completion_ids, **kwargs):
+    """Dense reward: +1 on the third completion token (if any), 0 elsewhere."""
+    return [[1.0 if t == 2 else 0.0 for t in range(len(ids))] for ids in completion_ids]
+'''
+
+
+def test_dense_token_rewards_reach_reward_to_go(tmp_path):
+    (tmp_path / "dense.py").write_text(DENSE_REWARD_FILE)
+    cfg = tiny_config(tmp_path, algo={"name": "reinforce", "baseline": "none", "reward_to_go": True},
+                      rewards={"functions": [{"name": f"{tmp_path / 'dense.py'}:third_token_bonus"}]},
+                      train={"max_steps": 0})
+    tr = Trainer(cfg)
+    batch = tr._rollout(tr.train_data, tr._step_rows(0), 4, tr.sampling)
+    tr._score(batch)
+    mask = batch.completion_mask
+    assert batch.token_rewards[:, 2].eq(mask[:, 2]).all() and batch.token_rewards.sum() == mask[:, 2].sum()
+    adv, _ = core.ADVANTAGE_ESTIMATORS["reinforce"](batch.token_rewards, mask, None, 4, cfg.algo)
+    # reward-to-go: tokens 0..2 see the bonus, later tokens do not
+    assert adv[:, :3].eq(1).all() and adv[:, 3:].eq(0).all()
