@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "(e.g. train.max_steps=5 algo.kl_coef=0.02). 'rlhf-pg config' lists the options.")
     t.add_argument("recipe", help="path of the YAML recipe, e.g. recipes/grpo_arithmetic.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe options")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in output_dir (same as train.resume=true)")
 
     c = sub.add_parser("config", help="list every option with its default and meaning, or print a resolved recipe",
                        description="Without a recipe: list all options. With one: print the resolved config.")
@@ -79,11 +81,18 @@ def _cmd_train(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "0")
     from .config import load_config
 
-    cfg = load_config(args.recipe, args.overrides)
-    from .trainer import Trainer
+    cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    from .trainer import Interrupted, Trainer
 
     trainer = Trainer(cfg)
-    hist = trainer.train()
+    try:
+        hist = trainer.train()
+    except Interrupted as stop:
+        if trainer.acc.is_main_process:
+            again = " ".join(["rlhf-pg train", args.recipe, *args.overrides, "--resume"])
+            print(f"rlhf-pg: stopped after step {stop.step}; checkpoint saved in {stop.path}\n"
+                  f"resume with: {again}", file=sys.stderr)
+        return 128 + stop.signum
     if trainer.acc.is_main_process:
         _summary(cfg, hist)
     return 0

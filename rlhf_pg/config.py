@@ -183,6 +183,20 @@ class TrainConfig(_Section):
     """Evaluate the initial policy before training."""
     samples_every: int = Field(5, ge=0)
     """Write the step's completions to samples.jsonl every N steps (0 = never)."""
+    save_every: int = Field(10, ge=0)
+    """Write a checkpoint every N steps (0 = only at the end); the run can resume from any of them."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the latest checkpoints to keep in output_dir/checkpoints."""
+    resume: bool | Literal["auto"] = False
+    """Continue from the latest complete checkpoint in output_dir (CLI: --resume); true and `auto`
+    both start fresh when there is none."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop (saving the last good state) after this many consecutive updates with non-finite loss or
+    gradients; each such update is skipped with a warning."""
+    deterministic: bool = False
+    """Use torch's deterministic algorithms: with it, a run (and a resumed run) is bit-identical to a
+    rerun with the same seed on the same machine; without it, multi-threaded CPU kernels (e.g. the
+    embedding backward) add in a varying order."""
     shared_prefix: bool = True
     """Training/reference passes run each prompt once and let its G completions attend to that one
     copy (same gradients as the padded batch, fewer FLOPs). Off under gradient checkpointing."""

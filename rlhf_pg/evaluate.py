@@ -234,51 +234,89 @@ def _safe_name(text: str) -> str:
 def resolve_target(target: str) -> dict[str, Any]:
     """Classify ``rlhf-pg eval``'s MODEL_OR_RUN argument.
 
-    Returns ``{"kind", "model", "run_dir", "adapter"}``: ``run`` (a directory with ``config.yaml``
-    and ``model/``: its model), ``checkpoint`` (a directory holding ``model/`` but no
-    ``config.yaml``, or a ``save_pretrained`` directory with ``config.json``), ``lora`` (a PEFT
-    adapter directory: ``adapter_config.json``) or ``model`` (an alias or hub id, passed on).
+    Returns ``{"kind", "model", "run_dir", "adapter", "state"}`` where kind is
+
+    * ``run``: a directory with ``config.yaml`` and ``model/`` (its model), or with ``config.yaml``
+      and ``checkpoints/step_*`` but no ``model/`` yet (the latest checkpoint);
+    * ``checkpoint``: a training checkpoint (``model.safetensors`` + ``trainer.json``: the run's
+      weights loaded into the recipe's ``model.name``), or a ``save_pretrained`` directory
+      (``config.json``);
+    * ``lora``: a PEFT adapter directory (``adapter_config.json``), merged into its base model;
+    * ``model``: anything else — an alias or a hub id, passed on to the model loader.
+
+    ``run_dir`` is the run whose ``config.yaml`` serves as the default recipe (None if unknown).
     """
     p = Path(target).expanduser()
-    if p.is_dir():
-        if (p / "model").is_dir():
-            inner = resolve_target(str(p / "model"))
-            kind = "run" if (p / "config.yaml").is_file() else inner["kind"]
-            return {**inner, "kind": kind, "run_dir": p if (p / "config.yaml").is_file() else None}
-        if (p / "adapter_config.json").is_file():
-            return {"kind": "lora", "model": str(p), "run_dir": None, "adapter": p}
-        if (p / "config.json").is_file():
-            return {"kind": "checkpoint", "model": str(p), "run_dir": None, "adapter": None}
-        if (p / "config.yaml").is_file():
-            raise UserError(f"run directory '{target}' has no model/ (trained with train.save_model=false?): "
-                            "pass a run that saved its model, or a model directory")
-        raise UserError(f"'{target}' is a directory but neither a run (config.yaml + model/), a model "
-                        "(config.json) nor a LoRA adapter (adapter_config.json): pass one of those")
-    if p.exists():
-        raise UserError(f"'{target}' is a file: pass a model directory, a run directory, an alias or a hub id")
-    return {"kind": "model", "model": target, "run_dir": None, "adapter": None}
+    base = {"kind": "model", "model": target, "run_dir": None, "adapter": None, "state": None}
+    if not p.is_dir():
+        if p.exists():
+            raise UserError(f"'{target}' is a file: pass a model directory, a run directory, an alias or a hub id")
+        return base
+    if (p / "config.yaml").is_file() and not (p / "model").is_dir():
+        from .checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise UserError(f"run directory '{target}' has neither model/ nor a checkpoint (trained with "
+                            "train.save_model=false?): pass a run that saved its model, or a model directory")
+        return {**resolve_target(str(ckpt)), "kind": "run", "run_dir": p}
+    if (p / "model").is_dir():
+        inner = resolve_target(str(p / "model"))
+        run = (p / "config.yaml").is_file()
+        return {**inner, "kind": "run" if run else inner["kind"], "run_dir": p if run else inner["run_dir"]}
+    if (p / "model.safetensors").is_file() and (p / "trainer.json").is_file():
+        run = p.parent.parent  # output_dir/checkpoints/step_N
+        return {**base, "kind": "checkpoint", "model": None, "state": p / "model.safetensors",
+                "run_dir": run if (run / "config.yaml").is_file() else None}
+    if (p / "adapter_config.json").is_file():
+        return {**base, "kind": "lora", "model": str(p), "adapter": p}
+    if (p / "config.json").is_file():
+        return {**base, "kind": "checkpoint"}
+    raise UserError(f"'{target}' is a directory but neither a run (config.yaml + model/), a model "
+                    "(config.json), a training checkpoint (model.safetensors + trainer.json) nor a LoRA "
+                    "adapter (adapter_config.json): pass one of those")
+
+
+_ALIASES = ("smollm2-135m-instruct", "tiny-random-llama")
 
 
 def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
-    """(model, tokenizer) for a :func:`resolve_target` result; a LoRA adapter is merged into its base
-    (``base_model_name_or_path`` from the adapter config when it exists locally, else ``model.name``
-    of the recipe)."""
+    """(model, tokenizer) for a :func:`resolve_target` result.
+
+    A LoRA adapter is merged into its base (``base_model_name_or_path`` of the adapter config when
+    that exists locally or is an alias, else the recipe's ``model.name``). A training checkpoint's
+    ``model.safetensors`` is loaded into the recipe's ``model.name`` (a value head, if saved, is
+    dropped: evaluation needs only the policy).
+    """
     from .models import load_model, load_tokenizer
 
     m = cfg.model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if target["adapter"] is not None:
         from peft import PeftModel
 
         adapter = Path(target["adapter"])
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not (Path(base).expanduser().exists() or base in ("smollm2-135m-instruct", "tiny-random-llama")):
+        if not base or not (Path(base).expanduser().exists() or base in _ALIASES):
             base = m.name
-        model = load_model(base, m.dtype, "cpu" if not torch.cuda.is_available() else "cuda",
-                           m.trust_remote_code, m.revision)
+        model = load_model(base, m.dtype, device, m.trust_remote_code, m.revision)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         tok_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
         return model, load_tokenizer(tok_src)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if target["state"] is not None:
+        from safetensors.torch import load_file
+
+        model = load_model(m.name, m.dtype, device, m.trust_remote_code, m.revision)
+        state = load_file(str(target["state"]), device=device)
+        if any(k.startswith("policy.") for k in state):  # saved with a value head (PolicyWithValue)
+            state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"checkpoint '{target['state'].parent}' does not fit model.name='{m.name}' ({first}): "
+                            "pass the recipe the run was trained with (--recipe) or its run directory") from None
+        return model, load_tokenizer(m.name)
     model = load_model(target["model"], m.dtype, device, m.trust_remote_code, m.revision)
     return model, load_tokenizer(target["model"])
 
@@ -294,7 +332,8 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
     target = resolve_target(target_arg)
     if recipe is None:
         if target["run_dir"] is None:
-            raise UserError("--recipe is required unless MODEL_OR_RUN is a run directory (with config.yaml)")
+            raise UserError("--recipe is required unless MODEL_OR_RUN is a run directory (with config.yaml) "
+                            "or one of its checkpoints")
         recipe = str(target["run_dir"] / "config.yaml")
     cfg = load_config(recipe, list(overrides))
     torch.manual_seed(cfg.seed)
@@ -312,8 +351,14 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
                           batch_size=r.eval_batch_size, stop=list(r.stop), k=k,
                           n_samples=0 if greedy_only else n_samples, temperature=r.temperature,
                           top_p=r.top_p, top_k=r.top_k, generator=gen, keep_samples=True, progress=True)
-    out_dir = Path(out) if out else (target["run_dir"] if target["run_dir"] is not None
-                                     else Path(f"eval_{_safe_name(target_arg)}"))
+    if out:
+        out_dir = Path(out)
+    elif target["kind"] == "run":
+        out_dir = target["run_dir"]
+    elif target["state"] is not None and target["run_dir"] is not None:  # a checkpoint of a run
+        out_dir = Path(f"eval_{_safe_name(str(target['run_dir']))}_{target['state'].parent.name}")
+    else:
+        out_dir = Path(f"eval_{_safe_name(target_arg)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "model": target_arg, "kind": target["kind"], "recipe": recipe, "overrides": list(overrides),

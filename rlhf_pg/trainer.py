@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import nullcontext
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import core
+from . import checkpoint, core
 from .batch import Batch
 from .config import RunConfig, dump_config
 from .data import load_prompt_dataset
 from .errors import UserError
 from .models import PolicyWithValue, load_model, load_tokenizer
-from .rewards import REWARD_REGISTRY, RewardSet, RewardSpec
+from .rewards import RewardSet, RewardSpec
 from .rollout import SamplingParams, generate, position_ids
 
 _NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
@@ -60,6 +62,8 @@ class Trainer:
             raise UserError(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by the "
                             f"{self.world} processes: choose a multiple of {self.world}")
         set_seed(cfg.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.out = Path(cfg.output_dir)
 
         dev = self.acc.device
@@ -98,20 +102,58 @@ class Trainer:
         self.kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None
         self.ema_baseline: float | None = None
         self.step_idx = 0
+        self.nonfinite_streak = 0
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, list(r.stop))
 
     # ------------------------------------------------------------------------------------ outputs
     def _prepare_output_dir(self) -> None:
-        if self.acc.is_main_process:
-            if (self.out / "metrics.jsonl").exists() and not self.cfg.overwrite:
-                raise UserError(f"output_dir '{self.out}' already holds a run: choose another output_dir "
-                                "or pass overwrite=true to replace it")
+        """Fresh run: refuse to clobber a previous one. Resume: load the latest complete checkpoint
+        and cut metrics/samples back to what they held when it was written."""
+        ckpt = checkpoint.latest_checkpoint(self.out) if self.cfg.train.resume else None
+        if ckpt is not None:
+            state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                    self.rank, self.gen)
+            self.step_idx = state["step"]
+            self.ema_baseline = state["ema_baseline"]
+            if self.kl_ctl is not None:
+                self.kl_ctl.load_state_dict(state["kl_ctl"])
+            if self.acc.is_main_process:
+                checkpoint.truncate_lines(self.out / "metrics.jsonl", state["metrics_lines"])
+                checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
+            self._print(f"resumed from {ckpt} (step {self.step_idx})")
+        elif self.acc.is_main_process:
+            if (self.out / "metrics.jsonl").exists() and not (self.cfg.overwrite or self.cfg.train.resume):
+                raise UserError(f"output_dir '{self.out}' already holds a run: resume it with --resume, "
+                                "replace it with overwrite=true, or choose another output_dir")
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "samples.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint.checkpoint_root(self.out), ignore_errors=True)
+        if self.acc.is_main_process:
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.acc.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """Atomically write everything needed to resume exactly at this step (see checkpoint.py)."""
+        tmp = checkpoint.tmp_dir_for(self.out, self.step_idx)
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        checkpoint.save_process_rng(tmp, self.rank, self.gen)
+        if self.acc.is_main_process:
+            state = {"step": self.step_idx, "ema_baseline": self.ema_baseline,
+                     "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
+                     "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
+                     "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl")}
+            checkpoint.write_main(tmp, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, state)
+        self.acc.wait_for_everyone()
+        final = checkpoint.checkpoint_root(self.out) / f"step_{self.step_idx:06d}"
+        if self.acc.is_main_process:
+            final = checkpoint.commit(self.out, self.step_idx, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
 
     def _write_jsonl(self, name: str, rows: list[dict]) -> None:
         if self.acc.is_main_process and rows:
@@ -369,8 +411,12 @@ class Trainer:
                                         if p.grad is not None))
                 grad_norms.append(float(gn))
                 losses.append(loss_total)
-                self.optimizer.step()
-                self.scheduler.step()
+                if math.isfinite(float(gn)) and math.isfinite(self._mean_over_processes([loss_total])[0]):
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.nonfinite_streak = 0
+                else:
+                    self._skip_nonfinite_update(float(gn), loss_total)
                 self.optimizer.zero_grad(set_to_none=True)
 
         out = {}
@@ -380,6 +426,17 @@ class Trainer:
         out["loss"] = float(np.mean(self._mean_over_processes(losses)))
         out["grad_norm"] = float(np.mean(grad_norms))
         return out
+
+    def _skip_nonfinite_update(self, grad_norm: float, loss: float) -> None:
+        self.nonfinite_streak += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self._print(f"warning: step {self.step_idx + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                    f"update skipped ({self.nonfinite_streak}/{limit} in a row)")
+        if self.nonfinite_streak >= limit:
+            path = self.save_checkpoint()
+            raise UserError(f"training diverged: {limit} consecutive updates with non-finite loss or gradients; "
+                            f"the last good state is saved in {path} — lower train.lr or set train.max_grad_norm, "
+                            "then continue with --resume")
 
     def _mean_over_processes(self, xs: list[float]) -> list[float]:
         if self.world == 1:
@@ -444,34 +501,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on the held-out split (sharded across processes): mean reward, reward per
-        function, and accuracy (the `accuracy` rule) when the data has an `answer` column."""
-        n = len(self.eval_data)
-        rows = list(range(self.rank, n, self.world))
-        greedy = SamplingParams(self.cfg.rollout.max_new_tokens, 0.0, 1.0, 0, list(self.cfg.rollout.stop))
-        sums: dict[str, torch.Tensor] = {}
-        bs = self.cfg.rollout.eval_batch_size
-        dev = self.acc.device
-        has_answer = "answer" in self.eval_data.column_names
-        for s in range(0, len(rows), bs):
-            batch = self._rollout(self.eval_data, rows[s:s + bs], 1, greedy)
-            per_fn = self._score(batch)
-            vals = {"reward": batch.scores, "completion_len": batch.completion_mask.sum(-1)}
-            vals.update({f"reward/{k}": v for k, v in per_fn.items()})
-            if has_answer:
-                acc = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
-                vals["accuracy"] = torch.tensor([float(x or 0.0) for x in acc], device=dev)
-            for k, v in vals.items():
-                ok = ~torch.isnan(v.float())
-                add = torch.stack([torch.nan_to_num(v.float()).sum(), ok.float().sum()])
-                sums[k] = sums[k] + add if k in sums else add
-        out = {}
-        for k in sorted(sums):
-            v = self._sum_global(sums[k])
-            out[f"eval/{k}"] = (v[0] / v[1].clamp(min=1)).item()
-        out["eval/n"] = n
-        out["step"] = self.step_idx
-        return out
+        """Greedy decoding on the held-out split, sharded across processes (see rlhf_pg/evaluate.py):
+        mean reward, reward per function, and accuracy when the data has an `answer` column."""
+        from .evaluate import evaluate_policy
+
+        r = self.cfg.rollout
+        with self.acc.autocast():
+            res = evaluate_policy(self.policy, self.tokenizer, self.eval_data, self.rewards,
+                                  max_new_tokens=r.max_new_tokens, batch_size=r.eval_batch_size,
+                                  stop=list(r.stop), shard=(self.rank, self.world), reduce=self._sum_global)
+        return {**res.metrics, "step": self.step_idx}
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
@@ -483,29 +522,78 @@ class Trainer:
                     f"processes={self.world}, value head={'yes' if self.has_value_head else 'no'}, "
                     f"reference model={'yes' if self.ref is not None else 'no'}")
         history: dict[str, Any] = {}
-        if cfg.train.eval_at_start:
+        if self.step_idx == 0 and cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()
             self._write_jsonl("metrics.jsonl", [ev])
-            self._print(f"eval at step 0: " + _fmt(ev))
-        bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not self.acc.is_main_process,
-                   dynamic_ncols=True)
-        while self.step_idx < cfg.train.max_steps:
-            m = self.step()
-            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
-                self._print(f"warning: step {self.step_idx}: non-finite loss or gradient norm")
-            self._write_jsonl("metrics.jsonl", [m])
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}", len=f"{m['completion_len']:.0f}")
-            if cfg.train.eval_every and self.step_idx % cfg.train.eval_every == 0 and self.step_idx < cfg.train.max_steps:
-                ev = self.evaluate()
-                self._write_jsonl("metrics.jsonl", [ev])
-        bar.close()
+            self._print("eval at step 0: " + _fmt(ev))
+        elif self.step_idx > 0:
+            history["eval_start"] = self._logged_eval(step=0)
+        stop = self._install_signal_handlers()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step_idx, desc="train",
+                   disable=not self.acc.is_main_process, dynamic_ncols=True)
+        try:
+            while self.step_idx < cfg.train.max_steps:
+                m = self.step()
+                self._write_jsonl("metrics.jsonl", [m])
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
+                                len=f"{m['completion_len']:.0f}")
+                if cfg.train.eval_every and self.step_idx % cfg.train.eval_every == 0 \
+                        and self.step_idx < cfg.train.max_steps:
+                    self._write_jsonl("metrics.jsonl", [self.evaluate()])
+                if self._any_process(stop):
+                    path = self.save_checkpoint()
+                    raise Interrupted(self.step_idx, path, stop[0])
+                if cfg.train.save_every and self.step_idx % cfg.train.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self._restore_signal_handlers()
+        if self.step_idx > 0 and (not cfg.train.save_every or self.step_idx % cfg.train.save_every):
+            self.save_checkpoint()  # the final state, before the (repeatable) end-of-run eval
         history["eval_end"] = ev = self.evaluate()
         self._write_jsonl("metrics.jsonl", [ev])
         self._print(f"eval at step {self.step_idx}: " + _fmt(ev))
         if cfg.train.save_model:
             self.save(self.out / "model")
         return history
+
+    # ------------------------------------------------------------------------- stops and signals
+    def _install_signal_handlers(self) -> list[int]:
+        """SIGINT/SIGTERM finish the current step, write a checkpoint and stop. A second signal
+        stops at once (the latest checkpoint is still there)."""
+        stop: list[int] = []
+        self._old_handlers = {}
+
+        def handler(signum, frame):
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signum)
+            self._print(f"\nreceived {signal.Signals(signum).name}: finishing step {self.step_idx + 1}, "
+                        "then writing a checkpoint (send again to stop at once)")
+
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, handler)
+        return stop
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
+
+    def _any_process(self, stop: list[int]) -> bool:
+        flag = torch.tensor(float(bool(stop)), device=self.acc.device)
+        return bool(self._sum_global(flag).item() > 0)
+
+    def _logged_eval(self, step: int) -> dict | None:
+        path = self.out / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            rec = json.loads(line)
+            if "eval/n" in rec and rec["step"] == step:
+                return rec
+        return None
 
     def save(self, path: Path) -> None:
         self.acc.wait_for_everyone()
@@ -526,6 +614,14 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(msg)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a step; a checkpoint was written."""
+
+    def __init__(self, step: int, path: Path, signum: int):
+        super().__init__(f"stopped after step {step}; checkpoint {path}")
+        self.step, self.path, self.signum = step, path, signum
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

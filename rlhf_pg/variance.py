@@ -53,7 +53,9 @@ even for the tiny test model. ``proj_dim=0`` keeps the exact flattened gradient 
 subsets only). The parameters are all trainable ones (LoRA adapters when a model has them), or those
 whose name matches ``params`` (e.g. ``'layers\.(28|29)\.'`` for the last two blocks of SmolLM2,
 which also makes the backward pass stop there). Tied embeddings are named ``model.embed_tokens``.
-The model runs in eval mode (no dropout), so sampling is the only noise.
+The model runs in eval mode (no dropout), so sampling is the only noise, and in the recipe's
+precision (``train.mixed_precision``: the forward and backward passes run under the same autocast as
+training; weights and gradients stay float32).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def collect(tr, model, params: list[torch.nn.Parameter], sketch, repeats: int, p
             m = mb.completion_mask[0]
             gu = torch.autograd.grad((logp * m).sum(), params, retain_graph=need_v, allow_unused=True)
             gu = [torch.zeros_like(p) if g is None else g for g, p in zip(gu, params)]
-            sq.append(sum(float((g.double() ** 2).sum()) for g in gu))
+            sq.append(sum(float(torch.dot(g.reshape(-1).float(), g.reshape(-1).float())) for g in gu))
             U.append(sketch(gu))
             if need_v:
                 gv = torch.autograd.grad((logp * rtg[i] * m).sum(), params, allow_unused=True)
@@ -326,7 +328,8 @@ def run_variance(cfg, *, batch_sizes: list[int] | None = None, repeats: int = 8,
         "model": cfg.model.name, "data": cfg.data.train, "rewards": [f.name for f in cfg.rewards.functions],
         "group_size": G, "batch_sizes": sizes, "repeats": repeats, "completions_sampled": repeats * prompts * G,
         "temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens,
-        "gamma": cfg.algo.gamma, "params": params or "all trainable", "n_params": n_params,
+        "gamma": cfg.algo.gamma, "mixed_precision": cfg.train.mixed_precision,
+        "params": params or "all trainable", "n_params": n_params,
         "projection": "exact" if proj_dim == 0 else f"CountSketch D={proj_dim} (seed {sketch_seed})",
         "seed": cfg.seed, "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - t0, 1), "seconds_sampling_and_gradients": round(t_collect, 1),
@@ -373,6 +376,7 @@ def plot_variance(report: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     path = Path(path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
@@ -384,7 +388,7 @@ def plot_variance(report: dict[str, Any], path: str | Path) -> Path:
         slope = report["slopes"].get(e)
         label = f"{e} (slope {slope:+.2f})" if slope is not None else e
         ax1.plot(ns, var, styles.get(e, "-"), marker="o", ms=4, label=label)
-        pts = [(n, r["snr"]) for n, r in zip(ns, rows) if 0 < r["snr"] < math.inf]
+        pts = [(n, r["snr"]) for n, r in zip(ns, rows) if r["snr"] is not None and 0 < r["snr"] < math.inf]
         if pts:
             ax2.plot(*zip(*pts), styles.get(e, "-"), marker="o", ms=4, label=e)
     ref = [r for r in report["results"] if r["estimator"] == "reinforce"]
@@ -393,9 +397,13 @@ def plot_variance(report: dict[str, Any], path: str | Path) -> Path:
         ns = [r["N"] for r in ref]
         ax1.plot(ns, [v0 * n0 / n for n in ns], ":", color="0.5", label="∝ 1/N")
     for ax, title, ylabel in ((ax1, "variance of the batch gradient", "tr Cov[ĝ]  (sketched)"),
-                              (ax2, "signal-to-noise ratio", "‖E ĝ‖² / tr Cov[ĝ]")):
+                              (ax2, "signal-to-noise ratio (points with SNR ≤ 0 omitted)",
+                               "(‖ḡ‖² − tr Σ̂/K) / tr Σ̂")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(report["settings"]["batch_sizes"])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("N (completions per batch)")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
@@ -408,6 +416,17 @@ def plot_variance(report: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _finite(x: Any) -> Any:
+    """The report with NaN/inf replaced by None (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def run_variance_cli(recipe: str, overrides: list[str], *, batch_sizes: str | None, repeats: int, proj_dim: int,
@@ -433,7 +452,7 @@ def run_variance_cli(recipe: str, overrides: list[str], *, batch_sizes: str | No
     out_dir = Path(out) if out else Path(cfg.output_dir) / "variance"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
-    (out_dir / "variance.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "variance.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
     (out_dir / "variance.txt").write_text(table + "\n")
     png = plot_variance(report, out_dir / "variance.png")
     print(table)

@@ -9,7 +9,8 @@ from rlhf_pg.cli import main
 def test_help_lists_commands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "config" in out
+    for command in ("train", "config", "eval", "plot", "variance"):
+        assert command in out
 
 
 def test_config_lists_options(capsys):

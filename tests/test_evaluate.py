@@ -19,6 +19,15 @@ from rlhf_pg.rewards import RewardSet, RewardSpec
 from rlhf_pg.rollout import left_pad
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster and does not fight other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------ pass@k
 def test_pass_at_k_hand_cases():
     assert pass_at_k(5, 0, 1) == 0.0 and pass_at_k(4, 0, 4) == 0.0  # c = 0
@@ -153,6 +162,37 @@ def test_eval_command_on_alias_and_run_dir(tmp_path, tiny_model, tokenizer, caps
     assert main(["eval", str(run), "data.task_kwargs={n_train: 16, n_eval: 8}", "rollout.max_new_tokens=2"]) == 0
     rep2 = json.loads((run / "eval.json").read_text())
     assert rep2["kind"] == "run" and rep2["eval/n"] == 2 and "eval/pass@1" not in rep2
+
+
+def test_eval_command_on_training_checkpoint(tmp_path, tiny_model, tokenizer):
+    """A run with only checkpoints/step_N/model.safetensors (value head included) evaluates like the
+    same weights saved with save_pretrained."""
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(3.0)  # tied: changes the embedding too; differs from the alias
+    saved = tmp_path / "saved"
+    tiny_model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    state = {f"policy.{k}": v.detach().clone().contiguous() for k, v in tiny_model.state_dict().items()}
+    state["value_head.weight"] = torch.zeros(1, 64)
+    save_file(state, str(ckpt / "model.safetensors"))
+    (ckpt / "trainer.json").write_text("{}")
+    (run / "config.yaml").write_text(dump_config(build_config(
+        {"model": {"name": "tiny-random-llama"}, "rollout": {"max_new_tokens": 3},
+         "data": {"eval_limit": 3, "task_kwargs": {"n_train": 16, "n_eval": 8}}})))
+    assert ev.resolve_target(str(run))["kind"] == "run"
+    assert ev.resolve_target(str(ckpt))["run_dir"] == run
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(saved), "--recipe", str(run / "config.yaml"), "--out", str(tmp_path / "s")]) == 0
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (run, tmp_path / "s"))
+    assert a["kind"] == "run" and b["kind"] == "checkpoint"
+    ga, gb = ([json.loads(x)["completion"] for x in (d / "eval_samples.jsonl").read_text().splitlines()]
+              for d in (run, tmp_path / "s"))
+    assert ga == gb and a["eval/reward"] == b["eval/reward"]
 
 
 def test_eval_command_on_lora_adapter(tmp_path, tiny_model, tokenizer):

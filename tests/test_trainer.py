@@ -111,7 +111,7 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg):
 def test_existing_run_is_not_clobbered(tmp_path):
     cfg = tiny_config(tmp_path, train={"max_steps": 0, "eval_at_start": False, "save_model": False})
     Trainer(cfg).train()
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run: resume it with --resume"):
         Trainer(cfg).train()
     Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0, "save_model": False})).train()
 

@@ -1,0 +1,156 @@
+"""Checkpoints and resume: a run SIGKILLed at random moments (checkpoint writes included) and
+resumed ends bit-identical to an uninterrupted run; SIGTERM stops cleanly with a checkpoint;
+non-finite updates are skipped and, repeated, stop the run with the last good state saved."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf_pg import checkpoint, core
+from rlhf_pg.config import build_config
+from rlhf_pg.errors import UserError
+from rlhf_pg.trainer import Interrupted, Trainer
+
+RECIPE = """
+seed: 7
+model: {name: tiny-random-llama}
+data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 64, n_eval: 8}}
+rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 6, eval_batch_size: 4}
+rewards: {functions: [{name: length_penalty, kwargs: {target: 3, scale: 1}}]}
+algo: {name: ppo, kl_coef: 0.05, kl_target: 0.5, kl_horizon: 100, epochs: 1}
+train: {max_steps: 8, lr: 1.0e-3, micro_batch_size: 8, save_every: 1, keep_checkpoints: 2, samples_every: 2,
+        deterministic: true}
+"""
+VOLATILE = ("time/", "tokens_per_s")
+
+
+def _cli(recipe, out, *extra):
+    return [sys.executable, "-m", "rlhf_pg", "train", str(recipe), f"output_dir={out}", *extra]
+
+
+def _deterministic(path: Path) -> list[dict]:
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in recs]
+
+
+def _env():
+    env = dict(os.environ)
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def _config(out, **train):
+    tree = yaml.safe_load(RECIPE)
+    tree["output_dir"] = str(out)
+    tree["train"].update(train)
+    return build_config(tree)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted run, in this process (deterministic algorithms: identical to a subprocess)."""
+    base = tmp_path_factory.mktemp("resume")
+    recipe = base / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = base / "uninterrupted"
+    Trainer(_config(out)).train()
+    return recipe, out
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, tmp_path):
+    recipe, ref = reference_run
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(40):
+        args = _cli(recipe, out) + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt < 3:  # kill the first attempts at random moments (start-up takes ~3-5 s)
+            time.sleep(rng.uniform(4.0, 9.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        rc = proc.wait()
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert rc == 0 and kills >= 1
+    assert _deterministic(out / "metrics.jsonl") == _deterministic(ref / "metrics.jsonl")
+    assert _deterministic(out / "samples.jsonl") == _deterministic(ref / "samples.jsonl")
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in _deterministic(out / "metrics.jsonl") if "reward" in r]
+    assert steps == list(range(1, 9))  # no duplicated or skipped steps
+    assert len(list((out / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_finishes_the_step_writes_checkpoint_and_resumes_exactly(reference_run, tmp_path, capsys):
+    _, ref = reference_run
+    out = tmp_path / "term"
+    tr = Trainer(_config(out, save_every=0))
+    real_step = tr.step
+
+    def step_then_signal():
+        m = real_step()
+        if tr.step_idx == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run; the handler lets the step finish
+        return m
+
+    tr.step = step_then_signal
+    with pytest.raises(Interrupted) as stop:
+        tr.train()
+    assert stop.value.step == 3 and stop.value.signum == signal.SIGTERM
+    assert checkpoint.latest_checkpoint(out).name == "step_000003"
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+    Trainer(_config(out, save_every=0, resume=True)).train()
+    assert _deterministic(out / "metrics.jsonl") == _deterministic(ref / "metrics.jsonl")
+
+
+def test_cli_prints_how_to_resume(monkeypatch, tmp_path, capsys):
+    from rlhf_pg import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+
+    def interrupted(self):
+        raise Interrupted(2, tmp_path / "checkpoints" / "step_000002", signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert cli.main(["train", str(recipe), "train.max_steps=3"]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert f"resume with: rlhf-pg train {recipe} train.max_steps=3 --resume" in err
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    (tmp_path / "checkpoints" / "step_000003").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step_000004").mkdir()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_000003"
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
+    cfg = build_config({
+        "output_dir": str(tmp_path / "nan"), "model": {"name": "tiny-random-llama"},
+        "data": {"train": "arithmetic", "eval_limit": 2, "task_kwargs": {"n_train": 16, "n_eval": 4}},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+        "rewards": {"functions": [{"name": "length_penalty", "kwargs": {"target": 2, "scale": 1}}]},
+        "train": {"max_steps": 5, "max_nonfinite_steps": 2, "eval_at_start": False},
+    })
+    tr = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    real = core.POLICY_LOSSES["clip"]
+    monkeypatch.setitem(core.POLICY_LOSSES, "clip", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    with pytest.raises(UserError, match="2 consecutive updates with non-finite"):
+        tr.train()
+    assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())  # no NaN reached weights
+    assert checkpoint.latest_checkpoint(tmp_path / "nan") is not None
