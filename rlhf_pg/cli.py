@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe options")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in output_dir (same as train.resume=true)")
+    t.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel processes: relaunches itself with 'accelerate launch' (GPUs if present, "
+                        "else CPU processes over gloo). For other setups call 'accelerate launch -m rlhf_pg train ...'")
 
     c = sub.add_parser("config", help="list every option with its default and meaning, or print a resolved recipe",
                        description="Without a recipe: list all options. With one: print the resolved config.")
@@ -77,8 +80,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launch(args) -> int:
+    """Re-run this command under ``accelerate launch`` with N processes (thin: accelerate does the work)."""
+    import subprocess
+
+    n = args.num_processes
+    if n < 1:
+        raise UserError(f"--num-processes {n}: give a positive number of processes")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu",
+           "-m", "rlhf_pg", "train", args.recipe, *args.overrides] + (["--resume"] if args.resume else [])
+    env = dict(os.environ)
+    # One BLAS/OpenMP pool per process that together fill the cores; oversubscription is very slow.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    return subprocess.call(cmd, env=env)
+
+
 def _cmd_train(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "0")
+    if args.num_processes != 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(args)
     from .config import load_config
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))

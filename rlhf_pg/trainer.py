@@ -67,8 +67,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
 
         dev = self.acc.device
-        self.tokenizer = load_tokenizer(cfg.model.name)
-        policy = load_model(cfg.model.name, cfg.model.dtype, dev, cfg.model.trust_remote_code, cfg.model.revision)
+        with self.acc.main_process_first():  # one process converts/caches models and data, then the rest read
+            self.tokenizer = load_tokenizer(cfg.model.name)
+            policy = load_model(cfg.model.name, cfg.model.dtype, dev, cfg.model.trust_remote_code,
+                                cfg.model.revision)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
