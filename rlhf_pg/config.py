@@ -193,6 +193,9 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop (saving the last good state) after this many consecutive updates with non-finite loss or
     gradients; each such update is skipped with a warning."""
+    grad_noise_scale: bool = False
+    """Log the gradient noise scale and SNR estimated from the micro-batch gradients (needs
+    gradient accumulation: micro_batch_size < minibatch; one process). Costs a gradient copy per micro-batch."""
     deterministic: bool = False
     """Use torch's deterministic algorithms: with it, a run (and a resumed run) is bit-identical to a
     rerun with the same seed on the same machine; without it, multi-threaded CPU kernels (e.g. the

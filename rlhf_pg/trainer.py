@@ -365,7 +365,7 @@ class Trainer:
             v = torch.stack([core.masked_sum(x.detach().float(), m), m.sum()])
             sums[name] = sums[name] + v if name in sums else v
 
-        grad_norms, losses = [], []
+        grad_norms, losses, noise_stats = [], [], []
         for _ in range(a.epochs):
             order = torch.randperm(batch.size, generator=self.gen).to(batch.completion_mask.device)
             for mb_rows in order.chunk(a.minibatches):
@@ -375,6 +375,8 @@ class Trainer:
                 n_seq = self._sum_global(torch.tensor(float(minibatch.size), device=m_all.device)).item()
                 chunks = list(range(0, minibatch.size, mbs))
                 loss_total = 0.0
+                noise = GradNoise(self.model.parameters(), a.loss_agg, n_tok, n_seq) \
+                    if cfg.train.grad_noise_scale and len(chunks) > 1 and self.world == 1 else None
                 for ci, start in enumerate(chunks):
                     mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
                     m = mb.completion_mask
@@ -401,6 +403,8 @@ class Trainer:
                         # DDP averages gradients over processes; the global normaliser already
                         # accounts for them, so undo the average.
                         self.acc.backward(loss * self.world)
+                    if noise is not None:
+                        noise.after_micro_batch(m)
                     loss_total += loss.item()
                     acc("entropy", ent, m)
                     acc("policy_loss", pl, m)
@@ -413,6 +417,8 @@ class Trainer:
                                         if p.grad is not None))
                 grad_norms.append(float(gn))
                 losses.append(loss_total)
+                if noise is not None:
+                    noise_stats.append(noise.estimate(float(gn)))
                 if math.isfinite(float(gn)) and math.isfinite(self._mean_over_processes([loss_total])[0]):
                     self.optimizer.step()
                     self.scheduler.step()
@@ -427,6 +433,9 @@ class Trainer:
             out[name] = (v[0] / v[1].clamp(min=1)).item()
         out["loss"] = float(np.mean(self._mean_over_processes(losses)))
         out["grad_norm"] = float(np.mean(grad_norms))
+        if noise_stats:
+            out["grad_noise_scale"] = float(np.mean([b for b, _ in noise_stats]))
+            out["grad_snr"] = float(np.mean([r for _, r in noise_stats]))
         return out
 
     def _skip_nonfinite_update(self, grad_norm: float, loss: float) -> None:
@@ -616,6 +625,43 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(msg)
+
+
+class GradNoise:
+    """Gradient noise scale from the micro-batches of one minibatch (McCandlish et al. 2018, App. A).
+
+    Each micro-batch i adds Δ_i to the accumulated gradient; Δ_i·N/n_i is that micro-batch's own
+    gradient estimate g_i (n_i its tokens or sequences — the aggregation's unit — N the minibatch's).
+    With b = mean n_i and G the minibatch gradient (size N):
+        |𝒢|² ≈ (N|G|² − b·mean|g_i|²)/(N − b),   tr Σ ≈ (mean|g_i|² − |G|²)/(1/b − 1/N)
+    B_simple = tr Σ / |𝒢|² (in the aggregation's unit) and the minibatch SNR = |𝒢|² / (tr Σ / N).
+    Both are unbiased-ish estimates from few micro-batches: when noise dominates, the |𝒢|² estimate
+    (and so both numbers) can come out negative. Costs one copy of the gradients per micro-batch;
+    single process only.
+    """
+
+    def __init__(self, params, loss_agg: str, n_tok: float, n_seq: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.by_tokens = loss_agg == "token-mean"
+        self.N = n_tok if self.by_tokens else n_seq
+        self.prev = [torch.zeros_like(p) for p in self.params]
+        self.sq, self.sizes = [], []
+
+    def after_micro_batch(self, mask: torch.Tensor) -> None:
+        n = float(mask.sum()) if self.by_tokens else float(mask.shape[0])
+        sq = 0.0
+        for p, prev in zip(self.params, self.prev):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            sq += float(((g - prev).float() ** 2).sum())
+            prev.copy_(g)
+        self.sq.append(sq * (self.N / n) ** 2)
+        self.sizes.append(n)
+
+    def estimate(self, full_norm: float) -> tuple[float, float]:
+        b, N, small, big = float(np.mean(self.sizes)), self.N, float(np.mean(self.sq)), full_norm ** 2
+        g2 = (N * big - b * small) / (N - b)
+        trace = (small - big) / (1 / b - 1 / N)
+        return trace / g2 if g2 else float("nan"), g2 * N / trace if trace else float("nan")
 
 
 class Interrupted(Exception):
