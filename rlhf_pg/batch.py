@@ -57,6 +57,10 @@ class Batch:
     def size(self) -> int:
         return self.completion_ids.shape[0]
 
+    def completion_lists(self) -> list[list[int]]:
+        """Each completion's token ids without padding (what reward functions receive)."""
+        return [row[m.bool()].tolist() for row, m in zip(self.completion_ids.cpu(), self.completion_mask.cpu())]
+
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows ``idx`` of every per-row field (tensors, lists and columns); used for minibatches."""
         out: dict[str, Any] = {}

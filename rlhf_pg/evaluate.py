@@ -38,13 +38,11 @@ from typing import Any, Callable
 
 import torch
 
-from .batch import Batch
 from .errors import UserError
 from .rewards import REWARD_REGISTRY, RewardSet
-from .rollout import SamplingParams, generate
+from .rollout import SamplingParams, rollout_rows
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-_NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -86,31 +84,6 @@ class EvalResult:
     metrics: dict[str, float]
     sums: dict[str, torch.Tensor]
     samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _rollout(model, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
-             generator: torch.Generator | None) -> Batch:
-    """Sample ``group_size`` completions for dataset ``rows``; fills texts and reward columns."""
-    sub = data.select(rows)
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True
-    try:
-        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator)
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
-    rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-    batch.prompts = rep(sub["prompt"])
-    batch.prompt_texts = rep(sub["prompt_text"])
-    batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in _NON_REWARD_COLUMNS}
-    ids = _completion_ids(batch)
-    batch.completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return batch
-
-
-def _completion_ids(batch: Batch) -> list[list[int]]:
-    return [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
 
 
 def _prompt_str(p: Any) -> str:
@@ -173,8 +146,8 @@ def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_to
     for tag, params, group, per_batch in phases:
         for s in range(0, len(rows), per_batch):
             chunk = rows[s:s + per_batch]
-            batch = _rollout(model, tokenizer, dataset, chunk, group, params, generator)
-            out = rewards(batch.prompts, batch.completions, _completion_ids(batch), batch.columns,
+            batch = rollout_rows(model, tokenizer, dataset, chunk, group, params, generator)
+            out = rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
                           prompt_text=batch.prompt_texts)
             lengths = batch.completion_mask.sum(-1).float().cpu()
             add(f"{tag}reward", out.scores)

@@ -130,3 +130,28 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
         old_logprobs=logps * mask,
         group_size=G,
     )
+
+
+NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
+"""Dataset columns that are not passed to reward functions as keyword columns."""
+
+
+def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
+                 generator: torch.Generator | None = None) -> Batch:
+    """Sample ``group_size`` completions for dataset ``rows`` (from :mod:`rlhf_pg.data`) and fill the
+    batch's texts and reward columns. The model is put in eval mode with the KV cache on, then restored."""
+    sub = data.select(rows)
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator)
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
+    batch.prompts = rep(sub["prompt"])
+    batch.prompt_texts = rep(sub["prompt_text"])
+    batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in NON_REWARD_COLUMNS}
+    batch.completions = tokenizer.batch_decode(batch.completion_lists(), skip_special_tokens=True)
+    return batch

@@ -41,9 +41,8 @@ from .data import load_prompt_dataset
 from .errors import UserError
 from .models import PolicyWithValue, load_model, load_tokenizer
 from .rewards import RewardSet, RewardSpec
-from .rollout import SamplingParams, generate, position_ids
+from .rollout import SamplingParams, position_ids, rollout_rows
 
-_NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -189,26 +188,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- rollout
     def _rollout(self, data, rows: list[int], group_size: int, params: SamplingParams) -> Batch:
-        sub = data.select(rows)
-        model = self.policy
-        was_training = model.training
-        model.eval()
-        model.config.use_cache = True
         with self.acc.autocast():
-            batch = generate(model, self.tokenizer, list(sub["prompt_ids"]), group_size, params, self.gen)
-        model.config.use_cache = False
-        model.train(was_training)
-        rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-        batch.prompts = rep(sub["prompt"])
-        batch.prompt_texts = rep(sub["prompt_text"])
-        batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in _NON_REWARD_COLUMNS}
-        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
-        batch.completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return batch
+            return rollout_rows(self.policy, self.tokenizer, data, rows, group_size, params, self.gen)
 
     def _score(self, batch: Batch) -> dict[str, torch.Tensor]:
-        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
-        out = self.rewards(batch.prompts, batch.completions, ids, batch.columns, prompt_text=batch.prompt_texts)
+        out = self.rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
+                           prompt_text=batch.prompt_texts)
         dev = batch.completion_mask.device
         batch.scores = out.scores.to(dev)
         if out.token_rewards is not None:

@@ -74,3 +74,12 @@ def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
 def tiny_model(tiny_model_dir: Path) -> PreTrainedModel:
     """A fresh float32 tiny model on CPU for each test."""
     return load_model(TINY_ALIAS, dtype="float32", device=torch.device("cpu"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster and does not fight other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_pg import evaluate as ev
+from rlhf_pg import rollout
 from rlhf_pg.batch import Batch
 from rlhf_pg.cli import main
 from rlhf_pg.config import build_config, dump_config
@@ -19,13 +20,7 @@ from rlhf_pg.rewards import RewardSet, RewardSpec
 from rlhf_pg.rollout import left_pad
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ pass@k
@@ -90,7 +85,7 @@ def _rewards():
 
 
 def test_metrics_match_a_hand_count(tokenizer, monkeypatch):
-    monkeypatch.setattr(ev, "generate", _scripted_generate(tokenizer))
+    monkeypatch.setattr(rollout, "generate", _scripted_generate(tokenizer))
     res = evaluate_policy(FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=8,
                           batch_size=2, k=2, n_samples=4, keep_samples=True)
     m = res.metrics
@@ -116,7 +111,7 @@ def test_metrics_match_a_hand_count(tokenizer, monkeypatch):
 
 
 def test_shards_add_up_and_reduce_gives_global_means(tokenizer, monkeypatch):
-    monkeypatch.setattr(ev, "generate", _scripted_generate(tokenizer))
+    monkeypatch.setattr(rollout, "generate", _scripted_generate(tokenizer))
     kw = dict(max_new_tokens=8, batch_size=4, k=2, n_samples=4)
     data, rw = _dataset(tokenizer), _rewards()
     full = evaluate_policy(FakeModel(), tokenizer, data, rw, **kw)

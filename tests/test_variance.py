@@ -28,13 +28,7 @@ def dense_parity(prompts, completions, completion_ids, **kwargs):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(tmp_path, fn="parity", **rollout):
