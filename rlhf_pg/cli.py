@@ -87,7 +87,13 @@ def _launch(args) -> int:
     n = args.num_processes
     if n < 1:
         raise UserError(f"--num-processes {n}: give a positive number of processes")
+    import socket
+
+    with socket.socket() as sock:  # a free port, so that two runs on one machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+           "--main_process_port", str(port),
            "--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu",
            "-m", "rlhf_pg", "train", args.recipe, *args.overrides] + (["--resume"] if args.resume else [])
     env = dict(os.environ)
