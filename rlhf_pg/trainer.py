@@ -123,10 +123,11 @@ class Trainer:
                 checkpoint.truncate_lines(self.out / "metrics.jsonl", state["metrics_lines"])
                 checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
             self._print(f"resumed from {ckpt} (step {self.step_idx})")
+        elif (self.out / "metrics.jsonl").exists() and not (self.cfg.overwrite or self.cfg.train.resume):
+            # checked on every process, so that none is left waiting for the others
+            raise UserError(f"output_dir '{self.out}' already holds a run: resume it with --resume, "
+                            "replace it with overwrite=true, or choose another output_dir")
         elif self.acc.is_main_process:
-            if (self.out / "metrics.jsonl").exists() and not (self.cfg.overwrite or self.cfg.train.resume):
-                raise UserError(f"output_dir '{self.out}' already holds a run: resume it with --resume, "
-                                "replace it with overwrite=true, or choose another output_dir")
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "samples.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
