@@ -49,6 +49,27 @@ def _env():
     return env
 
 
+def _steps_logged(out: Path) -> int:
+    try:
+        return sum('"reward"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_after_progress(proc, out: Path, steps: int, delay: float, kill) -> bool:
+    """Kill ``proc`` ``delay`` seconds after ``steps`` training steps are in the metrics log (progress,
+    not wall-clock time, so a fast or slow machine is killed at the same point of the run; the small
+    random delay lands the kill anywhere in the following step or checkpoint write). False if the run
+    finished first."""
+    while proc.poll() is None and _steps_logged(out) < steps:
+        time.sleep(0.005)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    kill()
+    return True
+
+
 def _config(out, **train):
     tree = yaml.safe_load(RECIPE)
     tree["output_dir"] = str(out)
@@ -75,11 +96,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, t
     for attempt in range(40):
         args = _cli(recipe, out) + (["--resume"] if attempt else [])
         proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if attempt < 3:  # kill the first attempts at random moments (start-up takes ~3-5 s)
-            time.sleep(rng.uniform(4.0, 9.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
+        if attempt < 3:  # kill the first attempts at random points of steps 2-7
+            at = 2 * attempt + rng.randint(1, 2)
+            kills += _kill_after_progress(proc, out, at, rng.uniform(0.0, 0.2),
+                                          lambda: proc.send_signal(signal.SIGKILL))
         rc = proc.wait()
         if rc == 0:
             break
@@ -164,25 +184,27 @@ def test_two_processes_sigkill_then_resume_is_bit_identical(tmp_path):
     env = _env()
     env["OMP_NUM_THREADS"] = "1"
 
-    def run(out, *extra, kill_after=None):
+    def run(out, *extra, kill_at=None):
         proc = subprocess.Popen(_cli(recipe, out, "--num-processes", "2", *extra), env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kill_after is not None:
-            time.sleep(kill_after)
-            if proc.poll() is None:  # a machine crash: the launcher and every rank die at once
-                os.killpg(proc.pid, signal.SIGKILL)
-                subprocess.run(["pkill", "-9", "-f", str(out)])
-        _, err = proc.communicate()
-        return proc.returncode, err.decode()
 
-    rc, err = run(tmp_path / "ref")
+        def crash():  # a machine crash: the launcher and every rank die at once
+            os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", str(out)])
+
+        killed = kill_at is not None and _kill_after_progress(proc, out, kill_at, random.Random(1).uniform(0, 0.3), crash)
+        _, err = proc.communicate()
+        return proc.returncode, err.decode(), killed
+
+    rc, err, _ = run(tmp_path / "ref")
     assert rc == 0, err[-3000:]
     out = tmp_path / "killed"
-    rc, _ = run(out, kill_after=random.Random(1).uniform(12.0, 16.0))
+    rc, _, killed = run(out, kill_at=2)
+    assert killed
     for _ in range(3):
         if rc == 0:
             break
-        rc, err = run(out, "--resume")
+        rc, err, _ = run(out, "--resume")
     assert rc == 0, err[-3000:]
     assert _deterministic(out / "metrics.jsonl") == _deterministic(tmp_path / "ref" / "metrics.jsonl")
     a = load_file(out / "model" / "model.safetensors")
