@@ -2,7 +2,9 @@
 
 Layout: ``output_dir/checkpoints/step_000012/`` holding
 
-* ``model.safetensors``   the trained module's state dict (policy, and the value head if any)
+* ``model.safetensors``   the trained module's state dict (policy, and the value head or critic if
+                          any); under LoRA only the trainable tensors (adapter, value head): the
+                          frozen base is reloaded from its source
 * ``optimizer.pt``, ``scheduler.pt``   optimizer / LR-scheduler state (tensors and numbers only)
 * ``rng_rank{r}.pt``      every RNG of process r: python, numpy, torch, the sampling generator
 * ``trainer.json``        step, KL-controller and baseline state, and how many lines
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import UserError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -82,9 +86,16 @@ def tmp_dir_for(output_dir: str | Path, step: int) -> Path:
     return checkpoint_root(output_dir) / f".tmp-step_{step:06d}"
 
 
-def write_main(tmp: Path, module: torch.nn.Module, optimizer, scheduler, trainer_state: dict) -> None:
+def _module_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    if trainable_only:
+        return {k: v.detach().cpu().contiguous() for k, v in module.named_parameters() if v.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def write_main(tmp: Path, module: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
+               trainable_only: bool = False) -> None:
     """Main process: model, optimizer, scheduler and trainer state into the temporary directory."""
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = _module_state(module, trainable_only)
     save_file(_untie(state), str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -123,10 +134,18 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     return final
 
 
-def load(ckpt: Path, module: torch.nn.Module, optimizer, scheduler, rank: int, generator: torch.Generator) -> dict:
+def load(ckpt: Path, module: torch.nn.Module, optimizer, scheduler, rank: int, generator: torch.Generator,
+         trainable_only: bool = False) -> dict:
     """Restore everything saved by :func:`write_main` / :func:`save_process_rng`; returns trainer state."""
     state = load_file(str(ckpt / "model.safetensors"), device=str(next(module.parameters()).device))
-    module.load_state_dict(state, strict=True)
+    if trainable_only:
+        expected = {k for k, v in module.named_parameters() if v.requires_grad}
+        if set(state) != expected:
+            raise UserError(f"checkpoint {ckpt} holds other trainable tensors than this model "
+                             f"({len(set(state) ^ expected)} differ): was it written with another model.lora?")
+        module.load_state_dict(state, strict=False)
+    else:
+        module.load_state_dict(state, strict=True)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng_file = ckpt / f"rng_rank{rank}.pt"

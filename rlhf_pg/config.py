@@ -24,6 +24,29 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator: the update is (alpha / r)·B·A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names that get adapters (e.g. `[q_proj, v_proj]`), or `all-linear` (every linear layer but the LM head)."""
+    load_in_4bit: bool = False
+    """Load the frozen base in 4-bit (QLoRA; needs bitsandbytes and a CUDA GPU)."""
+    load_in_8bit: bool = False
+    """Load the frozen base in 8-bit (needs bitsandbytes and a CUDA GPU)."""
+    save_merged: bool = False
+    """Also save the base with the adapter merged in (output_dir/model/merged), loadable without peft."""
+
+    @model_validator(mode="after")
+    def _one_quantisation(self) -> "LoraConfig":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.lora: choose load_in_4bit or load_in_8bit, not both")
+        return self
+
+
 class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     """Policy model: a built-in alias (`smollm2-135m-instruct`, `tiny-random-llama`), a local directory, or a hub id."""
@@ -37,6 +60,13 @@ class ModelConfig(_Section):
     """Reference model for the KL term; default: a frozen copy of the initial policy (`name`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (section: r, alpha, dropout, target_modules, ...); null = full fine-tune.
+    The reference model is then the same weights with the adapter disabled (no second copy)."""
+    critic: Literal["shared", "separate"] = "shared"
+    """Value function (gae): a head on the policy's last hidden state (`shared` backbone) or a `separate` critic model."""
+    critic_name: str | None = None
+    """Backbone of the separate critic (alias, directory or hub id); default: the policy's `name`."""
 
 
 class DataConfig(_Section):
@@ -230,6 +260,14 @@ class RunConfig(_Section):
             )
         if a.advantage == "reinforce" and a.baseline in ("mean", "loo") and r.group_size < 2:
             raise ValueError(f"algo.baseline={a.baseline} needs rollout.group_size >= 2")
+        if self.model.critic == "separate" and a.advantage != "gae":
+            raise ValueError("model.critic=separate trains a value model, which only algo.advantage=gae uses: "
+                             "remove model.critic or use algo.name=ppo")
+        if self.model.critic_name is not None and self.model.critic != "separate":
+            raise ValueError("model.critic_name needs model.critic=separate")
+        if self.model.lora is not None and self.model.ref_name is not None:
+            raise ValueError("with model.lora the reference is the base model with the adapter disabled: "
+                             "remove model.ref_name")
         if a.advantage == "gae" and a.vf_coef == 0:
             raise ValueError("algo.advantage=gae learns a value head: set algo.vf_coef > 0")
         if a.kl_target is not None and a.kl_in != "reward":

@@ -349,11 +349,16 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_e
 
 
 def sample_from_logits(logits: Tensor, temperature: float, top_p: float, top_k: int,
-                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                       generator: torch.Generator | None, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sample one token per row from softmax(logits/τ) truncated by top-k/top-p.
 
     Returns (tokens (B,), log softmax(logits/τ)[tokens] (B,)) — the log-prob of the UNtruncated
     tempered policy, which is what the training pass recomputes. ``temperature == 0`` is greedy.
+
+    With ``uniforms`` (B,) in [0, 1) the draw is by inverse CDF, token = min{i : F_i > u·F_V}, so
+    a row's token depends only on its own logits and u — not on which other rows share the batch
+    or which process holds it (the trainer derives u from (seed, step, global row)). Otherwise
+    ``torch.multinomial`` with ``generator``.
     """
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -371,6 +376,11 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float, top_k: 
         sorted_lg = sorted_lg.masked_fill(drop, float("-inf"))
         filt = torch.full_like(filt, float("-inf")).scatter(-1, order, sorted_lg)
     probs = torch.softmax(filt, dim=-1)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is not None:
+        cdf = probs.cumsum(-1)  # (B, V); flat over zero-probability tokens, so they are never chosen
+        tok = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        tok = tok.clamp(max=probs.shape[-1] - 1)
+    else:
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 

@@ -148,16 +148,19 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantization_config=None,
 ) -> PreTrainedModel:
     """Load a causal LM by alias, local path or hub id onto ``device`` in the resolved dtype.
 
     ``generation_config.pad_token_id`` is filled in (from the config's pad or eos id) when missing.
+    With a ``quantization_config`` (bitsandbytes 4/8-bit) the weights are placed by transformers.
     """
     torch_dtype = resolve_dtype(dtype, device)
     location = resolve_model(name)
+    extra = {"quantization_config": quantization_config, "device_map": {"": device}} if quantization_config else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
         )
     except (OSError, ValueError) as err:
         raise _load_error("model", name, location, err) from err
@@ -169,7 +172,7 @@ def load_model(
         if isinstance(pad, list):
             pad = pad[0]
         generation_config.pad_token_id = pad
-    return model.to(device)
+    return model if quantization_config else model.to(device)
 
 
 def smollm2_gguf_path() -> Path:
@@ -430,3 +433,87 @@ class PolicyWithValue(torch.nn.Module):
         out["value_preds"] = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
         out.hidden_states = None
         return out
+
+
+class ValueModel(torch.nn.Module):
+    """A separate critic: a transformer backbone (a causal LM without its LM head) plus a scalar head,
+    V(s_t) = w·h_t + b. Same calling convention as :class:`PolicyWithValue` (``"value_preds"`` in
+    the output, ``past_key_values`` when ``use_cache``), with ``logits`` None: no vocabulary matmul.
+    """
+
+    def __init__(self, causal_lm: PreTrainedModel):
+        super().__init__()
+        self.backbone = causal_lm.get_decoder()  # e.g. LlamaModel; the LM head is dropped
+        self._config = causal_lm.config
+        hidden = causal_lm.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(self.backbone.parameters()).device)
+
+    @property
+    def config(self):
+        return self._config
+
+    def forward(self, logits_to_keep: int = 0, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        out = self.backbone(**kwargs)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+        res = CausalLMOutputWithPast(logits=None, past_key_values=out.past_key_values)
+        res["value_preds"] = values
+        return res
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The backbone as a plain transformers model directory, plus ``value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(Path(path) / "value_head.safetensors"))
+
+
+def bitsandbytes_config(lora) -> object | None:
+    """The transformers ``BitsAndBytesConfig`` for ``model.lora.load_in_4bit/8bit``, or None.
+
+    Raises a one-line UserError where it cannot work (no bitsandbytes, no CUDA GPU)."""
+    if lora is None or not (lora.load_in_4bit or lora.load_in_8bit):
+        return None
+    what = "load_in_4bit" if lora.load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available():
+        raise UserError(f"model.lora.{what} quantises the base with bitsandbytes, which needs a CUDA GPU: "
+                        f"remove {what} on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"model.lora.{what} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if lora.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def apply_lora(model: PreTrainedModel, lora, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with a peft LoRA adapter (only the adapter is trainable; the base is frozen).
+
+    The same module is the reference policy under ``model.disable_adapter()``: no second copy of the
+    weights. ``lora`` is a :class:`rlhf_pg.config.LoraConfig`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if lora.load_in_4bit or lora.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
+    targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                            bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise UserError(f"model.lora: {_first_line(err)}") from err

@@ -64,10 +64,12 @@ class _StopChecker:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params: SamplingParams,
-             generator: torch.Generator | None = None) -> Batch:
+             generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Batch:
     """Sample ``group_size`` completions for each prompt (token id lists) with a KV cache.
 
     Returns a :class:`Batch` of B = len(prompts)·G rows; rows i·G … i·G+G−1 belong to prompt i.
+    ``uniforms`` (B, max_new_tokens) in [0, 1), if given, drive the sampling by inverse CDF (row b's
+    token t uses uniforms[b, t]); otherwise ``generator`` feeds ``torch.multinomial``.
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -95,7 +97,8 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
     stopper = _StopChecker(tokenizer, params.stop)
 
     for t in range(T):
-        tok, lp = sample_from_logits(logits, params.temperature, params.top_p, params.top_k, generator)
+        u = uniforms[active, t] if uniforms is not None else None
+        tok, lp = sample_from_logits(logits, params.temperature, params.top_p, params.top_k, generator, u)
         tokens[active, t] = tok
         logps[active, t] = lp
         done = tok == eos_id
@@ -137,7 +140,7 @@ NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 
 
 def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
-                 generator: torch.Generator | None = None) -> Batch:
+                 generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Batch:
     """Sample ``group_size`` completions for dataset ``rows`` (from :mod:`rlhf_pg.data`) and fill the
     batch's texts and reward columns. The model is put in eval mode with the KV cache on, then restored."""
     sub = data.select(rows)
@@ -145,7 +148,7 @@ def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, param
     model.eval()
     model.config.use_cache = True
     try:
-        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator)
+        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator, uniforms)
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)

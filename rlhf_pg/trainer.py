@@ -22,7 +22,7 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from .batch import Batch
 from .config import RunConfig, dump_config
 from .data import load_prompt_dataset
 from .errors import UserError
-from .models import PolicyWithValue, load_model, load_tokenizer
+from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
 from .rewards import RewardSet, RewardSpec
 from .rollout import SamplingParams, position_ids, rollout_rows
 
@@ -65,18 +65,23 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.out = Path(cfg.output_dir)
 
-        dev = self.acc.device
+        dev, mc = self.acc.device, cfg.model
         with self.acc.main_process_first():  # one process converts/caches models and data, then the rest read
-            self.tokenizer = load_tokenizer(cfg.model.name)
-            policy = load_model(cfg.model.name, cfg.model.dtype, dev, cfg.model.trust_remote_code,
-                                cfg.model.revision)
-        if cfg.model.gradient_checkpointing:
+            self.tokenizer = load_tokenizer(mc.name)
+            policy = load_model(mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision,
+                                quantization_config=bitsandbytes_config(mc.lora))
+        if mc.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
+        if mc.lora is not None:
+            policy = apply_lora(policy, mc.lora, mc.gradient_checkpointing)
+        # The reference policy (β > 0 only): under LoRA the same weights with the adapter disabled,
+        # otherwise a frozen copy of the initial (or ref_name) model.
         self.ref = None
-        if cfg.algo.kl_coef > 0:  # β = 0 → no reference model at all
-            self.ref = load_model(cfg.model.ref_name or cfg.model.name, cfg.model.dtype, dev,
-                                  cfg.model.trust_remote_code, cfg.model.revision).eval().requires_grad_(False)
+        self.use_ref = cfg.algo.kl_coef > 0
+        if self.use_ref and mc.lora is None:
+            self.ref = load_model(mc.ref_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
+                                  mc.revision).eval().requires_grad_(False)
 
         d = cfg.data
         common = dict(tokenizer=self.tokenizer, prompt_column=d.prompt_column, system_prompt=d.system_prompt,
@@ -90,15 +95,29 @@ class Trainer:
                                  on_all_none=cfg.rewards.on_all_none, tokenizer=self.tokenizer)
 
         a, t = cfg.algo, cfg.train
-        self.has_value_head = a.advantage == "gae"
+        # Values V(s_t) for GAE: a head on the policy's backbone (shared) or a separate critic model.
+        self.has_values = a.advantage == "gae"
+        self.has_value_head = self.has_values and mc.critic == "shared"
         module = PolicyWithValue(policy) if self.has_value_head else policy
+        critic = None
+        if self.has_values and mc.critic == "separate":
+            with self.acc.main_process_first():
+                critic = ValueModel(load_model(mc.critic_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
+                                               mc.revision if mc.critic_name is None else None))
+            if mc.gradient_checkpointing:
+                critic.backbone.gradient_checkpointing_enable()
         self.opt_steps_per_rl_step = a.epochs * a.minibatches
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for m in (module, critic) if m is not None for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
         scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=t.warmup_steps,
                                   num_training_steps=max(1, t.max_steps * self.opt_steps_per_rl_step))
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(module, optimizer, scheduler)
+        self.critic = None
+        if critic is None:
+            self.model, self.optimizer, self.scheduler = self.acc.prepare(module, optimizer, scheduler)
+        else:
+            self.model, self.critic, self.optimizer, self.scheduler = self.acc.prepare(module, critic, optimizer,
+                                                                                       scheduler)
 
         self.kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None
         self.ema_baseline: float | None = None
@@ -113,8 +132,8 @@ class Trainer:
         and cut metrics/samples back to what they held when it was written."""
         ckpt = checkpoint.latest_checkpoint(self.out) if self.cfg.train.resume else None
         if ckpt is not None:
-            state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                                    self.rank, self.gen)
+            state = checkpoint.load(ckpt, self._checkpointed_module(), self.optimizer, self.scheduler,
+                                    self.rank, self.gen, trainable_only=self.cfg.model.lora is not None)
             self.step_idx = state["step"]
             self.ema_baseline = state["ema_baseline"]
             if self.kl_ctl is not None:
@@ -149,7 +168,8 @@ class Trainer:
                      "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
                      "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
                      "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl")}
-            checkpoint.write_main(tmp, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, state)
+            checkpoint.write_main(tmp, self._checkpointed_module(), self.optimizer, self.scheduler, state,
+                                  trainable_only=self.cfg.model.lora is not None)
         self.acc.wait_for_everyone()
         final = checkpoint.checkpoint_root(self.out) / f"step_{self.step_idx:06d}"
         if self.acc.is_main_process:
@@ -163,6 +183,16 @@ class Trainer:
             with open(self.out / name, "a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+
+    def _checkpointed_module(self) -> torch.nn.Module:
+        """What a checkpoint's model.safetensors holds: the trained module (and the critic)."""
+        model = self.acc.unwrap_model(self.model)
+        if self.critic is None:
+            return model
+        return torch.nn.ModuleDict({"policy": model, "critic": self.acc.unwrap_model(self.critic)})
+
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.model, self.critic) if m is not None for p in m.parameters() if p.requires_grad]
 
     @property
     def policy(self):
@@ -188,9 +218,24 @@ class Trainer:
         return rows
 
     # ---------------------------------------------------------------------------------- rollout
-    def _rollout(self, data, rows: list[int], group_size: int, params: SamplingParams) -> Batch:
+    def _rollout_uniforms(self, step: int) -> torch.Tensor:
+        """This process's rows of the step's (P·G, max_new_tokens) sampling uniforms.
+
+        They come from one generator seeded by (seed, step) and are sliced by global row, so a
+        completion's random draws do not depend on the number of processes: N processes sample
+        exactly what one process with the same global batch samples (the invariance test)."""
+        r = self.cfg.rollout
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + step)
+        u = torch.rand(r.prompts_per_step * r.group_size, r.max_new_tokens, generator=g)
+        per_rank = r.prompts_per_step // self.world * r.group_size
+        return u[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.acc.device)
+
+    def _rollout(self, data, rows: list[int], group_size: int, params: SamplingParams,
+                 uniforms: torch.Tensor | None = None) -> Batch:
+        """Sample; with ``uniforms`` (the training step's) by inverse CDF, else from ``self.gen``."""
         with self.acc.autocast():
-            return rollout_rows(self.policy, self.tokenizer, data, rows, group_size, params, self.gen)
+            return rollout_rows(self.policy, self.tokenizer, data, rows, group_size, params, self.gen,
+                                uniforms=uniforms)
 
     def _score(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
@@ -227,9 +272,11 @@ class Trainer:
                 ids, attn = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
                 out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
                             logits_to_keep=t1 + 1, use_cache=False)
-                logits = out.logits[:, :-1]
+                logits = out.logits[:, :-1] if out.logits is not None else None  # None: a critic
                 values = out["value_preds"][:, -(t1 + 1):-1] if "value_preds" in out else None
-        logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy)
+        logp = ent = None
+        if logits is not None:
+            logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy)
         pad = lambda x: torch.nn.functional.pad(x.float(), (0, T - t1)) if x is not None else None  # noqa: E731
         return pad(logp), pad(ent), pad(values)
 
@@ -250,7 +297,8 @@ class Trainer:
         umask = pmask[first]  # identical prompts have identical masks
         pre = model(input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask),
                     use_cache=True, logits_to_keep=1)
-        logits = pre.logits[:, -1][inv][:, None]  # (B, 1, V): predicts completion token 0
+        has_logits = pre.logits is not None  # a separate critic has no LM head
+        logits = pre.logits[:, -1][inv][:, None] if has_logits else None  # (B, 1, V): predicts token 0
         has_v = "value_preds" in pre
         values = pre["value_preds"][:, -1][inv][:, None] if has_v else None  # V(s_0)
         if cids.shape[1] == 1:
@@ -262,7 +310,8 @@ class Trainer:
         pos = prompt_len + torch.arange(steps, device=cids.device)[None, :]  # (B, T−1)
         out = model(input_ids=cids[:, :steps], attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
                     position_ids=pos, past_key_values=cache, use_cache=True)
-        logits = torch.cat([logits, out.logits], 1)
+        if has_logits:
+            logits = torch.cat([logits, out.logits], 1)
         if has_v:
             values = torch.cat([values, out["value_preds"]], 1)
         return logits, values
@@ -275,6 +324,13 @@ class Trainer:
                  for i in range(0, batch.size, mbs)]
         return torch.cat(parts)
 
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """log π_ref of the batch: the reference model, or under LoRA the policy with its adapter off."""
+        if self.ref is not None:
+            return self._no_grad_pass(self.ref, batch, 0)
+        with self.policy.disable_adapter():
+            return self._no_grad_pass(self.policy, batch, 0)
+
     def _sum_global(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x.detach().clone(), reduction="sum") if self.world > 1 else x
 
@@ -283,7 +339,8 @@ class Trainer:
         cfg, a = self.cfg, self.cfg.algo
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        batch = self._rollout(self.train_data, self._step_rows(self.step_idx), cfg.rollout.group_size, self.sampling)
+        batch = self._rollout(self.train_data, self._step_rows(self.step_idx), cfg.rollout.group_size, self.sampling,
+                              self._rollout_uniforms(self.step_idx))
         mask = batch.completion_mask
         times["rollout"] = time.perf_counter() - t0
 
@@ -292,17 +349,17 @@ class Trainer:
         times["rewards"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if self.ref is not None:
-            batch.ref_logprobs = self._no_grad_pass(self.ref, batch, 0)
+        if self.use_ref:
+            batch.ref_logprobs = self._reference_logprobs(batch)
         times["reference"] = time.perf_counter() - t0
 
         metrics: dict[str, float] = {}
-        if self.ref is not None and a.kl_in == "reward":
+        if self.use_ref and a.kl_in == "reward":
             kl_tok = core.KL_ESTIMATORS[a.kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
             batch.token_rewards = batch.token_rewards - self.kl_coef * kl_tok
             metrics["kl_ref"] = self._global_mean(kl_tok.sum(-1), torch.ones_like(batch.scores))
-        if self.has_value_head:
-            batch.values = self._no_grad_pass(self.acc.unwrap_model(self.model), batch, 2) * mask
+        if self.has_values:
+            batch.values = self._no_grad_pass(self.acc.unwrap_model(self.critic or self.model), batch, 2) * mask
         if a.baseline == "ema" and a.advantage == "reinforce":
             ret0 = core.discounted_cumsum(batch.token_rewards, mask, a.gamma)[:, 0]
             b = self.ema_baseline if self.ema_baseline is not None else 0.0
@@ -361,14 +418,16 @@ class Trainer:
                 n_seq = self._sum_global(torch.tensor(float(minibatch.size), device=m_all.device)).item()
                 chunks = list(range(0, minibatch.size, mbs))
                 loss_total = 0.0
-                noise = GradNoise(self.model.parameters(), a.loss_agg, n_tok, n_seq) \
+                noise = GradNoise(self._trainable_params(), a.loss_agg, n_tok, n_seq) \
                     if cfg.train.grad_noise_scale and len(chunks) > 1 and self.world == 1 else None
                 for ci, start in enumerate(chunks):
                     mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
                     m = mb.completion_mask
                     sync = ci == len(chunks) - 1
-                    with (nullcontext() if sync else self.acc.no_sync(self.model)):
+                    with self._maybe_no_sync(sync):
                         logp, ent, values = self._forward(self.model, mb, with_entropy=True)
+                        if self.critic is not None:
+                            values = self._forward(self.critic, mb, with_entropy=False)[2]
                         old = logp.detach() if on_policy else mb.old_logprobs
                         pl, st = core.POLICY_LOSSES[a.policy_loss](logp, old, mb.advantages, m, a)
                         per_tok = pl if self.step_idx >= a.critic_warmup_steps else torch.zeros_like(pl)
@@ -377,7 +436,7 @@ class Trainer:
                             per_tok = per_tok + a.vf_coef * vl
                             acc("value_loss", vl, m)
                             acc("value_clip_frac", vclip, m)
-                        if self.ref is not None:
+                        if self.use_ref:
                             kl = core.KL_ESTIMATORS[a.kl_estimator](logp, mb.ref_logprobs)
                             if a.kl_in == "loss":
                                 per_tok = per_tok + self.kl_coef * kl
@@ -397,9 +456,10 @@ class Trainer:
                     for k, v in st.items():
                         acc(k, v, m)
                 if cfg.train.max_grad_norm is not None:
-                    gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                    params = self.model.parameters() if self.critic is None else self._trainable_params()
+                    gn = self.acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 else:
-                    gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters()
+                    gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._trainable_params()
                                         if p.grad is not None))
                 grad_norms.append(float(gn))
                 losses.append(loss_total)
@@ -423,6 +483,15 @@ class Trainer:
             out["grad_noise_scale"] = float(np.mean([b for b, _ in noise_stats]))
             out["grad_snr"] = float(np.mean([r for _, r in noise_stats]))
         return out
+
+    def _maybe_no_sync(self, sync: bool):
+        """Inside gradient accumulation (not the last micro-batch): skip DDP's all-reduce."""
+        stack = ExitStack()
+        if not sync:
+            for m in (self.model, self.critic):
+                if m is not None:
+                    stack.enter_context(self.acc.no_sync(m))
+        return stack
 
     def _skip_nonfinite_update(self, grad_norm: float, loss: float) -> None:
         self.nonfinite_streak += 1
@@ -460,7 +529,7 @@ class Trainer:
                                            - self._global_mean(batch.advantages, mask) ** 2)),
             "return_mean": self._global_mean(batch.returns, mask),
         }
-        if batch.values is not None and self.has_value_head:
+        if batch.values is not None and self.has_values:
             # explained variance 1 − Var[R − V]/Var[R] with global (all-process) moments
             moments = [self._global_mean(x, mask) for x in
                        (batch.returns, batch.returns ** 2, batch.returns - batch.values, (batch.returns - batch.values) ** 2)]
@@ -516,8 +585,9 @@ class Trainer:
         a = cfg.algo
         self._print(f"algorithm {a.name}: " + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")
                     + f" | G={cfg.rollout.group_size}, prompts/step={cfg.rollout.prompts_per_step}, "
-                    f"processes={self.world}, value head={'yes' if self.has_value_head else 'no'}, "
-                    f"reference model={'yes' if self.ref is not None else 'no'}")
+                    f"processes={self.world}, values={self._values_desc()}, reference={self._ref_desc()}"
+                    + (f", LoRA r={cfg.model.lora.r} ({self._n_trainable()} trainable parameters)"
+                       if cfg.model.lora else ""))
         history: dict[str, Any] = {}
         if self.step_idx == 0 and cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()
@@ -593,20 +663,43 @@ class Trainer:
         return None
 
     def save(self, path: Path) -> None:
+        """The policy with save_pretrained (under LoRA: the adapter, loadable with peft, and with
+        ``model.lora.save_merged`` the merged model in ``path/merged``), its tokenizer, the value
+        head (``value_head.safetensors``) or the separate critic (``path/critic``)."""
         self.acc.wait_for_everyone()
         model = self.policy
         if self.acc.is_main_process:
             model.config.use_cache = True
             model.save_pretrained(path, safe_serialization=True)
-            model.config.use_cache = False
             self.tokenizer.save_pretrained(path)
+            lora = self.cfg.model.lora
+            if lora is not None and lora.save_merged:
+                import copy
+
+                merged = copy.deepcopy(model).merge_and_unload()  # a copy: the trainer's model keeps its adapter
+                merged.save_pretrained(path / "merged", safe_serialization=True)
+                self.tokenizer.save_pretrained(path / "merged")
+                del merged
+            model.config.use_cache = False
             if self.has_value_head:
                 from safetensors.torch import save_file
 
                 head = self.acc.unwrap_model(self.model).value_head
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(path / "value_head.safetensors"))
+            if self.critic is not None:
+                self.acc.unwrap_model(self.critic).save_pretrained(path / "critic")
         self.acc.wait_for_everyone()
+
+    def _values_desc(self) -> str:
+        return "separate critic" if self.critic is not None else "head on the policy" if self.has_value_head else "none"
+
+    def _ref_desc(self) -> str:
+        return "none" if not self.use_ref else "policy with the LoRA adapter disabled" if self.ref is None else "frozen model"
+
+    def _n_trainable(self) -> str:
+        n = sum(p.numel() for p in self._trainable_params())
+        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n}"
 
     def _print(self, msg: str) -> None:
         if self.acc.is_main_process:

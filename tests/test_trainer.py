@@ -106,7 +106,7 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg):
         grads.append(seen)
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)  # float summation order
 
 
 def test_existing_run_is_not_clobbered(tmp_path):
