@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="only parameters whose name matches this regex (default: every trainable parameter)")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--out", default=None, help="output directory (default: output_dir of the recipe + '/variance')")
+
+    bm = sub.add_parser("bench", help="benchmark one GRPO step (rlhf-pg vs plain transformers): times, RSS, MFU",
+                        description="The fixed workload of rlhf_pg/bench.py (SmolLM2-135M-Instruct, 8 prompts x 4 "
+                                    "samples, 64 new tokens, GRPO with and without a reference model), done by "
+                                    "rlhf-pg and the plain transformers way, each run in its own process; per-phase "
+                                    "times, speed-ups, peak RSS, MFU.")
+    from . import bench  # standard library only at import time: --help stays fast
+
+    bench.build_parser(bm)
     return p
 
 
@@ -172,6 +181,13 @@ def _cmd_variance(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handlers = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "plot": _cmd_plot,
-                "variance": _cmd_variance}
+                "variance": _cmd_variance, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except UserError as e:

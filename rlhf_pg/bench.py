@@ -1,0 +1,742 @@
+"""Benchmark: one GRPO step of rlhf-pg against the same step done the plain `transformers` way.
+
+    rlhf-pg bench                                  # the documented workload (below), table on stdout
+    rlhf-pg bench --json bench.json                # the same, and the full report as JSON
+    python -m rlhf_pg.bench ...                    # the same (also: python scripts/benchmark.py ...)
+
+Workload (fixed; every number is a flag):
+    SmolLM2-135M-Instruct; the built-in `arithmetic` task (its first 512 training questions);
+    8 prompts × G = 4 samples, at most 64 new tokens, temperature 1, top-p 1, top-k off;
+    reward `accuracy`; GRPO (group-normalised advantage, clipped surrogate, token-mean); one optimizer
+    step per RL step over micro-batches of 8 completions; AdamW, grad-norm clip 1.0.
+    Done twice: β = 0.04 (k3 KL in the loss, so a reference model is loaded and run) and β = 0.
+
+"ours" is the real code path: ``Trainer(build_config(...)).step()``, timed by the trainer's own
+``time/*`` metrics, in the precision of ``--precision`` (bf16 = Accelerate's bf16 autocast, the
+recipes' setting, default where the CPU has AVX512-BF16/AMX; fp32). "baseline" is what a user of
+`transformers` writes by hand (``_Baseline`` below), in fp32: ``model.generate(num_return_sequences=G)``
+(every prompt prefilled G times, finished rows decoded until the longest is done), an "old log-probs"
+forward and a separate reference forward of the full prompt+completion sequences with ``log_softmax``
+over the whole vocabulary at every position, then the training forward+backward the same way,
+micro-batched like ours, AdamW. Prompts (the trainer's own per-step selection), data, reward and
+optimizer settings come from the same config; the loss math is the same (core.py's GRPO advantage,
+clip loss, k3 KL, token-mean).
+
+Phases: rollout (sampling + decoding the texts), rewards, reference (baseline: old log-probs +
+reference, both passes also at β = 0 for the old log-probs; ours: reference only, none at β = 0 — the
+sampling log-probs are recorded while sampling and a single on-policy pass needs no other), train
+(forward, backward, optimizer step). "step" is the wall time of the whole step (ours: around
+``Trainer.step()``); "step CPU time" is the process CPU time of the step, which other jobs on a
+shared machine disturb less than the wall clock.
+
+Threads: ``torch.set_num_threads(--threads)``, default the number of usable cores. On a machine whose
+cores are busy with other jobs, N threads on N cores wait for each other at every parallel region
+(OpenMP spin-waits, then sleeps) and the wall clock measures the scheduler more than the code; use
+``--threads 1`` there (or ``OMP_WAIT_POLICY=PASSIVE``) and say so next to the numbers.
+
+Measurement: the model is resolved (an alias converted into the cache) once in the parent, then every
+run is a separate child process (``python -m rlhf_pg.bench --child JOB``): ``--warmup`` unmeasured
+steps, then ``--steps`` measured steps. Peak RSS is the child's own high-water mark, ``VmHWM`` of
+/proc/self/status (not ``getrusage().ru_maxrss``: on Linux that survives fork + exec, so a child would
+report at least the parent's peak). Repetitions interleave ours and the baseline (order alternating
+per repetition) so machine noise hits both alike; speed-ups are the median over repetitions of
+baseline_time / ours_time within the repetition. Sampled completion lengths differ between the two
+paths (different random streams), so token counts are reported too; more ``--steps`` average that out.
+
+FLOPs, the same for both paths (so MFU ratios equal speed ratios): the model FLOPs the step needs,
+counting each distinct token once — S = prompt tokens of the distinct prompts + completion tokens.
+N = parameters, each counted once (SmolLM2 ties its embedding to the LM head, so N counts the LM-head
+matmul and the embedding lookup costs nothing). Left out: attention's 2·n_layer·ctx·d per token
+(~1 % at these lengths); counted although not needed: the LM head at prompt positions.
+    rollout     2·N·S            (prefill each prompt once, one forward per completion token)
+    reference   2·N·S·[β>0]      (the old-log-prob pass is not needed on-policy)
+    train       6·N·S            (forward + backward)
+    step        rollout + reference + train
+The baseline executes more than this (G prefills per prompt, G copies of each prompt in every pass,
+the old-log-prob pass, padding); that waste shows as a lower MFU. MFU = FLOPs / phase time ÷ this
+machine's measured matmul peak (2048² ``torch.matmul``, best of ~``--peak-seconds``, same thread
+count) in the precision the path computes in (bf16 autocast → bf16 peak; fp32 → fp32 peak); per
+measured step, then the median.
+
+Quality: a separate child samples one batch with the real trainer, then compares, on exactly those
+sequences, ours' log-probs (rollout-recorded, and the training/reference forward) and ours' policy
+gradient with the exact fp32 full-log-softmax values of the baseline: |Δ log p| and gradient cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+PHASES = ("rollout", "rewards", "reference", "train", "step", "step_cpu")
+"""Timed phases (s, wall clock) and the step's process CPU time (less sensitive to other jobs)."""
+_MARK = "RLHF_PG_BENCH_RESULT "
+
+
+@dataclass
+class BenchSpec:
+    """The workload and how it is measured (defaults: the documented workload)."""
+
+    model: str = "smollm2-135m-instruct"
+    prompts: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    kl_coef: float = 0.04
+    """β of the β > 0 run (k3 estimator, in the loss); the β = 0 run loads no reference model."""
+    micro_batch_size: int = 8
+    lr: float = 1e-6
+    n_train: int = 512
+    """Training questions of the arithmetic task (prompts are drawn from them; 512 keeps set-up short)."""
+    seed: int = 0
+    precisions: list[str] = field(default_factory=lambda: [default_precision()])
+    """Precisions of ours (`bf16` = Accelerate bf16 autocast, the recipe default; `fp32`). Baseline: fp32."""
+    betas: list[str] = field(default_factory=lambda: ["pos", "zero"])
+    """Which runs: `pos` (β = kl_coef) and/or `zero` (β = 0)."""
+    repeats: int = 3
+    """Repetitions (each: one child per path and β, interleaved)."""
+    steps: int = 1
+    """Measured steps per child (after the warm-up steps)."""
+    warmup: int = 1
+    """Unmeasured steps per child (first-call costs: thread pools, allocator, kernel selection)."""
+    threads: int = field(default_factory=lambda: usable_cores())
+    quality: bool = True
+    peak_seconds: float = 2.0
+    """Seconds per precision for the matmul-peak measurement (0 = skip MFU)."""
+    in_process: bool = False
+    """Run the children in this process (fast; peak RSS is then the process's, not per path). Tests only."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_precision() -> str:
+    """bf16 (the recipe default) where the CPU computes bf16 natively (avx512_bf16 / AMX), else fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+# ----------------------------------------------------------------------------------- children
+def _proc_status_mb(field_name: str) -> float | None:
+    """A ``kB`` field of /proc/self/status in MB; None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _rss_mb() -> float:
+    """Current resident set size (MB); 0 where unavailable."""
+    return _proc_status_mb("VmRSS") or 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB): ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss`` where VmHWM exists: Linux carries ru_maxrss over fork and
+    exec, so a freshly started child reports at least its parent's peak. Elsewhere (macOS) ru_maxrss is
+    the fallback, with that caveat.
+    """
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+
+
+def _beta(spec: BenchSpec, which: str) -> float:
+    return spec.kl_coef if which == "pos" else 0.0
+
+
+def _config(spec: BenchSpec, beta: float, precision: str, out_dir: str):
+    from rlhf_pg.config import build_config
+
+    return build_config({
+        "output_dir": out_dir, "overwrite": True, "seed": spec.seed,
+        "model": {"name": spec.model},
+        "data": {"train": "arithmetic", "eval_limit": 1, "task_kwargs": {"n_train": spec.n_train, "n_eval": 8}},
+        "rollout": {"prompts_per_step": spec.prompts, "group_size": spec.group_size,
+                    "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
+                    "top_p": 1.0, "top_k": 0},
+        "rewards": {"functions": [{"name": "accuracy"}]},
+        "algo": {"name": "grpo", "kl_coef": beta, "kl_estimator": "k3", "kl_in": "loss",
+                 "loss_agg": "token-mean", "epochs": 1, "minibatches": 1},
+        "train": {"max_steps": 10_000, "lr": spec.lr, "micro_batch_size": spec.micro_batch_size,
+                  "mixed_precision": "bf16" if precision == "bf16" else "no", "max_grad_norm": 1.0,
+                  "samples_every": 0, "save_every": 0, "eval_at_start": False, "save_model": False},
+    })
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def _child_ours(spec: BenchSpec, which: str, precision: str) -> dict:
+    """The real path: Trainer.step(), phase times from its metrics."""
+    import torch
+
+    from rlhf_pg.trainer import Trainer
+
+    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(_config(spec, _beta(spec, which), precision, tmp))
+        rss_load = _rss_mb()
+        G, B = spec.group_size, spec.prompts * spec.group_size
+        steps = []
+        for i in range(spec.warmup + spec.steps):
+            rows = trainer._step_rows(trainer.step_idx)  # the prompts step() is about to use
+            prompt_tokens = sum(len(trainer.train_data[r]["prompt_ids"]) for r in rows)
+            t0, c0 = time.perf_counter(), time.process_time()
+            m = trainer.step()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if i < spec.warmup:
+                continue
+            gen = round(m["completion_len"] * B)
+            steps.append({
+                "rollout": m["time/rollout"], "rewards": m["time/rewards"], "reference": m["time/reference"],
+                "train": m["time/train"], "step": wall, "step_cpu": cpu, "completion_tokens": gen,
+                "completion_len_max": m["completion_len_max"], "prompt_tokens": prompt_tokens,
+                "seq_tokens": G * prompt_tokens + gen, "reward": m["reward"],
+            })
+        return {"steps": steps, "n_params": _n_params(trainer.policy), "rss_after_load_mb": rss_load}
+
+
+class _Baseline:
+    """The same GRPO step written the plain way with `transformers` (no reuse, full log-softmax)."""
+
+    def __init__(self, spec: BenchSpec, beta: float):
+        import torch
+
+        from rlhf_pg.data import load_prompt_dataset
+        from rlhf_pg.models import load_model, load_tokenizer
+        from rlhf_pg.rewards import RewardSet, RewardSpec
+
+        torch.manual_seed(spec.seed)
+        self.spec, self.beta = spec, beta
+        self.cfg = cfg = _config(spec, beta, "fp32", "unused")  # ours' config: the same data, reward, optimizer
+        d, t = cfg.data, cfg.train
+        self.tok = load_tokenizer(cfg.model.name)
+        self.policy = load_model(cfg.model.name, "float32", "cpu")
+        self.ref = load_model(cfg.model.name, "float32", "cpu").eval().requires_grad_(False) if beta > 0 else None
+        self.data = load_prompt_dataset(d.train, d.train_split, tokenizer=self.tok, prompt_column=d.prompt_column,
+                                        system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
+                                        too_long=d.too_long, task_kwargs=d.task_kwargs, seed=cfg.seed)
+        self.rewards = RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.rewards.functions],
+                                 tokenizer=self.tok)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        self.step_idx = 0
+
+    def rows(self, step: int) -> list[int]:
+        """The same prompts as ours at this step (Trainer._step_rows's permutation, one process)."""
+        from types import SimpleNamespace
+
+        from rlhf_pg.trainer import Trainer
+
+        return Trainer._step_rows(SimpleNamespace(train_data=self.data, cfg=self.cfg, world=1, rank=0), step)
+
+    def logprobs(self, model, seqs, attn, P: int):
+        """log π(a_t|s_t) of every completion token: full-vocabulary log_softmax at all positions."""
+        import torch
+
+        logits = model(input_ids=seqs, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False).logits  # (b, P+T, V)
+        logp_all = torch.log_softmax(logits[:, :-1].float() / self.spec.temperature, dim=-1)  # (b, P+T−1, V)
+        return logp_all.gather(-1, seqs[:, 1:, None]).squeeze(-1)[:, P - 1:]  # (b, T)
+
+    def step(self) -> dict:
+        import torch
+
+        from rlhf_pg import core
+        from rlhf_pg.rollout import left_pad
+
+        s, G, tok = self.spec, self.spec.group_size, self.tok
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        sub = self.data.select(self.rows(self.step_idx))
+        times: dict[str, float] = {}
+        c_step, t_step, t0 = time.process_time(), time.perf_counter(), time.perf_counter()
+        # ---- rollout: generate with num_return_sequences, fp32, no autocast
+        ids, pmask = left_pad(list(sub["prompt_ids"]), pad)
+        P = ids.shape[1]
+        self.policy.eval()
+        with torch.no_grad():
+            seqs = self.policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, num_return_sequences=G,
+                                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0,
+                                        top_k=0, pad_token_id=pad, eos_token_id=eos)
+        comp = seqs[:, P:]  # (B, T)
+        is_eos = (comp == eos).long()
+        cmask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # 1 up to and including the first EOS
+        comp_lists = [row[m.bool()].tolist() for row, m in zip(comp, cmask)]
+        texts = tok.batch_decode(comp_lists, skip_special_tokens=True)
+        times["rollout"] = time.perf_counter() - t0
+
+        # ---- rewards
+        t0 = time.perf_counter()
+        rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
+        columns = {c: rep(sub[c]) for c in sub.column_names if c not in ("prompt", "prompt_ids", "prompt_text")}
+        out = self.rewards(rep(sub["prompt"]), texts, comp_lists, columns, prompt_text=rep(sub["prompt_text"]))
+        token_rewards = core.place_scores(out.scores, cmask)
+        times["rewards"] = time.perf_counter() - t0
+
+        # ---- old log-probs and reference log-probs: two separate no-grad passes
+        t0 = time.perf_counter()
+        attn = torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1)
+        B, mbs = seqs.shape[0], s.micro_batch_size
+        chunks = [slice(i, min(i + mbs, B)) for i in range(0, B, mbs)]
+        with torch.no_grad():
+            old = torch.cat([self.logprobs(self.policy, seqs[c], attn[c], P) for c in chunks])
+            ref = (torch.cat([self.logprobs(self.ref, seqs[c], attn[c], P) for c in chunks])
+                   if self.ref is not None else None)
+        times["reference"] = time.perf_counter() - t0
+
+        a = self.cfg.algo  # grpo advantage, clip loss, k3 KL in the loss, token-mean (see _config)
+        adv, _ = core.ADVANTAGE_ESTIMATORS[a.advantage](token_rewards, cmask, None, G, a)
+
+        # ---- train: forward + backward per micro-batch on the full padded sequences, AdamW
+        t0 = time.perf_counter()
+        self.policy.train()
+        n_tok = cmask.sum().item()
+        for c in chunks:
+            logp = self.logprobs(self.policy, seqs[c], attn[c], P)
+            per_tok, _ = core.POLICY_LOSSES[a.policy_loss](logp, old[c], adv[c], cmask[c], a)
+            if ref is not None:
+                per_tok = per_tok + self.beta * core.KL_ESTIMATORS[a.kl_estimator](logp, ref[c])
+            loss = core.aggregate(per_tok, cmask[c], a.loss_agg, num_tokens=n_tok, num_seqs=B)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        times["train"] = time.perf_counter() - t0
+        times["step"] = time.perf_counter() - t_step
+        times["step_cpu"] = time.process_time() - c_step
+        self.step_idx += 1
+        gen, prompt_tokens = int(cmask.sum().item()), int(pmask.sum().item())
+        return {**times, "completion_tokens": gen, "completion_len_max": int(cmask.sum(-1).max().item()),
+                "prompt_tokens": prompt_tokens, "seq_tokens": G * prompt_tokens + gen,
+                "reward": out.scores.mean().item()}
+
+
+def _child_baseline(spec: BenchSpec, which: str) -> dict:
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    b = _Baseline(spec, _beta(spec, which))
+    rss_load = _rss_mb()
+    steps = [b.step() for _ in range(spec.warmup + spec.steps)][spec.warmup:]
+    return {"steps": steps, "n_params": _n_params(b.policy), "rss_after_load_mb": rss_load}
+
+
+def _child_quality(spec: BenchSpec, precision: str) -> dict:
+    """On one batch sampled by the real trainer: ours' log-probs and policy gradient vs exact fp32."""
+    import torch
+
+    from rlhf_pg import core
+    from rlhf_pg.trainer import Trainer
+
+    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(_config(spec, spec.kl_coef, precision, tmp))
+        batch = tr._rollout(tr.train_data, tr._step_rows(0), spec.group_size, tr.sampling)
+        mask = batch.completion_mask
+        P = batch.prompt_ids.shape[1]
+        seqs = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+        attn = torch.cat([batch.prompt_mask, mask.long()], 1)
+        plain = _Baseline.__new__(_Baseline)
+        plain.spec = spec
+        model, mbs = tr.model, spec.micro_batch_size
+        chunks = [torch.arange(i, min(i + mbs, batch.size)) for i in range(0, batch.size, mbs)]
+        g = torch.Generator().manual_seed(1)
+        adv = torch.randn(batch.size, 1, generator=g) * mask  # any fixed advantages: same for both
+        n_tok = mask.sum().item()
+
+        def grad_of(logp_fn) -> tuple[torch.Tensor, torch.Tensor]:
+            model.zero_grad(set_to_none=True)
+            lps = []
+            for c in chunks:
+                lp = logp_fn(c)
+                per_tok, _ = core.pg_loss(lp, lp.detach(), adv[c], mask[c], None)
+                core.aggregate(per_tok, mask[c], "token-mean", num_tokens=n_tok, num_seqs=batch.size).backward()
+                lps.append(lp.detach())
+            grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+            model.zero_grad(set_to_none=True)
+            return torch.cat(lps), grad
+
+        lp_ours, g_ours = grad_of(lambda c: tr._forward(model, batch.select(c), False)[0])
+        # Accelerate's mixed precision patches model.forward with autocast; the exact pass must not use it.
+        patched = model.__dict__.pop("forward", None) if hasattr(model, "_original_forward") else None
+        try:
+            lp_exact, g_exact = grad_of(lambda c: plain.logprobs(model, seqs[c], attn[c], P))
+        finally:
+            if patched is not None:
+                model.forward = patched
+        with torch.no_grad():  # the reference pass (same weights as the policy before any update)
+            lp_ref_path = tr._no_grad_pass(tr.ref, batch, 0) if tr.ref is not None else None
+
+        def diff(x: torch.Tensor) -> dict:
+            d = (x - lp_exact).abs()[mask.bool()]
+            return {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
+
+        return {
+            "precision": precision, "tokens": int(n_tok),
+            "logp_rollout_vs_exact": diff(batch.old_logprobs),
+            "logp_train_vs_exact": diff(lp_ours),
+            "logp_reference_vs_exact": diff(lp_ref_path) if lp_ref_path is not None else None,
+            "grad_cosine": torch.nn.functional.cosine_similarity(g_ours.double(), g_exact.double(), dim=0).item(),
+            "grad_rel_err": ((g_ours.double() - g_exact.double()).norm() / g_exact.double().norm()).item(),
+        }
+
+
+def run_child(job: dict) -> dict:
+    """Run one measurement job (``kind``: ours | baseline | quality) and add its peak RSS."""
+    spec = BenchSpec(**job["spec"])
+    kind = job["kind"]
+    if kind == "ours":
+        res = _child_ours(spec, job["beta"], job["precision"])
+    elif kind == "baseline":
+        res = _child_baseline(spec, job["beta"])
+    elif kind == "quality":
+        res = _child_quality(spec, job["precision"])
+    else:
+        raise ValueError(f"unknown job kind {kind!r}")
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def _launch(job: dict, in_process: bool) -> dict:
+    if in_process:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # a new precision needs a fresh state
+        return run_child(job)
+    # A fresh interpreter running this very package: a source checkout's root goes first on the path
+    # (an installed package is found by the child as by the parent).
+    env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    root = Path(__file__).resolve().parents[1]
+    if root.name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pg.bench", "--child", json.dumps(job)],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    raise RuntimeError(f"benchmark child {job['kind']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# ------------------------------------------------------------------------------------ parent
+def matmul_peak(seconds: float, threads: int) -> dict[str, float]:
+    """FLOP/s of a 2048×2048 @ 2048×2048 ``torch.matmul`` (fp32 and bf16), best of ~``seconds`` each."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n, out = 2048, {}
+    try:
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+            a @ b  # warm-up
+            best, t_end = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t0)
+            out[name] = 2 * n ** 3 / best
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _machine(spec: BenchSpec) -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": spec.threads, "loadavg_at_start": load,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "bf16_native": default_precision() == "bf16"}
+
+
+FLOP_FORMULA = {
+    "S": "distinct tokens: prompt tokens of the distinct prompts + completion tokens",
+    "N": "parameters (tied embedding/LM head counted once); attention term omitted",
+    "rollout": "2*N*S",
+    "reference": "2*N*S*[beta>0]",
+    "train": "6*N*S",
+    "step": "rollout + reference + train",
+}
+"""Model FLOPs the step needs, the same for both paths (see the module docstring)."""
+
+
+def step_flops(step: dict, n_params: int, beta: float) -> dict[str, float]:
+    """FLOPs of one measured step (:data:`FLOP_FORMULA`) from its token counts."""
+    S = step["prompt_tokens"] + step["completion_tokens"]
+    fl = {"rollout": 2 * n_params * S, "reference": 2 * n_params * S if beta > 0 else 0,
+          "train": 6 * n_params * S}
+    fl["step"] = fl["rollout"] + fl["reference"] + fl["train"]
+    return fl
+
+
+def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole benchmark and return the report (see :func:`format_table`)."""
+    from rlhf_pg.errors import UserError
+
+    if spec.repeats < 1 or spec.steps < 1 or spec.warmup < 0 or spec.threads < 1:
+        raise UserError(f"bench needs --repeats >= 1, --steps >= 1, --warmup >= 0 and --threads >= 1 "
+                        f"(got {spec.repeats}, {spec.steps}, {spec.warmup}, {spec.threads})")
+    if not spec.precisions or not spec.betas:
+        raise UserError("bench needs at least one precision and one beta run")
+    paths = [f"ours-{p}" for p in spec.precisions] + ["baseline"]
+    runs: dict[str, dict[str, list[dict]]] = {b: {p: [] for p in paths} for b in spec.betas}
+    started = time.perf_counter()
+    machine = _machine(spec)
+    from rlhf_pg.models import resolve_model
+
+    # An alias is converted into the cache here, once, not inside the first child (its RSS and time).
+    log(f"[bench] model {spec.model}: {resolve_model(spec.model)}")
+    for rep in range(spec.repeats):
+        for which in spec.betas:
+            order = paths if rep % 2 == 0 else paths[::-1]
+            for path in order:
+                job = {"kind": "baseline" if path == "baseline" else "ours", "beta": which,
+                       "precision": path.removeprefix("ours-"), "spec": asdict(spec)}
+                t0 = time.perf_counter()
+                res = _launch(job, spec.in_process)
+                res["repetition"] = rep
+                runs[which][path].append(res)
+                log(f"[bench] rep {rep + 1}/{spec.repeats} β={_beta(spec, which):g} {path:>10}: step "
+                    f"{_median([s['step'] for s in res['steps']]):.2f} s, peak RSS {res['peak_rss_mb']:.0f} MB "
+                    f"(child {time.perf_counter() - t0:.0f} s)")
+    peak = matmul_peak(spec.peak_seconds, spec.threads) if spec.peak_seconds > 0 else {}
+    if peak:
+        log("[bench] matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
+
+    results: dict[str, Any] = {}
+    ratios: dict[str, Any] = {}
+    for which in spec.betas:
+        beta = _beta(spec, which)
+        key = f"beta={beta:g}"
+        results[key], ratios[key] = {}, {}
+        for path in paths:
+            children = runs[which][path]
+            steps = [s for c in children for s in c["steps"]]
+            med = {k: _median([s[k] for s in steps]) for k in steps[0]}
+            n_params = children[0]["n_params"]
+            prec = "fp32" if path == "baseline" else path.removeprefix("ours-")
+            flops = [step_flops(s, n_params, beta) for s in steps]
+            r = {
+                "median": med,
+                "tokens_per_s": _median([s["completion_tokens"] / s["rollout"] for s in steps]),
+                "peak_rss_mb": _median([c["peak_rss_mb"] for c in children]),
+                "rss_after_load_mb": _median([c["rss_after_load_mb"] for c in children]),
+                "n_params": n_params,
+                "flops": {k: _median([f[k] for f in flops]) for k in flops[0]},
+                # per step, then the median (None: a phase with no FLOPs, e.g. the reference at β = 0)
+                "flop_per_s": {k: _median([f[k] / s[k] if f[k] > 0 and s[k] > 0 else None
+                                           for f, s in zip(flops, steps)]) for k in flops[0]},
+                "precision": prec,
+                "steps": steps,
+            }
+            if peak:
+                r["mfu"] = {k: (v / peak[prec] if v is not None else None) for k, v in r["flop_per_s"].items()}
+            results[key][path] = r
+        base = runs[which]["baseline"]
+        for path in paths[:-1]:
+            per_rep: dict[str, list[float]] = {k: [] for k in PHASES}
+            for c_ours, c_base in zip(runs[which][path], base):
+                for k in PHASES:
+                    o = _median([s[k] for s in c_ours["steps"]])
+                    b = _median([s[k] for s in c_base["steps"]])
+                    per_rep[k].append(b / o if o > 1e-3 else None)  # ours skips the phase (β = 0 reference)
+            rr = {k: _median(v) for k, v in per_rep.items()}
+            rr["rollout_tokens_per_s"] = results[key][path]["tokens_per_s"] / results[key]["baseline"]["tokens_per_s"]
+            rr["peak_rss"] = results[key][path]["peak_rss_mb"] / results[key]["baseline"]["peak_rss_mb"]
+            ratios[key][path] = rr
+
+    quality = {}
+    if spec.quality:
+        for p in spec.precisions:
+            quality[f"ours-{p}"] = _launch({"kind": "quality", "precision": p, "spec": asdict(spec)}, spec.in_process)
+            q = quality[f"ours-{p}"]
+            log(f"[bench] quality ours-{p}: grad cosine {q['grad_cosine']:.5f}, "
+                f"mean |Δlogp| train {q['logp_train_vs_exact']['mean_abs']:.2e}")
+    return {
+        "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
+        "machine": machine,
+        "matmul_peak_flop_per_s": peak,
+        "flop_formula": FLOP_FORMULA,
+        "peak_rss": "VmHWM (own high-water mark) of each child process, median over repetitions",
+        "results": results,
+        "speedup": ratios,
+        "quality": quality,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def format_table(report: dict) -> str:
+    """Plain-text tables: per β, phase medians (s) of each path and the speed-up baseline / ours."""
+    lines = []
+    w = report["workload"]
+    m = report["machine"]
+    lines.append(f"workload: {w['model']}, {w['prompts']} prompts x {w['group_size']} samples, "
+                 f"<= {w['max_new_tokens']} new tokens, T={w['temperature']:g}, micro-batch {w['micro_batch_size']}; "
+                 f"{w['repeats']} repetitions x {w['steps']} step(s) after {w['warmup']} warm-up; medians")
+    load = m["loadavg_at_start"]
+    load = "/".join(f"{x:.2f}" for x in load) if load else "?"
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load average at start {load}")
+    peak = report["matmul_peak_flop_per_s"]
+    if peak:
+        lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
+        f = report["flop_formula"]
+        lines.append(f"FLOPs (both paths alike): rollout {f['rollout']}, reference {f['reference']}, train {f['train']}; "
+                     f"S = {f['S']}; N = {f['N']}")
+    for key, res in report["results"].items():
+        paths = list(res)
+        lines.append("")
+        lines.append(f"== GRPO step, {key} ==")
+        head = f"{'':<22}" + "".join(f"{p:>14}" for p in paths) + "".join(f"{'x ' + p:>16}" for p in paths[:-1])
+        lines.append(head)
+        sp = report["speedup"][key]
+
+        def row(label, vals, ratios=None, fmt="{:.2f}"):
+            s = f"{label:<22}" + "".join(f"{(fmt.format(v) if v is not None else '-'):>14}" for v in vals)
+            if ratios is not None:
+                s += "".join(f"{(f'{r:.2f}x' if r is not None else '-'):>16}" for r in ratios)
+            return s
+
+        lines.append(f"{'precision':<22}" + "".join(f"{res[p]['precision']:>14}" for p in paths))
+        labels = {"reference": "ref + old logp (s)", "step_cpu": "step CPU time (s)"}
+        for ph in PHASES:
+            lines.append(row(labels.get(ph, f"{ph} (s)"), [res[p]["median"][ph] for p in paths],
+                             [sp[p][ph] for p in paths[:-1]], "{:.3f}"))
+        lines.append(row("rollout tokens/s", [res[p]["tokens_per_s"] for p in paths],
+                         [sp[p]["rollout_tokens_per_s"] for p in paths[:-1]], "{:.1f}"))
+        lines.append(row("completion tokens", [res[p]["median"]["completion_tokens"] for p in paths], fmt="{:.0f}"))
+        lines.append(row("peak RSS (MB)", [res[p]["peak_rss_mb"] for p in paths],
+                         [sp[p]["peak_rss"] for p in paths[:-1]], "{:.0f}"))
+        lines.append(row("RSS after load (MB)", [res[p]["rss_after_load_mb"] for p in paths], fmt="{:.0f}"))
+        if "mfu" in res[paths[0]]:
+            for ph in ("rollout", "reference", "train", "step"):
+                vals = [res[p]["mfu"][ph] for p in paths]
+                if any(v is not None for v in vals):
+                    lines.append(row(f"MFU {ph}", [100 * v if v is not None else None for v in vals], fmt="{:.1f}%"))
+        lines.append("  (x columns: baseline / ours, median over repetitions, for times and tokens/s; for peak RSS "
+                     "ours / baseline. 'ref + old logp': ours runs the reference only (none at beta=0), the "
+                     "baseline an old-log-prob pass and the reference)")
+    if report["quality"]:
+        lines.append("")
+        lines.append("== quality: ours vs exact fp32 full log-softmax, same sampled batch ==")
+        for p, q in report["quality"].items():
+            diffs = ", ".join(f"{name} {q[k]['mean_abs']:.1e}/{q[k]['max_abs']:.1e}" for name, k in
+                              (("train", "logp_train_vs_exact"), ("reference", "logp_reference_vs_exact"),
+                               ("rollout", "logp_rollout_vs_exact")) if q[k] is not None)
+            lines.append(f"{p}: grad cosine {q['grad_cosine']:.5f}, grad rel. err {q['grad_rel_err']:.2e}; "
+                         f"|Δ log p| mean/max: {diffs}")
+    return "\n".join(lines)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Options of the benchmark (shared by this script and ``rlhf-pg bench``)."""
+    d = BenchSpec()
+    p = p or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=d.model, help=f"model alias, path or hub id (default {d.model})")
+    p.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts per step (default {d.prompts})")
+    p.add_argument("--group-size", type=int, default=d.group_size, help=f"samples per prompt (default {d.group_size})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature:g})")
+    p.add_argument("--kl-coef", type=float, default=d.kl_coef, help=f"β of the β>0 run (default {d.kl_coef:g})")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help=f"(default {d.micro_batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--n-train", type=int, default=d.n_train,
+                   help=f"arithmetic training questions the prompts are drawn from (default {d.n_train})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.add_argument("--precision", choices=["bf16", "fp32", "both"], default=None,
+                   help=f"precision of ours (default on this CPU: {default_precision()}); the baseline is fp32")
+    p.add_argument("--beta", choices=["pos", "zero", "both"], default="both", help="which runs (default both)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help=f"repetitions (default {d.repeats})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"measured steps per child, after the warm-up (default {d.steps})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"unmeasured steps per child (default {d.warmup})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: cores = {d.threads})")
+    p.add_argument("--no-quality", action="store_true", help="skip the log-prob / gradient comparison")
+    p.add_argument("--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the full report here")
+    return p
+
+
+def spec_from_args(args) -> BenchSpec:
+    prec = {"both": ["bf16", "fp32"], None: [default_precision()]}.get(args.precision, [args.precision])
+    betas = {"both": ["pos", "zero"]}.get(args.beta, [args.beta])
+    return BenchSpec(model=args.model, prompts=args.prompts, group_size=args.group_size,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, kl_coef=args.kl_coef,
+                     micro_batch_size=args.micro_batch_size, lr=args.lr, n_train=args.n_train, seed=args.seed,
+                     precisions=prec, betas=betas, repeats=args.repeats,
+                     steps=args.steps, warmup=args.warmup, threads=args.threads, quality=not args.no_quality,
+                     peak_seconds=args.peak_seconds)
+
+
+def run_from_args(args) -> dict:
+    report = run_benchmark(spec_from_args(args), log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.json_path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        res = run_child(json.loads(argv[1]))
+        print(_MARK + json.dumps(res), flush=True)
+        return 0
+    from rlhf_pg.errors import UserError
+
+    try:
+        run_from_args(build_parser().parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
