@@ -8,7 +8,9 @@ Workload (fixed; every number is a flag):
     SmolLM2-135M-Instruct; the built-in `arithmetic` task (its first 512 training questions);
     8 prompts × G = 4 samples, at most 64 new tokens, temperature 1, top-p 1, top-k off;
     reward `accuracy`; GRPO (group-normalised advantage, clipped surrogate, token-mean); one optimizer
-    step per RL step over micro-batches of 8 completions; AdamW, grad-norm clip 1.0.
+    step per RL step over all 32 completions; AdamW, grad-norm clip 1.0. Ours accumulates gradients
+    over micro-batches of 8 (``--micro-batch-size``); the baseline runs each pass over the whole batch
+    at once, as a plain loop does (``--baseline-micro-batch-size 8`` gives it our micro-batching).
     Done twice: β = 0.04 (k3 KL in the loss, so a reference model is loaded and run) and β = 0.
 
 "ours" is the real code path: ``Trainer(build_config(...)).step()``, timed by the trainer's own
@@ -17,8 +19,8 @@ recipes' setting, default where the CPU has AVX512-BF16/AMX; fp32). "baseline" i
 `transformers` writes by hand (``_Baseline`` below), in fp32: ``model.generate(num_return_sequences=G)``
 (every prompt prefilled G times, finished rows decoded until the longest is done), an "old log-probs"
 forward and a separate reference forward of the full prompt+completion sequences with ``log_softmax``
-over the whole vocabulary at every position, then the training forward+backward the same way,
-micro-batched like ours, AdamW. Prompts (the trainer's own per-step selection), data, reward and
+over the whole vocabulary at every position, then the training forward+backward the same way
+(whole batch, or ``--baseline-micro-batch-size``), AdamW. Prompts (the trainer's own per-step selection), data, reward and
 optimizer settings come from the same config; the loss math is the same (core.py's GRPO advantage,
 clip loss, k3 KL, token-mean).
 
@@ -95,6 +97,9 @@ class BenchSpec:
     kl_coef: float = 0.04
     """β of the β > 0 run (k3 estimator, in the loss); the β = 0 run loads no reference model."""
     micro_batch_size: int = 8
+    """Ours: completions per forward/backward (gradient accumulation over the batch)."""
+    baseline_micro_batch_size: int = 0
+    """Baseline: completions per forward/backward; 0 = the whole batch in one pass (the plain loop)."""
     lr: float = 1e-6
     n_train: int = 512
     """Training questions of the arithmetic task (prompts are drawn from them; 512 keeps set-up short)."""
@@ -303,7 +308,8 @@ class _Baseline:
         # ---- old log-probs and reference log-probs: two separate no-grad passes
         t0 = time.perf_counter()
         attn = torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1)
-        B, mbs = seqs.shape[0], s.micro_batch_size
+        B = seqs.shape[0]
+        mbs = s.baseline_micro_batch_size or B
         chunks = [slice(i, min(i + mbs, B)) for i in range(0, B, mbs)]
         with torch.no_grad():
             old = torch.cat([self.logprobs(self.policy, seqs[c], attn[c], P) for c in chunks])
@@ -681,7 +687,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default {d.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature:g})")
     p.add_argument("--kl-coef", type=float, default=d.kl_coef, help=f"β of the β>0 run (default {d.kl_coef:g})")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help=f"(default {d.micro_batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help=f"ours (default {d.micro_batch_size})")
+    p.add_argument("--baseline-micro-batch-size", type=int, default=d.baseline_micro_batch_size,
+                   help="baseline; 0 = the whole batch in one forward/backward, the plain loop (default 0)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
     p.add_argument("--n-train", type=int, default=d.n_train,
                    help=f"arithmetic training questions the prompts are drawn from (default {d.n_train})")
@@ -704,7 +712,8 @@ def spec_from_args(args) -> BenchSpec:
     betas = {"both": ["pos", "zero"]}.get(args.beta, [args.beta])
     return BenchSpec(model=args.model, prompts=args.prompts, group_size=args.group_size,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, kl_coef=args.kl_coef,
-                     micro_batch_size=args.micro_batch_size, lr=args.lr, n_train=args.n_train, seed=args.seed,
+                     micro_batch_size=args.micro_batch_size,
+                     baseline_micro_batch_size=args.baseline_micro_batch_size, lr=args.lr, n_train=args.n_train, seed=args.seed,
                      precisions=prec, betas=betas, repeats=args.repeats,
                      steps=args.steps, warmup=args.warmup, threads=args.threads, quality=not args.no_quality,
                      peak_seconds=args.peak_seconds)

@@ -10,6 +10,10 @@ Layout: ``output_dir/checkpoints/step_000012/`` holding
 * ``trainer.json``        step, KL-controller and baseline state, and how many lines
                           ``metrics.jsonl`` / ``samples.jsonl`` held (resume truncates to these)
 
+Under FSDP / DeepSpeed ZeRO-3 (sharded weights and optimizer state) the model, optimizer and
+scheduler go through ``accelerator.save_state`` into ``engine/`` instead (every rank writes its
+shards); the rest is the same.
+
 A checkpoint is written into ``checkpoints/.tmp-step_…``, every file fsynced, then renamed: a
 half-written checkpoint never has a ``step_*`` name, so it is never picked. The last ``keep`` are
 kept. Reading uses safetensors and ``torch.load(weights_only=True)``: nothing is unpickled.
@@ -49,6 +53,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     fd = os.open(path, os.O_RDONLY)
@@ -148,6 +155,11 @@ def load(ckpt: Path, module: torch.nn.Module, optimizer, scheduler, rank: int, g
         module.load_state_dict(state, strict=True)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return load_trainer_state(ckpt, rank, generator)
+
+
+def load_trainer_state(ckpt: Path, rank: int, generator: torch.Generator) -> dict:
+    """This process's RNG states and the trainer state (step, controllers, line counts)."""
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True), generator)

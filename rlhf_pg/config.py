@@ -109,6 +109,12 @@ class RolloutConfig(_Section):
     """Extra stop strings; the completion ends with the token that completes one."""
     eval_batch_size: int = Field(64, ge=1)
     """Prompts per batch during evaluation (greedy decoding)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine: `hf` samples with the training model itself (log-probs recorded while sampling are exact);
+    `vllm` runs a vLLM engine on the GPU (pip install vllm; one process) that receives the policy's weights after each
+    RL step, and the trainer recomputes the old log-probs."""
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none for hf."""
 
 
 class RewardFunctionConfig(_Section):
@@ -205,8 +211,8 @@ class TrainConfig(_Section):
     """Completions per forward/backward; a minibatch is accumulated over micro-batches."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null = off."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Accelerate autocast precision."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Accelerate autocast precision; null = what the accelerate config / `accelerate launch` flags say (default no)."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only at start and end)."""
     eval_at_start: bool = True

@@ -467,13 +467,18 @@ class ValueModel(torch.nn.Module):
         res["value_preds"] = values
         return res
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """The backbone as a plain transformers model directory, plus ``value_head.safetensors``."""
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """The backbone as a plain transformers model directory, plus ``value_head.safetensors``.
+        ``state_dict``: this module's full state dict when gathered from shards (FSDP/ZeRO-3)."""
         from safetensors.torch import save_file
 
-        self.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(Path(path) / "value_head.safetensors"))
+        backbone = head = None
+        if state_dict is not None:
+            backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+            head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        self.backbone.save_pretrained(path, safe_serialization=True, state_dict=backbone)
+        head = head or self.value_head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(Path(path) / "value_head.safetensors"))
 
 
 def bitsandbytes_config(lora) -> object | None:
