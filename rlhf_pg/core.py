@@ -326,11 +326,13 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str, *, num_tokens: float, 
 
 # ------------------------------------------------------------------------------ log-probs, entropy
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_entropy: bool = True,
-                   chunk: int = 4096) -> tuple[Tensor, Tensor | None]:
+                   chunk: int = 4096, entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits/τ)[ids] and the entropy of softmax(logits/τ), for (B, T, V) logits.
 
     Computed as gathered logit − logsumexp, chunked over rows so no full-vocabulary fp32
-    log-softmax of the whole batch is ever materialised.
+    log-softmax of the whole batch is ever materialised. ``entropy_grad=False``: the entropy is a
+    metric only (no entropy bonus), computed without autograd, so its full-vocabulary softmax is
+    not kept alive for the backward pass.
     """
     B, T, V = logits.shape
     flat, flat_ids = logits.reshape(-1, V), ids.reshape(-1)
@@ -342,8 +344,9 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_e
         lse = torch.logsumexp(lg, dim=-1)
         lps.append(lg.gather(-1, flat_ids[s:s + chunk, None]).squeeze(-1) - lse)
         if with_entropy:
-            p = torch.softmax(lg, dim=-1)
-            ents.append(lse - (p * lg).sum(-1))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                p = torch.softmax(lg, dim=-1)
+                ents.append(lse - (p * lg).sum(-1))
     logp = torch.cat(lps).view(B, T)
     return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
 

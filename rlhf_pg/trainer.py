@@ -344,7 +344,8 @@ class Trainer:
                 values = out["value_preds"][:, -(t1 + 1):-1] if "value_preds" in out else None
         logp = ent = None
         if logits is not None:
-            logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy)
+            logp, ent = core.token_logprobs(logits, cids, self.cfg.rollout.temperature, with_entropy,
+                                            entropy_grad=self.cfg.algo.entropy_coef > 0)
         pad = lambda x: torch.nn.functional.pad(x.float(), (0, T - t1)) if x is not None else None  # noqa: E731
         return pad(logp), pad(ent), pad(values)
 
