@@ -39,7 +39,7 @@ import torch
 from . import rollout
 from .batch import Batch
 from .errors import UserError
-from .rollout import NON_REWARD_COLUMNS, SamplingParams, left_pad
+from .rollout import SamplingParams, attach_rows, left_pad
 
 # ------------------------------------------------------------------------------------ interface
 
@@ -75,12 +75,7 @@ def rollout_rows_with(backend: GenerationBackend, tokenizer, data, rows: list[in
     dataset ``rows`` and fill the batch's texts and reward columns (same fields, same values)."""
     sub = data.select(rows)
     batch = backend.generate(list(sub["prompt_ids"]), group_size, params, uniforms=uniforms, generator=generator)
-    rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-    batch.prompts = rep(sub["prompt"])
-    batch.prompt_texts = rep(sub["prompt_text"])
-    batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in NON_REWARD_COLUMNS}
-    batch.completions = tokenizer.batch_decode(batch.completion_lists(), skip_special_tokens=True)
-    return batch
+    return attach_rows(batch, sub, tokenizer, group_size)
 
 
 # ------------------------------------------------------------------------------------------- hf

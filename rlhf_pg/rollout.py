@@ -152,6 +152,12 @@ def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, param
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
+    return attach_rows(batch, sub, tokenizer, group_size)
+
+
+def attach_rows(batch: Batch, sub, tokenizer, group_size: int) -> Batch:
+    """Fill a sampled batch's prompts, texts, reward columns (each dataset row repeated G times)
+    and decoded completions from the dataset rows ``sub`` it was sampled for."""
     rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
     batch.prompts = rep(sub["prompt"])
     batch.prompt_texts = rep(sub["prompt_text"])
