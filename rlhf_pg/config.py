@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -213,6 +213,11 @@ class TrainConfig(_Section):
     """Clip the global gradient norm; null = off."""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     """Accelerate autocast precision; null = what the accelerate config / `accelerate launch` flags say (default no)."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` as false
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only at start and end)."""
     eval_at_start: bool = True

@@ -33,7 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-_MARK = "RLHF_PG_SCALE_RESULT "
 
 
 def _recipe(args, lora: bool, out: str) -> dict:
@@ -78,13 +77,14 @@ def child(args) -> None:
            "trainable_params": trainable, "peak_rss_mb": peak_rss_mb(),
            "step_s": statistics.median(wall), "tokens_per_s": statistics.median(t / w for t, w in zip(tokens, wall)),
            **{f"{k}_s": statistics.median(m[f"time/{k}"] for m in steps) for k in ("rollout", "reference", "train")}}
-    print(_MARK + json.dumps(res), flush=True)
+    Path(args.result_dir, f"rank{tr.rank}.json").write_text(json.dumps(res))  # ranks share stdout
 
 
 def _run(args, extra: list[str], processes: int, threads: int) -> list[dict]:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("json", "child", "lora", "threads") and v is not None]
-    script = [str(Path(__file__).resolve()), "--child", f"--threads={threads}", *flags, *extra]
+             if k not in ("json", "child", "lora", "threads", "result_dir") and v is not None]
+    out = Path(tempfile.mkdtemp(prefix="bench_scale-"))
+    script = [str(Path(__file__).resolve()), "--child", f"--threads={threads}", f"--result-dir={out}", *flags, *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     if processes == 1:
         cmd = [sys.executable, *script]
@@ -96,7 +96,7 @@ def _run(args, extra: list[str], processes: int, threads: int) -> list[dict]:
                "--num_machines", "1", "--main_process_port", str(port), "--dynamo_backend", "no",
                "--mixed_precision", "no", "--multi_gpu", *script]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    rows = [json.loads(line[len(_MARK):]) for line in proc.stdout.splitlines() if line.startswith(_MARK)]
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
     if proc.returncode or len(rows) != processes:
         raise SystemExit(f"bench_scale: child failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     return sorted(rows, key=lambda r: r["rank"])
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model(args.model)  # convert/cache once, outside the measured children
     cores = usable_cores()
     full = _run(args, [], 1, cores)[0]
+    print(f"[bench_scale] full fine-tune: {full}", file=sys.stderr, flush=True)
     lora = _run(args, ["--lora"], 1, cores)[0]
+    print(f"[bench_scale] LoRA: {lora}", file=sys.stderr, flush=True)
     two = _run(args, [], 2, max(1, cores // 2))
     tput_two = statistics.mean(r["tokens_per_s"] for r in two)  # each rank reports the global batch's tokens/s
     report = {"workload": {k: v for k, v in vars(args).items() if k not in ("json", "child", "lora", "threads")},

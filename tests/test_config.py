@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg.config import PRESETS, RunConfig, describe_fields, dump_config, load_config, parse_overrides, read_yaml
+from rlhf_pg.config import (PRESETS, RunConfig, build_config, describe_fields, dump_config, load_config,
+                            parse_overrides, read_yaml)
 from rlhf_pg.errors import UserError
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -81,3 +82,9 @@ def test_dump_roundtrip_and_docs():
     keys = [k for k, _, _ in rows]
     assert "algo.kl_coef" in keys and "train.max_steps" in keys
     assert all(doc.strip() for _, _, doc in rows), "every option has a docstring"
+
+
+def test_bare_no_is_the_string_no():
+    """YAML 1.1 reads `no` as false; `train.mixed_precision=no` must still mean "no"."""
+    cfg = build_config(parse_overrides(["train.mixed_precision=no"]))
+    assert cfg.train.mixed_precision == "no"
