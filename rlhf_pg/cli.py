@@ -144,7 +144,13 @@ def _summary(cfg, hist) -> None:
     out = cfg.output_dir
     print(f"  metrics: {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'samples.jsonl')}")
     if cfg.train.save_model:
-        print(f"    model: {os.path.join(out, 'model')}  (AutoModelForCausalLM.from_pretrained loads it)")
+        model = os.path.join(out, "model")
+        if cfg.model.lora is None:
+            print(f"    model: {model}  (AutoModelForCausalLM.from_pretrained loads it)")
+        else:
+            print(f"  adapter: {model}  (peft: PeftModel.from_pretrained(base_model, path) loads it)")
+            if cfg.model.lora.save_merged:
+                print(f"   merged: {os.path.join(model, 'merged')}  (AutoModelForCausalLM.from_pretrained loads it)")
 
 
 def _cmd_config(args) -> int:
