@@ -432,10 +432,15 @@ def run_child(job: dict) -> dict:
 
 def _launch(job: dict, in_process: bool) -> dict:
     if in_process:
+        import torch
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)  # a new precision needs a fresh state
-        return run_child(job)
+        threads = torch.get_num_threads()
+        try:
+            return run_child(job)
+        finally:
+            torch.set_num_threads(threads)  # the child's thread count must not leak into this process
     # A fresh interpreter running this very package: a source checkout's root goes first on the path
     # (an installed package is found by the child as by the parent).
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")

@@ -46,7 +46,18 @@ def _deterministic(path: Path) -> list[dict]:
 def _env():
     env = dict(os.environ)
     env["TQDM_DISABLE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # the same thread count as the in-process runs (float sums differ by threads)
     return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Bit-identical comparisons between this process and CLI subprocesses need the same thread
+    count on both sides, whatever earlier tests left behind."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _steps_logged(out: Path) -> int:
