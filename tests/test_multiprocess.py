@@ -90,7 +90,7 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("algo", sorted(RECIPES))
-def test_two_processes_equal_one_process(tmp_path, algo):
+def test_two_processes_equal_one_process(tmp_path, algo, one_thread):
     (tmp_path / "rw.py").write_text(VOWELS)
     text = RECIPES[algo].replace("REWARD", f"{tmp_path / 'rw.py'}:vowels")
     recipe = tmp_path / "r.yaml"
@@ -125,13 +125,17 @@ def test_two_processes_equal_one_process(tmp_path, algo):
     # the gradient of every optimizer step: equal on both ranks, and to the 1-process gradient
     n_opt = tr.cfg.train.max_steps * tr.opt_steps_per_rl_step
     assert len(grads_one) == len(r0["grads"]) == len(r1["grads"]) == n_opt
-    for g1, g0, gr1 in zip(grads_one, r0["grads"], r1["grads"]):
+    for i, (g1, g0, gr1) in enumerate(zip(grads_one, r0["grads"], r1["grads"])):
         assert g1.keys() == g0.keys()
         scale = max(g.abs().max().item() for g in g1.values())
         assert scale > 0
+        # The first update sees identical weights: its gradients agree to float summation order.
+        # Later ones start from weights that AdamW moved by up to ~lr where a gradient was float
+        # noise, so they agree less tightly (still far tighter than any normalisation error).
+        atol = (1e-5 if i == 0 else 1e-3) * scale
         for k in g1:
             assert torch.equal(g0[k], gr1[k])
-            torch.testing.assert_close(g0[k], g1[k], atol=1e-5 * scale, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(g0[k], g1[k], atol=atol, rtol=1e-3, msg=lambda m: f"step {i} {k}: {m}")
     for k in one:  # and the weights (AdamW magnifies float noise on near-zero gradients: looser)
         torch.testing.assert_close(p0[k], one[k], atol=5e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
 
