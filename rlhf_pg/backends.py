@@ -99,19 +99,8 @@ class HFBackend(GenerationBackend):
 
     def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
                  uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
-        model = self.model
-        config = getattr(model, "config", None)
-        was_training = model.training
-        use_cache = getattr(config, "use_cache", None)
-        model.eval()
-        if config is not None:
-            config.use_cache = True
-        try:
+        with rollout.sampling_mode(self.model) as model:
             return rollout.generate(model, self.tokenizer, prompt_ids, group_size, params, generator, uniforms)
-        finally:
-            if config is not None:
-                config.use_cache = use_cache
-            model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------- vllm

@@ -15,6 +15,7 @@ forward (here and in the trainer) so sampling and training see identical positio
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -144,15 +145,25 @@ def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, param
     """Sample ``group_size`` completions for dataset ``rows`` (from :mod:`rlhf_pg.data`) and fill the
     batch's texts and reward columns. The model is put in eval mode with the KV cache on, then restored."""
     sub = data.select(rows)
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True
-    try:
+    with sampling_mode(model):
         batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator, uniforms)
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
     return attach_rows(batch, sub, tokenizer, group_size)
+
+
+@contextmanager
+def sampling_mode(model):
+    """Eval mode (no dropout) with the KV cache on for sampling; both restored afterwards."""
+    config = getattr(model, "config", None)
+    was_training, use_cache = model.training, getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = True
+    try:
+        yield model
+    finally:
+        if config is not None:
+            config.use_cache = use_cache
+        model.train(was_training)
 
 
 def attach_rows(batch: Batch, sub, tokenizer, group_size: int) -> Batch:
