@@ -406,22 +406,48 @@ def _build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-class PolicyWithValue(torch.nn.Module):
-    """A causal LM plus a scalar value head V(s_t) = w·h_t + b on its last hidden state (shared
-    backbone, as in Ziegler et al. 2019 and TRL's ``AutoModelForCausalLMWithValueHead``).
+class _WithValueHead(torch.nn.Module):
+    """A transformer body (attribute ``_body``) plus a scalar value head V(s_t) = w·h_t + b that
+    starts at zero (V ≡ 0 before training)."""
+
+    _body: str
+
+    def _add_value_head(self, config, device) -> None:
+        self.value_head = torch.nn.Linear(config.get_text_config().hidden_size, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(device)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """The body with its own ``save_pretrained`` (a transformers model directory, or a peft
+        adapter), plus ``value_head.safetensors``. ``state_dict``: this module's full state dict when
+        gathered from shards (FSDP/ZeRO-3); by default the module's own tensors."""
+        from safetensors.torch import save_file
+
+        body = head = None
+        if state_dict is not None:
+            prefix = self._body + "."
+            body = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+            head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        getattr(self, self._body).save_pretrained(path, safe_serialization=True, state_dict=body)
+        head = head or self.value_head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(Path(path) / "value_head.safetensors"))
+
+
+class PolicyWithValue(_WithValueHead):
+    """A causal LM plus a scalar value head on its last hidden state (shared backbone, as in
+    Ziegler et al. 2019 and TRL's ``AutoModelForCausalLMWithValueHead``).
 
     ``forward`` returns the LM's output with an extra ``"value_preds"`` entry of shape (B, S): the
-    value of the state at every position. The head starts at zero, so V ≡ 0 before training.
+    value of the state at every position.
     """
+
+    _body = "policy"
 
     def __init__(self, policy: PreTrainedModel):
         super().__init__()
         self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(policy.parameters()).device)
+        self._add_value_head(policy.config, next(policy.parameters()).device)
 
     @property
     def config(self):
@@ -435,21 +461,19 @@ class PolicyWithValue(torch.nn.Module):
         return out
 
 
-class ValueModel(torch.nn.Module):
-    """A separate critic: a transformer backbone (a causal LM without its LM head) plus a scalar head,
-    V(s_t) = w·h_t + b. Same calling convention as :class:`PolicyWithValue` (``"value_preds"`` in
-    the output, ``past_key_values`` when ``use_cache``), with ``logits`` None: no vocabulary matmul.
+class ValueModel(_WithValueHead):
+    """A separate critic: a transformer backbone (a causal LM without its LM head) plus a scalar head.
+    Same calling convention as :class:`PolicyWithValue` (``"value_preds"`` in the output,
+    ``past_key_values`` when ``use_cache``), with ``logits`` None: no vocabulary matmul.
     """
+
+    _body = "backbone"
 
     def __init__(self, causal_lm: PreTrainedModel):
         super().__init__()
         self.backbone = causal_lm.get_decoder()  # e.g. LlamaModel; the LM head is dropped
         self._config = causal_lm.config
-        hidden = causal_lm.config.get_text_config().hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(self.backbone.parameters()).device)
+        self._add_value_head(causal_lm.config, next(self.backbone.parameters()).device)
 
     @property
     def config(self):
@@ -466,19 +490,6 @@ class ValueModel(torch.nn.Module):
         res = CausalLMOutputWithPast(logits=None, past_key_values=out.past_key_values)
         res["value_preds"] = values
         return res
-
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        """The backbone as a plain transformers model directory, plus ``value_head.safetensors``.
-        ``state_dict``: this module's full state dict when gathered from shards (FSDP/ZeRO-3)."""
-        from safetensors.torch import save_file
-
-        backbone = head = None
-        if state_dict is not None:
-            backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-            head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
-        self.backbone.save_pretrained(path, safe_serialization=True, state_dict=backbone)
-        head = head or self.value_head.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(Path(path) / "value_head.safetensors"))
 
 
 def bitsandbytes_config(lora) -> object | None:
