@@ -31,7 +31,7 @@ import dataclasses
 import importlib
 import os
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
@@ -39,7 +39,7 @@ import torch
 from . import rollout
 from .batch import Batch
 from .errors import UserError
-from .rollout import SamplingParams, attach_rows, left_pad
+from .rollout import SamplingParams, left_pad, stop_cut
 
 # ------------------------------------------------------------------------------------ interface
 
@@ -50,6 +50,13 @@ class GenerationBackend(ABC):
     name: ClassVar[str] = ""
     exact_logprobs: ClassVar[bool] = True
     """True: ``old_logprobs`` equal the trainer's own log softmax(logits/τ) of the sampled tokens."""
+    uses_training_module: ClassVar[bool] = False
+    """True: samples with the trained module itself, so it takes the trainer's ``context`` (weights
+    gathered under ZeRO-3/FSDP, autocast) and needs no weight sync."""
+
+    def sampling_context(self) -> AbstractContextManager:
+        """What :func:`rlhf_pg.rollout.sample` enters around :meth:`generate` (nothing by default)."""
+        return nullcontext()
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
@@ -68,34 +75,30 @@ class GenerationBackend(ABC):
         """Release the backend's resources (engines, GPU memory)."""
 
 
-def rollout_rows_with(backend: GenerationBackend, tokenizer, data, rows: list[int], group_size: int,
-                      params: SamplingParams, uniforms: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Batch:
-    """:func:`rlhf_pg.rollout.rollout_rows` through ``backend``: sample ``group_size`` completions for
-    dataset ``rows`` and fill the batch's texts and reward columns (same fields, same values)."""
-    sub = data.select(rows)
-    batch = backend.generate(list(sub["prompt_ids"]), group_size, params, uniforms=uniforms, generator=generator)
-    return attach_rows(batch, sub, tokenizer, group_size)
-
-
 # ------------------------------------------------------------------------------------------- hf
 
 
 class HFBackend(GenerationBackend):
     """The built-in sampler (:func:`rlhf_pg.rollout.generate`) on the training module itself.
 
-    The module is put in eval mode with the KV cache on for the call, then restored (as
-    ``rollout_rows`` does). Exact log-probs; ``sync_weights`` is a no-op because the backend samples
-    from the very module the optimizer updates."""
+    The module is put in eval mode with the KV cache on for the call, then restored. Exact
+    log-probs; ``sync_weights`` is a no-op because the backend samples from the very module the
+    optimizer updates. ``context``: a factory of the context to sample in (the trainer's gathers
+    sharded weights and enters its autocast)."""
 
     name = "hf"
     exact_logprobs = True
+    uses_training_module = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer, **options: Any):
+    def __init__(self, model: torch.nn.Module, tokenizer, context: Callable[[], AbstractContextManager] | None = None,
+                 **options: Any):
         if options:
             raise UserError(f"rollout.backend=hf takes no backend options (got {', '.join(sorted(options))}): "
                             "remove rollout.backend_options")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.context = model, tokenizer, context
+
+    def sampling_context(self) -> AbstractContextManager:
+        return self.context() if self.context is not None else nullcontext()
 
     def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
                  uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
@@ -151,7 +154,7 @@ def vllm_outputs_to_batch(outputs: Sequence[Any], prompts: list[list[int]], grou
             if eos_id is not None and eos_id in ids:
                 n = ids.index(eos_id) + 1
             if stops:
-                n = min(n, _stop_cut(tokenizer, ids[:n], stops))
+                n = min(n, stop_cut(tokenizer, ids[:n], stops))
             ids = ids[:n]
             rows.append(ids)
             row_logps.append(_sampled_logprobs(c.logprobs, ids))
@@ -174,15 +177,6 @@ def vllm_outputs_to_batch(outputs: Sequence[Any], prompts: list[list[int]], grou
         old_logprobs=(logps * mask).to(device),
         group_size=G,
     )
-
-
-def _stop_cut(tokenizer, ids: list[int], stops: list[str]) -> int:
-    """Length up to and including the first token after which a stop string appears (as _StopChecker)."""
-    for t in range(len(ids)):
-        text = tokenizer.decode(ids[: t + 1], skip_special_tokens=True)
-        if any(s in text for s in stops):
-            return t + 1
-    return len(ids)
 
 
 def _sampled_logprobs(logprobs: Sequence[Any] | None, ids: list[int]) -> list[float]:
@@ -401,15 +395,19 @@ def _engine_arg_names() -> set[str] | None:
 BACKENDS: dict[str, type[GenerationBackend]] = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
-def make_backend(name: str, model: torch.nn.Module, tokenizer, **options: Any) -> GenerationBackend:
-    """The backend called ``name`` (``rollout.backend``) with ``options`` (``rollout.backend_options``)."""
+def make_backend(name: str, model: torch.nn.Module, tokenizer, context: Callable[[], AbstractContextManager] | None = None,
+                 **options: Any) -> GenerationBackend:
+    """The backend called ``name`` (``rollout.backend``) with ``options`` (``rollout.backend_options``).
+    ``context`` reaches backends that sample with the training module (``uses_training_module``)."""
     cls = BACKENDS.get(name)
     if cls is None:
         raise UserError(f"rollout.backend={name!r} is not a generation backend: choose one of "
                         f"{', '.join(sorted(BACKENDS))}")
+    if cls.uses_training_module:
+        options["context"] = context
     return cls(model, tokenizer, **options)
 
 
 __all__ = ["BACKENDS", "GenerationBackend", "HFBackend", "VLLMBackend", "VLLM_MISSING", "hf_weights",
-           "make_backend", "merged_adapter", "request_seeds", "rollout_rows_with", "vllm_engine_kwargs",
+           "make_backend", "merged_adapter", "request_seeds", "vllm_engine_kwargs",
            "vllm_logprobs_match_policy", "vllm_outputs_to_batch", "vllm_sampling_kwargs"]

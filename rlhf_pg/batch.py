@@ -42,12 +42,17 @@ class Batch:
     # --- filled by rewards / reference / value passes / advantage estimator -----------------------
     scores: torch.Tensor | None = None
     """(B,) float. Weighted sequence reward R(x, y) from the reward functions."""
+    reward_per_function: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name → (B,) float. Each reward function's own sequence value (unweighted), NaN where it returned None."""
     token_rewards: torch.Tensor | None = None
     """(B, T) float. r_t: per-token reward (scores on the last token, dense rewards, − β·KL if kl_in=reward)."""
     ref_logprobs: torch.Tensor | None = None
     """(B, T) float. log π_ref(a_t|s_t); None when β = 0 (no reference model)."""
     values: torch.Tensor | None = None
-    """(B, T) float. V(s_t) from the value head at rollout time; None without a value head."""
+    """(B, T) float. V(s_t) from the value model at rollout time; None unless the estimator needs values."""
+    baseline: torch.Tensor | None = None
+    """(B, T) float. b_t the advantage estimator subtracted from the return (group mean, leave-one-out,
+    EMA, V(s_t)); None for estimators without one."""
     advantages: torch.Tensor | None = None
     """(B, T) float. Â_t from the advantage estimator."""
     returns: torch.Tensor | None = None
@@ -62,7 +67,7 @@ class Batch:
         return [row[m.bool()].tolist() for row, m in zip(self.completion_ids.cpu(), self.completion_mask.cpu())]
 
     def select(self, idx: torch.Tensor) -> "Batch":
-        """Rows ``idx`` of every per-row field (tensors, lists and columns); used for minibatches."""
+        """Rows ``idx`` of every per-row field (tensors, lists, columns, per-function rewards)."""
         out: dict[str, Any] = {}
         ilist = idx.tolist()
         for f in fields(self):
@@ -72,7 +77,8 @@ class Batch:
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in ilist] if v else []
             elif isinstance(v, dict):
-                out[f.name] = {k: [col[i] for i in ilist] for k, col in v.items()}
+                out[f.name] = {k: col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in ilist]
+                               for k, col in v.items()}
             else:
                 out[f.name] = v
         return Batch(**out)

@@ -183,13 +183,13 @@ def _config(spec: BenchSpec, beta: float, precision: str, out_dir: str):
         "output_dir": out_dir, "overwrite": True, "seed": spec.seed,
         "model": {"name": spec.model},
         "data": {"train": "arithmetic", "eval_limit": 1, "task_kwargs": {"n_train": spec.n_train, "n_eval": 8}},
-        "rollout": {"prompts_per_step": spec.prompts, "group_size": spec.group_size,
-                    "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
-                    "top_p": 1.0, "top_k": 0},
+        "batch": {"prompts_per_step": spec.prompts, "group_size": spec.group_size, "epochs": 1,
+                  "micro_batch_size": spec.micro_batch_size},
+        "rollout": {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature, "top_p": 1.0, "top_k": 0},
         "rewards": {"functions": [{"name": "accuracy"}]},
         "algo": {"name": "grpo", "kl_coef": beta, "kl_estimator": "k3", "kl_in": "loss",
-                 "loss_agg": "token-mean", "epochs": 1, "minibatches": 1},
-        "train": {"max_steps": 10_000, "lr": spec.lr, "micro_batch_size": spec.micro_batch_size,
+                 "loss_agg": "token-mean"},
+        "train": {"max_steps": 10_000, "lr": spec.lr,
                   "mixed_precision": "bf16" if precision == "bf16" else "no", "max_grad_norm": 1.0,
                   "samples_every": 0, "save_every": 0, "eval_at_start": False, "save_model": False},
     })
@@ -203,6 +203,7 @@ def _child_ours(spec: BenchSpec, which: str, precision: str) -> dict:
     """The real path: Trainer.step(), phase times from its metrics."""
     import torch
 
+    from rlhf_pg.order import step_rows
     from rlhf_pg.trainer import Trainer
 
     torch.set_num_threads(spec.threads)
@@ -212,7 +213,7 @@ def _child_ours(spec: BenchSpec, which: str, precision: str) -> dict:
         G, B = spec.group_size, spec.prompts * spec.group_size
         steps = []
         for i in range(spec.warmup + spec.steps):
-            rows = trainer._step_rows(trainer.step_idx)  # the prompts step() is about to use
+            rows = step_rows(len(trainer.train_data), spec.prompts, spec.seed, trainer.step_idx)  # step()'s prompts
             prompt_tokens = sum(len(trainer.train_data[r]["prompt_ids"]) for r in rows)
             t0, c0 = time.perf_counter(), time.process_time()
             m = trainer.step()
@@ -235,32 +236,26 @@ class _Baseline:
     def __init__(self, spec: BenchSpec, beta: float):
         import torch
 
-        from rlhf_pg.data import load_prompt_dataset
         from rlhf_pg.models import load_model, load_tokenizer
-        from rlhf_pg.rewards import RewardSet, RewardSpec
+        from rlhf_pg.setup import build_datasets, build_rewards
 
         torch.manual_seed(spec.seed)
         self.spec, self.beta = spec, beta
         self.cfg = cfg = _config(spec, beta, "fp32", "unused")  # ours' config: the same data, reward, optimizer
-        d, t = cfg.data, cfg.train
+        t = cfg.train
         self.tok = load_tokenizer(cfg.model.name)
         self.policy = load_model(cfg.model.name, "float32", "cpu")
         self.ref = load_model(cfg.model.name, "float32", "cpu").eval().requires_grad_(False) if beta > 0 else None
-        self.data = load_prompt_dataset(d.train, d.train_split, tokenizer=self.tok, prompt_column=d.prompt_column,
-                                        system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
-                                        too_long=d.too_long, task_kwargs=d.task_kwargs, seed=cfg.seed)
-        self.rewards = RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.rewards.functions],
-                                 tokenizer=self.tok)
+        self.data, _ = build_datasets(cfg, self.tok)
+        self.rewards = build_rewards(cfg, self.tok)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         self.step_idx = 0
 
     def rows(self, step: int) -> list[int]:
-        """The same prompts as ours at this step (Trainer._step_rows's permutation, one process)."""
-        from types import SimpleNamespace
+        """The same prompts as ours at this step (one process)."""
+        from rlhf_pg.order import step_rows
 
-        from rlhf_pg.trainer import Trainer
-
-        return Trainer._step_rows(SimpleNamespace(train_data=self.data, cfg=self.cfg, world=1, rank=0), step)
+        return step_rows(len(self.data), self.spec.prompts, self.cfg.seed, step)
 
     def logprobs(self, model, seqs, attn, P: int):
         """log π(a_t|s_t) of every completion token: full-vocabulary log_softmax at all positions."""
@@ -318,18 +313,19 @@ class _Baseline:
         times["reference"] = time.perf_counter() - t0
 
         a = self.cfg.algo  # grpo advantage, clip loss, k3 KL in the loss, token-mean (see _config)
-        adv, _ = core.ADVANTAGE_ESTIMATORS[a.advantage](token_rewards, cmask, None, G, a)
+        adv = core.ADVANTAGES[a.advantage].fn(core.AdvantageInputs(token_rewards, cmask, G), a.options(a.advantage),
+                                              None).advantages
 
         # ---- train: forward + backward per micro-batch on the full padded sequences, AdamW
         t0 = time.perf_counter()
         self.policy.train()
-        n_tok = cmask.sum().item()
+        n = core.Normalisers(num_tokens=cmask.sum().item(), num_seqs=B, max_tokens=s.max_new_tokens)
         for c in chunks:
             logp = self.logprobs(self.policy, seqs[c], attn[c], P)
-            per_tok, _ = core.POLICY_LOSSES[a.policy_loss](logp, old[c], adv[c], cmask[c], a)
+            per_tok, _ = core.POLICY_LOSSES[a.policy_loss].fn(logp, old[c], adv[c], cmask[c], a.options(a.policy_loss))
             if ref is not None:
-                per_tok = per_tok + self.beta * core.KL_ESTIMATORS[a.kl_estimator](logp, ref[c])
-            loss = core.aggregate(per_tok, cmask[c], a.loss_agg, num_tokens=n_tok, num_seqs=B)
+                per_tok = per_tok + self.beta * core.KL_ESTIMATORS[a.kl_estimator].fn(logp, ref[c])
+            loss = core.AGGREGATIONS[a.loss_agg].fn(per_tok, cmask[c], n, a.options(a.loss_agg))
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
         self.opt.step()
@@ -359,12 +355,13 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
     import torch
 
     from rlhf_pg import core
+    from rlhf_pg.forward import forward
     from rlhf_pg.trainer import Trainer
 
     torch.set_num_threads(spec.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(_config(spec, spec.kl_coef, precision, tmp))
-        batch = tr._rollout(tr.train_data, tr._step_rows(0), spec.group_size, tr.sampling)
+        batch = tr.rollout(0)
         mask = batch.completion_mask
         P = batch.prompt_ids.shape[1]
         seqs = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
@@ -376,6 +373,7 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
         g = torch.Generator().manual_seed(1)
         adv = torch.randn(batch.size, 1, generator=g) * mask  # any fixed advantages: same for both
         n_tok = mask.sum().item()
+        norm = core.Normalisers(num_tokens=n_tok, num_seqs=batch.size, max_tokens=spec.max_new_tokens)
 
         def grad_of(logp_fn) -> tuple[torch.Tensor, torch.Tensor]:
             model.zero_grad(set_to_none=True)
@@ -383,13 +381,13 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
             for c in chunks:
                 lp = logp_fn(c)
                 per_tok, _ = core.pg_loss(lp, lp.detach(), adv[c], mask[c], None)
-                core.aggregate(per_tok, mask[c], "token-mean", num_tokens=n_tok, num_seqs=batch.size).backward()
+                core.agg_token_mean(per_tok, mask[c], norm).backward()
                 lps.append(lp.detach())
             grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
             model.zero_grad(set_to_none=True)
             return torch.cat(lps), grad
 
-        lp_ours, g_ours = grad_of(lambda c: tr._forward(model, batch.select(c), False)[0])
+        lp_ours, g_ours = grad_of(lambda c: forward(model, batch.select(c), tr.passes).logprobs)
         # Accelerate's mixed precision patches model.forward with autocast; the exact pass must not use it.
         patched = model.__dict__.pop("forward", None) if hasattr(model, "_original_forward") else None
         try:
@@ -398,7 +396,7 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
             if patched is not None:
                 model.forward = patched
         with torch.no_grad():  # the reference pass (same weights as the policy before any update)
-            lp_ref_path = tr._no_grad_pass(tr.ref, batch, 0) if tr.ref is not None else None
+            lp_ref_path = tr.logprobs(tr.ref, batch) if tr.ref is not None else None
 
         def diff(x: torch.Tensor) -> dict:
             d = (x - lp_exact).abs()[mask.bool()]

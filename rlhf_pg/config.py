@@ -11,6 +11,7 @@ Resolution order: preset defaults for ``algo.name`` < recipe YAML < command-line
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+
+
+TooLong = Literal["truncate", "error"]
+"""data.too_long: what to do with a prompt over max_prompt_tokens (data.load_prompt_dataset takes it too)."""
+OnError = Literal["raise", "zero"]
+OnNonfinite = Literal["raise", "zero", "none"]
+OnAllNone = Literal["raise", "zero"]
+"""The rewards.on_* policies (rewards.RewardSet takes them too)."""
 
 
 class _Section(BaseModel):
@@ -86,17 +95,32 @@ class DataConfig(_Section):
     """System message prepended to conversational prompts that have none."""
     max_prompt_tokens: int = Field(512, ge=1)
     """Longest prompt in tokens; longer prompts are handled by `too_long`."""
-    too_long: Literal["truncate", "error"] = "truncate"
+    too_long: TooLong = "truncate"
     """Prompts over `max_prompt_tokens`: keep the last tokens (with a warning) or stop with an error."""
     task_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Options of a built-in task, e.g. `{max_operand: 20, n_train: 5000, seed: 0}` for `arithmetic`."""
 
 
-class RolloutConfig(_Section):
+class BatchConfig(_Section):
+    """Every size of a step, one unit each. A step samples prompts_per_step × group_size completions (the
+    rollout), optimises on them for `epochs` passes of minibatches, each accumulated over micro-batches."""
+
     prompts_per_step: int = Field(8, ge=1)
-    """Prompts sampled per RL step (over all processes)."""
+    """Prompts sampled per RL step, GLOBAL (over all processes; a multiple of the process count)."""
     group_size: int = Field(4, ge=1)
-    """G: completions sampled per prompt. Each step trains on prompts_per_step × group_size completions."""
+    """G: completions sampled per prompt (the rollout holds prompts_per_step × group_size completions)."""
+    epochs: int = Field(1, ge=1)
+    """Optimisation passes over each rollout."""
+    minibatch_size: int | None = Field(None, ge=1)
+    """Completions per optimizer step, GLOBAL; divides the rollout and is a multiple of the process count.
+    null = the whole rollout (one optimizer step per epoch)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Completions per forward/backward, PER PROCESS; a minibatch is accumulated over micro-batches."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Prompts per generation batch during evaluation (greedy decoding), PER PROCESS."""
+
+
+class RolloutConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)
     """Longest completion in tokens; sampling stops earlier at EOS or a stop string."""
     temperature: float = Field(1.0, gt=0)
@@ -107,8 +131,6 @@ class RolloutConfig(_Section):
     """Sample among the k most likely tokens (0 = off)."""
     stop: list[str] = Field(default_factory=list)
     """Extra stop strings; the completion ends with the token that completes one."""
-    eval_batch_size: int = Field(64, ge=1)
-    """Prompts per batch during evaluation (greedy decoding)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: `hf` samples with the training model itself (log-probs recorded while sampling are exact);
     `vllm` runs a vLLM engine on the GPU (pip install vllm; one process) that receives the policy's weights after each
@@ -131,33 +153,31 @@ class RewardsConfig(_Section):
         default_factory=lambda: [RewardFunctionConfig(name="accuracy")]
     )
     """Reward functions, summed with their weights; each one is also logged on its own."""
-    on_error: Literal["raise", "zero"] = "raise"
+    on_error: OnError = "raise"
     """A reward function raises: stop with its message, or treat its values for the batch as missing (0)."""
-    on_nonfinite: Literal["raise", "zero", "none"] = "raise"
+    on_nonfinite: OnNonfinite = "raise"
     """A reward function returns NaN/inf: stop, use 0, or treat as missing."""
-    on_all_none: Literal["raise", "zero"] = "raise"
+    on_all_none: OnAllNone = "raise"
     """Every function returns None for a sample: stop, or score it 0."""
 
 
 class AlgoConfig(_Section):
+    """The estimator, loss and KL. Each registry entry with options has its own section here, named after
+    it (`algo.grpo.scale`, `algo.reinforce.baseline`, `algo.gae.lam`, `algo.clip.eps_high`, ...); see
+    `rlhf-pg config` for all of them."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, validate_assignment=True)
+
     name: Literal["grpo", "reinforce", "rloo", "ppo"] = "grpo"
     """Preset: fills the defaults of the fields below (see PRESETS); any field can still be set."""
     advantage: str = "grpo"
-    """Advantage estimator (registry in core.py): grpo, rloo, reinforce, gae."""
-    scale: Literal["group", "batch", "none"] = "group"
-    """GRPO: divide centred group rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    """Advantage estimator (core.ADVANTAGES): grpo, rloo, reinforce, gae, or one you registered."""
     policy_loss: str = "clip"
-    """Policy loss (registry in core.py): `clip` (PPO ratio clip) or `pg` (−Â·log π)."""
-    clip_eps_low: float = Field(0.2, ge=0)
-    """ε_low: the ratio is clipped below at 1 − ε_low."""
-    clip_eps_high: float = Field(0.2, ge=0)
-    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28)."""
-    dual_clip: float | None = Field(None, gt=1)
-    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020); null = off."""
+    """Policy loss (core.POLICY_LOSSES): `clip` (PPO ratio clip) or `pg` (−Â·log π)."""
     kl_coef: float = Field(0.0, ge=0)
     """β: weight of the KL to the reference model. 0 = no reference model is loaded at all."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator (Schulman 2020): k1 = log π/π_ref, k2 = ½(log ratio)², k3 = (r − 1) − log r."""
+    kl_estimator: str = "k3"
+    """KL estimator (core.KL_ESTIMATORS, Schulman 2020): k1 = log π/π_ref, k2 = ½(log ratio)², k3 = (r − 1) − log r."""
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL goes: a term in the loss (GRPO) or a per-token penalty in the reward (PPO)."""
     kl_target: float | None = Field(None, gt=0)
@@ -166,32 +186,48 @@ class AlgoConfig(_Section):
     """Adaptive KL controller horizon in samples."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus weight: loss −= coef × entropy."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"] = "token-mean"
-    """How per-token losses become one number (normalised over the whole minibatch, all processes)."""
-    loss_agg_constant: float | None = Field(None, gt=0)
-    """Normaliser per sequence for `constant` aggregation (Dr. GRPO); default: rollout.max_new_tokens."""
+    loss_agg: str = "token-mean"
+    """How per-token losses become one number (core.AGGREGATIONS: token-mean, seq-mean-token-mean,
+    seq-mean-token-sum, constant), normalised over the whole minibatch, all processes."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount γ for returns (reinforce, gae)."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE λ."""
-    reward_to_go: bool = True
-    """reinforce: weight log π(a_t) by the return from t (True) or by the full return (False)."""
-    baseline: Literal["none", "mean", "ema", "loo"] = "none"
-    """reinforce baseline: none, group mean (includes the sample itself), EMA of past returns, leave-one-out."""
-    ema_decay: float = Field(0.9, ge=0, lt=1)
-    """Decay of the `ema` baseline."""
     whiten_advantages: bool = False
     """Normalise advantages to zero mean, unit std over the whole batch (masked, across processes)."""
     vf_coef: float = Field(0.1, ge=0)
-    """Value loss weight (gae)."""
+    """Value loss weight (estimators that need values, e.g. gae)."""
     value_clip: float | None = Field(0.2, gt=0)
     """Clip range of the value prediction around the rollout's values; null = no clipping."""
     critic_warmup_steps: int = Field(0, ge=0)
-    """First RL steps that train only the value head (policy loss off) so GAE starts from a fitted V."""
-    epochs: int = Field(1, ge=1)
-    """Optimisation passes over each rollout."""
-    minibatches: int = Field(1, ge=1)
-    """Optimizer steps per epoch: the rollout is split into this many minibatches."""
+    """First RL steps that train only the value function: the loss is the value loss alone (no policy loss,
+    KL or entropy term). A separate critic alone changes; a shared head's value loss also reaches the backbone."""
+
+    @model_validator(mode="after")
+    def _option_sections(self) -> "AlgoConfig":
+        """Validate every `algo.<entry>` section with its entry's options model; the selected entries
+        get their defaults when the recipe has no section for them."""
+        from .core import REGISTRIES  # local: the math module imports torch
+
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        owners = {n: e.options for reg in REGISTRIES for n, e in reg.items() if e.options is not None}
+        for key, value in list(extra.items()):
+            if key not in owners:
+                names = sorted(set(type(self).model_fields) | set(owners))
+                close = difflib.get_close_matches(key, names, n=1)
+                raise ValueError(f"unknown config key 'algo.{key}'" + (
+                    f" — did you mean 'algo.{close[0]}'?" if close else f" — known keys here: {', '.join(names)}"))
+            if not isinstance(value, owners[key]):
+                try:
+                    extra[key] = owners[key].model_validate(value if value is not None else {})
+                except ValidationError as err:
+                    raise ValueError(_explain(err, f"algo.{key}.", owners[key])) from None
+        for sel in (self.advantage, self.policy_loss, self.kl_estimator, self.loss_agg):
+            if sel in owners and sel not in extra:
+                extra[sel] = owners[sel]()
+        return self
+
+    def options(self, name: str) -> Any:
+        """The options section of registry entry ``name`` (None when it has none)."""
+        return (self.__pydantic_extra__ or {}).get(name)
 
 
 class TrainConfig(_Section):
@@ -207,8 +243,6 @@ class TrainConfig(_Section):
     """Linear warm-up, in optimizer steps."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Schedule after warm-up, over all optimizer steps of the run."""
-    micro_batch_size: int = Field(8, ge=1)
-    """Completions per forward/backward; a minibatch is accumulated over micro-batches."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null = off."""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
@@ -257,6 +291,7 @@ class RunConfig(_Section):
     """Seed for data order, sampling and initialisation."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
@@ -264,45 +299,61 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
-        a, r = self.algo, self.rollout
-        if a.advantage in ("grpo", "rloo") and r.group_size < 2:
-            raise ValueError(
-                f"algo.advantage={a.advantage} compares samples of the same prompt: set rollout.group_size >= 2"
-            )
-        if a.advantage == "reinforce" and a.baseline in ("mean", "loo") and r.group_size < 2:
-            raise ValueError(f"algo.baseline={a.baseline} needs rollout.group_size >= 2")
-        if self.model.critic == "separate" and a.advantage != "gae":
-            raise ValueError("model.critic=separate trains a value model, which only algo.advantage=gae uses: "
-                             "remove model.critic or use algo.name=ppo")
+        a, b = self.algo, self.batch
         if self.model.critic_name is not None and self.model.critic != "separate":
             raise ValueError("model.critic_name needs model.critic=separate")
         if self.model.lora is not None and self.model.ref_name is not None:
             raise ValueError("with model.lora the reference is the base model with the adapter disabled: "
                              "remove model.ref_name")
-        if a.advantage == "gae" and a.vf_coef == 0:
-            raise ValueError("algo.advantage=gae learns a value head: set algo.vf_coef > 0")
         if a.kl_target is not None and a.kl_in != "reward":
             raise ValueError("algo.kl_target (adaptive KL) needs algo.kl_in=reward")
         if a.kl_target is not None and a.kl_coef == 0:
             raise ValueError("algo.kl_target needs a starting algo.kl_coef > 0")
-        n = r.prompts_per_step * r.group_size
-        if n % a.minibatches:
-            raise ValueError(
-                f"rollout.prompts_per_step × group_size = {n} is not divisible by algo.minibatches={a.minibatches}"
-            )
-        if a.loss_agg == "constant" and a.loss_agg_constant is None:
-            a.loss_agg_constant = float(r.max_new_tokens)
+        n = b.prompts_per_step * b.group_size
+        if b.minibatch_size is not None and n % b.minibatch_size:
+            raise ValueError(f"batch.minibatch_size={b.minibatch_size} does not divide the rollout of "
+                             f"{n} completions (batch.prompts_per_step × batch.group_size)")
         return self
 
 
 # Preset defaults per algo.name; the recipe and overrides win over these.
 PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": dict(advantage="grpo", policy_loss="clip", kl_in="loss", scale="group"),
-    "rloo": dict(advantage="rloo", policy_loss="clip", kl_in="reward", kl_estimator="k1"),
-    "reinforce": dict(advantage="reinforce", policy_loss="pg", reward_to_go=True, baseline="ema", kl_in="reward", kl_estimator="k1"),
-    "ppo": dict(advantage="gae", policy_loss="clip", kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95,
-                whiten_advantages=True, epochs=2, minibatches=2),
+    "grpo": {"algo": dict(advantage="grpo", policy_loss="clip", kl_in="loss")},
+    "rloo": {"algo": dict(advantage="rloo", policy_loss="clip", kl_in="reward", kl_estimator="k1")},
+    "reinforce": {"algo": dict(advantage="reinforce", policy_loss="pg", kl_in="reward", kl_estimator="k1",
+                               reinforce={"reward_to_go": True, "baseline": "ema"})},
+    "ppo": {"algo": dict(advantage="gae", policy_loss="clip", kl_in="reward", kl_estimator="k1", gamma=1.0,
+                         gae={"lam": 0.95}, whiten_advantages=True),
+            "batch": dict(epochs=2)},
 }
+"""Each preset's defaults, per section. PPO's usual minibatches are a size of its rollout, so recipes set
+batch.minibatch_size themselves (e.g. half the rollout for 2 optimizer steps per epoch)."""
+
+RENAMED: dict[str, str] = {
+    "rollout.prompts_per_step": "batch.prompts_per_step",
+    "rollout.group_size": "batch.group_size",
+    "rollout.eval_batch_size": "batch.eval_batch_size",
+    "train.micro_batch_size": "batch.micro_batch_size",
+    "algo.epochs": "batch.epochs",
+    "algo.minibatches": "batch.minibatch_size (now completions per minibatch: the rollout size / minibatches)",
+    "algo.scale": "algo.grpo.scale",
+    "algo.reward_to_go": "algo.reinforce.reward_to_go",
+    "algo.baseline": "algo.reinforce.baseline",
+    "algo.ema_decay": "algo.reinforce.ema_decay",
+    "algo.lam": "algo.gae.lam",
+    "algo.clip_eps_low": "algo.clip.eps_low",
+    "algo.clip_eps_high": "algo.clip.eps_high",
+    "algo.dual_clip": "algo.clip.dual_clip",
+    "algo.loss_agg_constant": "algo.constant.value",
+}
+"""Keys of earlier versions → where they live now (a recipe using one gets a one-line error)."""
+
+
+def _check_renamed(tree: dict) -> None:
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise UserError(f"config key '{old}' was renamed: use '{new}'")
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -380,18 +431,20 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line for the first error; ``prefix``/``model``: the section that was validated (default the run)."""
     e = err.errors()[0]
     loc = tuple(e["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = prefix + ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
-        names = _field_names(RunConfig, loc)
+        names = _field_names(model or RunConfig, loc)
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
+        hint = f" — did you mean '{prefix}{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
             f" — known keys here: {', '.join(names)}" if names else "")
         return f"unknown config key '{key}'{hint}"
     if e["type"] == "value_error":
-        return f"invalid config: {e['msg'].removeprefix('Value error, ')}"
+        msg = e["msg"].removeprefix("Value error, ")
+        return msg if msg.startswith(("unknown config key", "config key")) else f"invalid config: {msg}"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"config key '{key}': {e['msg']}{got_s}"
@@ -400,6 +453,7 @@ def _explain(err: ValidationError) -> str:
 def build_config(recipe: dict | None = None, overrides: dict | None = None) -> RunConfig:
     """Merge preset < recipe < overrides and validate; errors become one-line UserErrors."""
     tree = _merge(recipe or {}, overrides or {})
+    _check_renamed(tree)
     algo = tree.get("algo")
     if algo is not None and not isinstance(algo, dict):
         raise UserError("config section 'algo' must be a mapping")
@@ -408,24 +462,34 @@ def build_config(recipe: dict | None = None, overrides: dict | None = None) -> R
         close = difflib.get_close_matches(str(name), PRESETS, n=1)
         raise UserError(f"unknown algo.name '{name}'; choose one of {', '.join(PRESETS)}"
                         + (f" (did you mean '{close[0]}'?)" if close else ""))
-    tree["algo"] = _merge(PRESETS[name], algo or {})
+    tree = _merge(PRESETS[name], tree)
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError(_explain(err)) from None
-    _check_registries(cfg)
+    check_registries(cfg)
     return cfg
 
 
-def _check_registries(cfg: RunConfig) -> None:
-    from .core import ADVANTAGE_ESTIMATORS, POLICY_LOSSES  # local: keep config import light
+def check_registries(cfg: RunConfig) -> None:
+    """What the selected registry entries need, read from their metadata (never from their names)."""
+    from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES  # local: keep config import light
 
-    for key, name, reg in (("algo.advantage", cfg.algo.advantage, ADVANTAGE_ESTIMATORS),
-                           ("algo.policy_loss", cfg.algo.policy_loss, POLICY_LOSSES)):
+    a = cfg.algo
+    for reg, name in ((ADVANTAGES, a.advantage), (POLICY_LOSSES, a.policy_loss),
+                      (KL_ESTIMATORS, a.kl_estimator), (AGGREGATIONS, a.loss_agg)):
         if name not in reg:
-            close = difflib.get_close_matches(name, reg, n=1)
-            raise UserError(f"unknown {key} '{name}'; known: {', '.join(sorted(reg))}"
-                            + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise UserError(reg.unknown_message(name))
+    est = ADVANTAGES[a.advantage]
+    need = est.group_size_needed(a.options(a.advantage))
+    if cfg.batch.group_size < need:
+        raise UserError(f"algo.advantage={a.advantage} compares samples of the same prompt (here at least {need}): "
+                        f"set batch.group_size >= {need}")
+    if cfg.model.critic == "separate" and not est.needs_values:
+        raise UserError(f"model.critic=separate trains a value model, which algo.advantage={a.advantage} does not use: "
+                        "remove model.critic or use an estimator that needs values (algo.name=ppo)")
+    if est.needs_values and a.vf_coef == 0:
+        raise UserError(f"algo.advantage={a.advantage} learns a value function: set algo.vf_coef > 0")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -436,6 +500,54 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The sizes of one RL step on ``world`` processes, derived from the ``batch`` section."""
+
+    prompts: int
+    group_size: int
+    epochs: int
+    minibatch_size: int
+    micro_batch_size: int
+    world: int
+
+    @property
+    def rollout(self) -> int:
+        """Completions per RL step (global)."""
+        return self.prompts * self.group_size
+
+    @property
+    def minibatches(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.rollout // self.minibatch_size
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps per RL step."""
+        return self.epochs * self.minibatches
+
+    def describe(self) -> str:
+        per = f" ({self.minibatch_size // self.world} per process)" if self.world > 1 else ""
+        return (f"{self.rollout} completions = {self.prompts} prompts × {self.group_size}; "
+                f"{self.epochs} epoch{'s' * (self.epochs > 1)} of {self.minibatches} minibatch"
+                f"{'es' * (self.minibatches > 1)} of {self.minibatch_size}{per}; micro-batches of "
+                f"{self.micro_batch_size} per process; {self.optimizer_steps} optimizer step"
+                f"{'s' * (self.optimizer_steps > 1)} per RL step")
+
+
+def batch_plan(cfg: RunConfig, world: int) -> BatchPlan:
+    """Check the batch section against the process count; one-line errors name the key to change."""
+    b = cfg.batch
+    if b.prompts_per_step % world:
+        raise UserError(f"batch.prompts_per_step={b.prompts_per_step} is not divisible by the {world} processes: "
+                        f"choose a multiple of {world}")
+    mb = b.minibatch_size or b.prompts_per_step * b.group_size
+    if mb % world:
+        raise UserError(f"batch.minibatch_size={mb} is not divisible by the {world} processes (each process "
+                        f"takes an equal share of every minibatch): choose a multiple of {world}")
+    return BatchPlan(b.prompts_per_step, b.group_size, b.epochs, mb, b.micro_batch_size, world)
 
 
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -451,4 +563,11 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
             if isinstance(default, list) and default and isinstance(default[0], BaseModel):
                 default = [d.model_dump() for d in default]
             rows.append((key, repr(default), f.description or ""))
+    if model is AlgoConfig:
+        from .core import REGISTRIES
+
+        for reg in REGISTRIES:
+            for name, entry in reg.items():
+                if entry.options is not None:
+                    rows += describe_fields(entry.options, f"{key.rsplit('.', 1)[0]}.{name}.")
     return rows

@@ -37,9 +37,14 @@ top-p/top-k truncation is ignored in log-probs (as in TRL, verl, OpenRLHF); GRPO
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .registry import Registry
 
 Tensor = torch.Tensor
 Reduce = Callable[[Tensor], Tensor]
@@ -93,25 +98,131 @@ def discounted_cumsum(x: Tensor, mask: Tensor, factor: float) -> Tensor:
     return out * mask
 
 
+# ------------------------------------------------------------------------------- registry entries
+class Options(BaseModel):
+    """An entry's own config section (``algo.<entry name>``): unknown keys and bad values are errors."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+@dataclass
+class AdvantageInputs:
+    """What an advantage estimator receives. Tensors are (B, T); rows [i·G, (i+1)·G) share a prompt."""
+
+    token_rewards: Tensor
+    """(B, T) r_t: scores on the last action token, dense rewards, − β·KL_t when the KL is in the reward."""
+    mask: Tensor
+    """(B, T) 1 on action tokens (the positions that get a log-prob and a loss)."""
+    group_size: int
+    """G, completions per prompt."""
+    gamma: float = 1.0
+    """Discount γ."""
+    values: Tensor | None = None
+    """(B, T) V(s_t) from the value model; given only to estimators that declare ``needs_values``."""
+    reduce: Reduce | None = None
+    """Sums a tensor over processes (identity on one): for statistics that must be global."""
+
+
+@dataclass
+class AdvantageOutput:
+    advantages: Tensor
+    """(B, T) Â_t."""
+    returns: Tensor
+    """(B, T) return targets (the value targets for estimators with ``needs_values``)."""
+    baseline: Tensor | None = None
+    """(B, T) b_t subtracted from the return, where the estimator has one (for inspection and logging)."""
+
+
+class EstimatorState(Protocol):
+    """State an estimator keeps across RL steps (checkpointed with the run)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """``fn(x: AdvantageInputs, opts, state) -> AdvantageOutput`` and what it needs."""
+
+    fn: Callable[[AdvantageInputs, Any, Any], AdvantageOutput]
+    needs_values: bool = False
+    """Needs V(s_t): the trainer builds a value head (or critic) and passes ``values``."""
+    min_group_size: int | Callable[[Any], int] = 1
+    """Smallest G it works with (a function of its options when that depends on them)."""
+    options: type[Options] | None = None
+    """Its config section ``algo.<name>``; ``opts`` is an instance (None without a section)."""
+    state: Callable[[], EstimatorState] | None = None
+    """Factory of the state it keeps across steps (e.g. an EMA baseline); ``state`` is None without."""
+
+    def group_size_needed(self, opts: Any) -> int:
+        return self.min_group_size(opts) if callable(self.min_group_size) else self.min_group_size
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """``fn(logp, old_logp, advantages, mask, opts) -> (per-token loss, per-token stats)``, all (B, T)."""
+
+    fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    options: type[Options] | None = None
+
+
+@dataclass(frozen=True)
+class KLEstimator:
+    """``fn(logp, ref_logp) -> (B, T)`` per-token estimate of KL(π‖π_ref) from samples of π."""
+
+    fn: Callable[[Tensor, Tensor], Tensor]
+    unbiased: bool = True
+    options: type[Options] | None = None
+
+
+@dataclass(frozen=True)
+class Normalisers:
+    """Counts of the WHOLE minibatch (all micro-batches, all processes) that aggregations divide by."""
+
+    num_tokens: float
+    num_seqs: float
+    max_tokens: int
+    """rollout.max_new_tokens (Dr. GRPO's default constant)."""
+
+
+@dataclass(frozen=True)
+class LossAggregation:
+    """``fn(per_token (B, T), mask (B, T), n: Normalisers, opts) -> scalar``: this micro-batch's share."""
+
+    fn: Callable[[Tensor, Tensor, Normalisers, Any], Tensor]
+    unit: Literal["tokens", "sequences"] = "tokens"
+    """What one 'sample' of the objective is (the gradient-noise estimate counts in this unit)."""
+    options: type[Options] | None = None
+
+
+ADVANTAGES: Registry[AdvantageEstimator] = Registry("advantage estimator", "algo.advantage", AdvantageEstimator)
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss", "algo.policy_loss", PolicyLoss)
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator", "algo.kl_estimator", KLEstimator)
+AGGREGATIONS: Registry[LossAggregation] = Registry("loss aggregation", "algo.loss_agg", LossAggregation)
+REGISTRIES = (ADVANTAGES, POLICY_LOSSES, KL_ESTIMATORS, AGGREGATIONS)
+"""Every registry whose entries may have an options section ``algo.<entry name>``."""
+
+
 # ------------------------------------------------------------------------------------- KL estimators
 # Schulman (2020), "Approximating KL Divergence". With log r = log π_ref − log π, under samples from π:
 #   k1 = −log r                (unbiased for KL(π‖π_ref), high variance, can be negative)
 #   k2 = ½ (log r)²            (biased, low variance; its gradient is the true KL gradient's to 1st order)
 #   k3 = (r − 1) − log r       (unbiased, always ≥ 0, low variance)
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return logp - ref_logp
 
 
+@KL_ESTIMATORS.register("k2", unbiased=False)
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return 0.5 * (ref_logp - logp) ** 2
 
 
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     log_r = (ref_logp - logp).clamp(-20.0, 20.0)
     return torch.expm1(log_r) - log_r
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 class AdaptiveKLController:
@@ -133,125 +244,156 @@ class AdaptiveKLController:
 
 
 # ------------------------------------------------------------------------------ advantage estimators
-AdvantageFn = Callable[[Tensor, Tensor, "Tensor | None", int, Any], "tuple[Tensor, Tensor]"]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Register ``fn(token_rewards, mask, values|None, group_size, cfg) -> (advantages, returns)``."""
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
-
-
 def _groups(x: Tensor, group_size: int) -> Tensor:
     """(B, ...) → (B/G, G, ...): rows i·G … i·G+G−1 share a prompt."""
     return x.view(-1, group_size, *x.shape[1:])
 
 
-@register_advantage("grpo")
-def grpo_advantages(token_rewards, mask, values, group_size, cfg):
+class GrpoOptions(Options):
+    scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred group rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+
+
+@ADVANTAGES.register("grpo", min_group_size=2, options=GrpoOptions)
+def grpo_advantages(x: AdvantageInputs, opts: GrpoOptions, state=None) -> AdvantageOutput:
     """Â_i = (R_i − mean_g R) / std (Shao et al. 2024, DeepSeekMath §4.1), the same for every token.
 
     std: the group's (``scale=group``), the whole batch's (``batch``) or 1 (``none``, Dr. GRPO).
-    Returns are R broadcast over the tokens.
+    Returns are R broadcast over the tokens; the baseline is the group mean.
     """
-    R = masked_sum(token_rewards, mask, dim=-1)  # (B,)
-    Rg = _groups(R, group_size)  # (B/G, G)
-    centred = (Rg - Rg.mean(1, keepdim=True)).reshape(-1)  # (B,)
-    if cfg.scale == "group":
-        centred = centred / (Rg.std(1).repeat_interleave(group_size) + 1e-4)
-    elif cfg.scale == "batch":
+    mask, G = x.mask, x.group_size
+    R = masked_sum(x.token_rewards, mask, dim=-1)  # (B,)
+    Rg = _groups(R, G)  # (B/G, G)
+    mean = Rg.mean(1, keepdim=True).expand_as(Rg).reshape(-1)  # (B,)
+    centred = R - mean
+    if opts.scale == "group":
+        centred = centred / (Rg.std(1).repeat_interleave(G) + 1e-4)
+    elif opts.scale == "batch":
         centred = centred / (R.std() + 1e-4)
-    return centred[:, None] * mask, R[:, None] * mask
+    return AdvantageOutput(centred[:, None] * mask, R[:, None] * mask, mean[:, None] * mask)
 
 
-@register_advantage("rloo")
-def rloo_advantages(token_rewards, mask, values, group_size, cfg):
+@ADVANTAGES.register("rloo", min_group_size=2)
+def rloo_advantages(x: AdvantageInputs, opts=None, state=None) -> AdvantageOutput:
     """Â_i = R_i − mean_{j≠i} R_j over the prompt's group (Kool et al. 2019; Ahmadian et al. 2024).
 
     Unbiased: the baseline uses only the other G−1 samples. Equals G/(G−1) · (R_i − mean_g R).
     """
-    R = masked_sum(token_rewards, mask, dim=-1)  # (B,)
-    Rg = _groups(R, group_size)
-    loo = (Rg.sum(1, keepdim=True) - Rg) / (group_size - 1)
-    return (Rg - loo).reshape(-1)[:, None] * mask, R[:, None] * mask
+    mask, G = x.mask, x.group_size
+    R = masked_sum(x.token_rewards, mask, dim=-1)  # (B,)
+    Rg = _groups(R, G)
+    loo = ((Rg.sum(1, keepdim=True) - Rg) / (G - 1)).reshape(-1)  # (B,)
+    return AdvantageOutput((R - loo)[:, None] * mask, R[:, None] * mask, loo[:, None] * mask)
 
 
-@register_advantage("reinforce")
-def reinforce_advantages(token_rewards, mask, values, group_size, cfg):
+class ReinforceOptions(Options):
+    reward_to_go: bool = True
+    """Weight log π(a_t) by the return from t (true) or by the full return (false)."""
+    baseline: Literal["none", "mean", "ema", "loo"] = "none"
+    """none, group mean (includes the sample itself), EMA of past batches' returns, leave-one-out."""
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    """Decay of the `ema` baseline."""
+
+
+class EmaBaseline:
+    """b ← d·b + (1 − d)·mean_batch G_0 after each batch (mean over all processes); 0 before the first.
+
+    The batch's own returns enter only the NEXT batch's baseline, so b never depends on the actions it
+    is subtracted from (unbiased)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def update(self, batch_mean: float, decay: float) -> None:
+        self.value = batch_mean if self.value is None else decay * self.value + (1 - decay) * batch_mean
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def _reinforce_min_group(opts: ReinforceOptions) -> int:
+    return 2 if opts.baseline in ("mean", "loo") else 1
+
+
+@ADVANTAGES.register("reinforce", min_group_size=_reinforce_min_group, options=ReinforceOptions, state=EmaBaseline)
+def reinforce_advantages(x: AdvantageInputs, opts: ReinforceOptions, state: EmaBaseline | None = None
+                         ) -> AdvantageOutput:
     """Monte-Carlo REINFORCE (Williams 1992): Ψ_t = G_t − b_t.
 
     G_t is the reward-to-go Σ_{k≥t} γ^{k−t} r_k (``reward_to_go=True``) or the full return G_0 for
     every t. Baselines, per position t within the prompt's group of G samples:
     ``mean`` b_t = mean_j G_{j,t} over the n_t samples alive at t (includes the sample: shrinks position
     t's gradient by 1 − E[1/n_t], i.e. (G−1)/G when all lengths are equal);
-    ``loo`` b_t = mean_{j≠i} G_{j,t} (unbiased); ``ema`` b = ``values`` (the trainer passes a running
-    mean of past returns, a constant within the batch: unbiased); ``none`` b = 0.
+    ``loo`` b_t = mean_{j≠i} G_{j,t} (unbiased); ``ema`` b = the running mean of past batches' G_0
+    (``state``, an :class:`EmaBaseline`; a constant within the batch: unbiased), updated with this
+    batch's mean afterwards; ``none`` b = 0.
     """
-    rtg = discounted_cumsum(token_rewards, mask, cfg.gamma)  # (B,T)  G_t
-    G = rtg if cfg.reward_to_go else rtg[:, :1].expand_as(rtg) * mask
-    if cfg.baseline == "none":
-        b = torch.zeros_like(G)
-    elif cfg.baseline == "ema":
-        if values is None:
-            raise ValueError("baseline=ema needs the running baseline passed as `values`")
-        b = values
+    mask, G = x.mask, x.group_size
+    rtg = discounted_cumsum(x.token_rewards, mask, x.gamma)  # (B,T)  G_t
+    ret = rtg if opts.reward_to_go else rtg[:, :1].expand_as(rtg) * mask
+    if opts.baseline == "none":
+        b = torch.zeros_like(ret)
+    elif opts.baseline == "ema":
+        if state is None:
+            raise ValueError("baseline=ema needs its EmaBaseline state")
+        b = torch.full_like(ret, state.value if state.value is not None else 0.0)
+        r = x.reduce or (lambda t: t)
+        tot = r(torch.stack([rtg[:, 0].sum(), torch.tensor(float(rtg.shape[0]), device=rtg.device)]).float())
+        state.update((tot[0] / tot[1].clamp(min=1)).item(), opts.ema_decay)
     else:
-        Gg, mg = _groups(G, group_size), _groups(mask, group_size)  # (B/G, G, T)
+        Gg, mg = _groups(ret, G), _groups(mask, G)  # (B/G, G, T)
         tot, cnt = (Gg * mg).sum(1, keepdim=True), mg.sum(1, keepdim=True)
-        if cfg.baseline == "mean":
+        if opts.baseline == "mean":
             b = (tot / cnt.clamp(min=1)).expand_as(Gg)
-        elif cfg.baseline == "loo":
+        else:  # loo
             b = (tot - Gg * mg) / (cnt - mg).clamp(min=1)
-        else:
-            raise ValueError(f"unknown baseline {cfg.baseline!r}")
-        b = b.reshape_as(G)
-    return (G - b) * mask, G
+        b = b.reshape_as(ret)
+    return AdvantageOutput((ret - b) * mask, ret, b * mask)
 
 
-@register_advantage("gae")
-def gae_advantages(token_rewards, mask, values, group_size, cfg):
+class GaeOptions(Options):
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ: 1 = Monte-Carlo return minus V (unbiased for any V), 0 = one-step TD error."""
+
+
+@ADVANTAGES.register("gae", needs_values=True, options=GaeOptions)
+def gae_advantages(x: AdvantageInputs, opts: GaeOptions, state=None) -> AdvantageOutput:
     """GAE(γ, λ) (Schulman et al. 2016): δ_t = r_t + γV(s_{t+1}) − V(s_t), Â_t = Σ_l (γλ)^l δ_{t+l}.
 
     V after the last real token is 0 (the episode ends). Returns Â + V are the value targets.
     λ = 1 gives G_t − V(s_t) (unbiased for any V); λ = 0 gives the one-step TD error.
     """
-    if values is None:
+    if x.values is None:
         raise ValueError("advantage=gae needs values (a value head)")
-    v = values * mask
+    mask = x.mask
+    v = x.values * mask
     v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)  # V(s_{t+1}); 0 past the end
-    delta = token_rewards + cfg.gamma * v_next - v
-    adv = discounted_cumsum(delta, mask, cfg.gamma * cfg.lam)
-    return adv, (adv + v) * mask
+    delta = x.token_rewards + x.gamma * v_next - v
+    adv = discounted_cumsum(delta, mask, x.gamma * opts.lam)
+    return AdvantageOutput(adv, (adv + v) * mask, v)
 
 
 # ------------------------------------------------------------------------------------ policy losses
-PolicyLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, Any], "tuple[Tensor, dict[str, Tensor]]"]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Register ``fn(logp, old_logp, advantages, mask, cfg) -> (per_token_loss, per_token_stats)``."""
-
-    def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-@register_policy_loss("pg")
-def pg_loss(logp, old_logp, advantages, mask, cfg):
+@POLICY_LOSSES.register("pg")
+def pg_loss(logp, old_logp, advantages, mask, opts=None):
     """Vanilla policy gradient: ℓ_t = −Â_t · log π_θ(a_t|s_t). On-policy only (no ratio)."""
     return -advantages * logp, {}
 
 
-@register_policy_loss("clip")
-def clip_loss(logp, old_logp, advantages, mask, cfg):
+class ClipOptions(Options):
+    eps_low: float = Field(0.2, ge=0)
+    """ε_low: the ratio is clipped below at 1 − ε_low."""
+    eps_high: float = Field(0.2, ge=0)
+    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020); null = off."""
+
+
+@POLICY_LOSSES.register("clip", options=ClipOptions)
+def clip_loss(logp, old_logp, advantages, mask, opts: ClipOptions):
     """PPO clipped surrogate (Schulman et al. 2017) with asymmetric ε and optional dual clip.
 
     ρ = π_θ/π_old; ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â); with dual clip c (Ye et al. 2020) and
@@ -262,14 +404,14 @@ def clip_loss(logp, old_logp, advantages, mask, cfg):
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages
-    surr2 = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high) * advantages
+    surr2 = ratio.clamp(1.0 - opts.eps_low, 1.0 + opts.eps_high) * advantages
     loss = -torch.minimum(surr1, surr2)
-    if cfg.dual_clip is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -cfg.dual_clip * advantages), loss)
+    if opts.dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -opts.dual_clip * advantages), loss)
     with torch.no_grad():
         stats = {
-            "clip_low": ((ratio < 1.0 - cfg.clip_eps_low) & (advantages < 0)).float(),
-            "clip_high": ((ratio > 1.0 + cfg.clip_eps_high) & (advantages > 0)).float(),
+            "clip_low": ((ratio < 1.0 - opts.eps_low) & (advantages < 0)).float(),
+            "clip_high": ((ratio > 1.0 + opts.eps_high) & (advantages > 0)).float(),
             "approx_kl": kl_k3(old_logp, logp),  # samples come from π_old: log r = log π_θ − log π_old
         }
     return loss, stats
@@ -297,32 +439,38 @@ def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- aggregation
-def aggregate(per_token: Tensor, mask: Tensor, mode: str, *, num_tokens: float, num_seqs: float,
-              constant: float | None = None) -> Tensor:
-    """Turn (B, T) losses into this micro-batch's share of the minibatch loss.
+# Each turns (B, T) losses into this micro-batch's share of the minibatch loss. The counts in
+# Normalisers are the WHOLE minibatch's (all micro-batches, all processes), so summing the shares of
+# every micro-batch gives exactly the loss of the unsplit batch — gradient accumulation and data
+# parallelism do not change the objective.
+@AGGREGATIONS.register("token-mean", unit="tokens")
+def agg_token_mean(per_token: Tensor, mask: Tensor, n: Normalisers, opts=None) -> Tensor:
+    """Σ_{i,t} ℓ / N_tokens (biased: a length-weighted objective)."""
+    return (per_token * mask).sum() / n.num_tokens
 
-    ``num_tokens``/``num_seqs`` are the counts of the WHOLE minibatch (all micro-batches, all
-    processes), so summing the shares of every micro-batch gives exactly the loss of the unsplit
-    batch — gradient accumulation and data parallelism do not change the objective.
 
-    token-mean           Σ_{i,t} ℓ / N_tokens                      (biased: length-weighted)
-    seq-mean-token-mean  Σ_i (Σ_t ℓ / |y_i|) / N_seqs              (biased: short answers weigh more)
-    seq-mean-token-sum   Σ_{i,t} ℓ / N_seqs                        (unbiased for J)
-    constant             Σ_{i,t} ℓ / (N_seqs · C)                  (Dr. GRPO; unbiased up to 1/C)
-    """
-    s = per_token * mask
-    if mode == "token-mean":
-        return s.sum() / num_tokens
-    if mode == "seq-mean-token-mean":
-        return (s.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
-    if mode == "seq-mean-token-sum":
-        return s.sum() / num_seqs
-    if mode == "constant":
-        if constant is None:
-            raise ValueError("loss_agg=constant needs a constant")
-        return s.sum() / (num_seqs * constant)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+@AGGREGATIONS.register("seq-mean-token-mean", unit="sequences")
+def agg_seq_mean_token_mean(per_token: Tensor, mask: Tensor, n: Normalisers, opts=None) -> Tensor:
+    """Σ_i (Σ_t ℓ / |y_i|) / N_seqs (biased: short answers weigh more)."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n.num_seqs
 
+
+@AGGREGATIONS.register("seq-mean-token-sum", unit="sequences")
+def agg_seq_mean_token_sum(per_token: Tensor, mask: Tensor, n: Normalisers, opts=None) -> Tensor:
+    """Σ_{i,t} ℓ / N_seqs (unbiased for J)."""
+    return (per_token * mask).sum() / n.num_seqs
+
+
+class ConstantOptions(Options):
+    value: float | None = Field(None, gt=0)
+    """The constant C per sequence; null = rollout.max_new_tokens."""
+
+
+@AGGREGATIONS.register("constant", unit="sequences", options=ConstantOptions)
+def agg_constant(per_token: Tensor, mask: Tensor, n: Normalisers, opts: ConstantOptions) -> Tensor:
+    """Σ_{i,t} ℓ / (N_seqs · C) (Dr. GRPO, Liu et al. 2025; unbiased up to the known factor 1/C)."""
+    c = opts.value if opts is not None and opts.value is not None else float(n.max_tokens)
+    return (per_token * mask).sum() / (n.num_seqs * c)
 
 # ------------------------------------------------------------------------------ log-probs, entropy
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_entropy: bool = True,

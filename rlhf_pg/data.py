@@ -19,14 +19,16 @@ import random
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from rlhf_pg.errors import UserError
+from rlhf_pg.config import TooLong
+from rlhf_pg.errors import UserError, one_line
+from rlhf_pg.paths import looks_like_path
 
 PROMPT = "prompt"
 PROMPT_TEXT = "prompt_text"
@@ -35,7 +37,6 @@ PROMPT_IDS = "prompt_ids"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 """Local file suffix → ``datasets`` packaged builder."""
 
-TOO_LONG_POLICIES = ("truncate", "error")
 
 ARITHMETIC_TEMPLATE = "What is {a} {op} {b}? Answer with just the number."
 """User message of the ``arithmetic`` task."""
@@ -143,7 +144,7 @@ def load_prompt_dataset(
     prompt_column: str = PROMPT,
     system_prompt: str | None = None,
     max_prompt_tokens: int | None = None,
-    too_long: str = "truncate",
+    too_long: TooLong = "truncate",
     task_kwargs: dict[str, Any] | None = None,
     limit: int | None = None,
     seed: int = 0,
@@ -169,10 +170,8 @@ def load_prompt_dataset(
     Returns:
         The dataset with ``prompt``, ``prompt_text``, ``prompt_ids`` and the other source columns.
     """
-    if too_long not in TOO_LONG_POLICIES:
-        raise UserError(
-            f"too_long='{too_long}' is invalid: use one of {', '.join(TOO_LONG_POLICIES)}"
-        )
+    if too_long not in get_args(TooLong):
+        raise UserError(f"too_long='{too_long}' is invalid: use one of {', '.join(get_args(TooLong))}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise UserError(
             f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none"
@@ -229,14 +228,9 @@ def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -
                 f"invalid task_kwargs for task '{source}' ({err}): use only the task's options"
             ) from err
     path = Path(source).expanduser()
-    if path.suffix.lower() in FILE_BUILDERS or path.exists() or _looks_like_path(source):
+    if path.suffix.lower() in FILE_BUILDERS or path.exists() or looks_like_path(source):
         return _load_file(path)
     return _load_hub(source, split)
-
-
-def _looks_like_path(source: str) -> bool:
-    """Whether a dataset name is meant as a filesystem path rather than a hub name."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
 def _load_file(path: Path) -> datasets.Dataset:
@@ -260,7 +254,7 @@ def _load_file(path: Path) -> datasets.Dataset:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
         raise UserError(
-            f"could not read data file '{path}' ({_first_line(err)}): fix or re-export the file"
+            f"could not read data file '{path}' ({one_line(err)}): fix or re-export the file"
         ) from err
 
 
@@ -291,7 +285,7 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
         ) from err
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as err:
         raise UserError(
-            f"could not load split '{split}' of dataset '{name}' ({_first_line(err)}): "
+            f"could not load split '{split}' of dataset '{name}' ({one_line(err)}): "
             "check the dataset name and split"
         ) from err
 
@@ -306,12 +300,6 @@ def _quiet_datasets() -> Iterator[None]:
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
-
-
-def _first_line(err: Exception) -> str:
-    """First line of an exception message, or its type name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _with_prompt_column(raw: datasets.Dataset, source: str, prompt_column: str) -> datasets.Dataset:
@@ -358,7 +346,7 @@ def _render_prompt(
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # templates raise anything (jinja errors, ValueError without template)
         raise UserError(
-            f"chat template failed on the prompt in row {index} ({_first_line(err)}): fix the "
+            f"chat template failed on the prompt in row {index} ({one_line(err)}): fix the "
             "messages or use a tokenizer with a chat template"
         ) from err
     return str(text)

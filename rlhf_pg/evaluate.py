@@ -34,15 +34,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .errors import UserError
-from .rewards import REWARD_REGISTRY, RewardSet
-from .rollout import SamplingParams, rollout_rows
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+from .backends import HFBackend
+from .rewards import REWARD_REGISTRY, RewardSet, score_batch
+from .core import Reduce
+from .rollout import SamplingParams, sample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -133,6 +133,7 @@ def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_to
         sums[key] += torch.stack([torch.nan_to_num(v).sum(), ok.double().sum()])
 
     rows = list(range(rank, len(dataset), world))
+    backend = HFBackend(model, tokenizer)
     stop = list(stop or [])
     phases = [("", SamplingParams(max_new_tokens, 0.0, 1.0, 0, stop), 1, batch_size)]
     if n:
@@ -146,13 +147,12 @@ def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_to
     for tag, params, group, per_batch in phases:
         for s in range(0, len(rows), per_batch):
             chunk = rows[s:s + per_batch]
-            batch = rollout_rows(model, tokenizer, dataset, chunk, group, params, generator)
-            out = rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
-                          prompt_text=batch.prompt_texts)
+            batch = sample(backend, tokenizer, dataset, chunk, group, params, generator=generator)
+            score_batch(rewards, batch)
             lengths = batch.completion_mask.sum(-1).float().cpu()
-            add(f"{tag}reward", out.scores)
+            add(f"{tag}reward", batch.scores)
             add(f"{tag}completion_len", lengths)
-            for name, v in out.per_function.items():
+            for name, v in batch.reward_per_function.items():
                 add(f"{tag}reward/{name}", v)
             acc = None
             if has_answer:
@@ -174,9 +174,9 @@ def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_to
                         "prompt": _prompt_str(batch.prompts[i]),
                         "completion": batch.completions[i],
                         "completion_len": int(lengths[i]),
-                        "reward": float(out.scores[i]),
+                        "reward": float(batch.scores[i]),
                         **{f"reward/{x}": (None if math.isnan(float(v[i])) else float(v[i]))
-                           for x, v in out.per_function.items()},
+                           for x, v in batch.reward_per_function.items()},
                     }
                     if "answer" in batch.columns:
                         row["answer"] = batch.columns["answer"][i]
@@ -250,9 +250,6 @@ def resolve_target(target: str) -> dict[str, Any]:
                     "adapter (adapter_config.json): pass one of those")
 
 
-_ALIASES = ("smollm2-135m-instruct", "tiny-random-llama")
-
-
 def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
     """(model, tokenizer) for a :func:`resolve_target` result.
 
@@ -261,6 +258,7 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
     ``model.safetensors`` is loaded into the recipe's ``model.name`` (a value head, if saved, is
     dropped: evaluation needs only the policy).
     """
+    from .model_cache import ALIASES
     from .models import load_model, load_tokenizer
 
     m = cfg.model
@@ -270,7 +268,7 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
 
         adapter = Path(target["adapter"])
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not (Path(base).expanduser().exists() or base in _ALIASES):
+        if not base or not (Path(base).expanduser().exists() or base in ALIASES):
             base = m.name
         model = load_model(base, m.dtype, device, m.trust_remote_code, m.revision)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -299,8 +297,7 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
     """``rlhf-pg eval``: evaluate MODEL_OR_RUN on the recipe's eval split; write ``eval.json`` and
     ``eval_samples.jsonl`` into ``out`` (default: the run directory, else ``./eval_<name>``)."""
     from .config import load_config
-    from .data import load_prompt_dataset
-    from .rewards import RewardSpec
+    from .setup import build_datasets, build_rewards
 
     target = resolve_target(target_arg)
     if recipe is None:
@@ -312,16 +309,12 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_eval_model(target, cfg)
     d = cfg.data
-    data = load_prompt_dataset(d.eval or d.train, d.eval_split, tokenizer=tokenizer, prompt_column=d.prompt_column,
-                               system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
-                               too_long=d.too_long, task_kwargs=d.task_kwargs, limit=d.eval_limit, seed=cfg.seed)
-    rewards = RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.rewards.functions],
-                        on_error=cfg.rewards.on_error, on_nonfinite=cfg.rewards.on_nonfinite,
-                        on_all_none=cfg.rewards.on_all_none, tokenizer=tokenizer)
+    _, data = build_datasets(cfg, tokenizer, train=False)
+    rewards = build_rewards(cfg, tokenizer)
     r = cfg.rollout
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     res = evaluate_policy(model, tokenizer, data, rewards, max_new_tokens=r.max_new_tokens,
-                          batch_size=r.eval_batch_size, stop=list(r.stop), k=k,
+                          batch_size=cfg.batch.eval_batch_size, stop=list(r.stop), k=k,
                           n_samples=0 if greedy_only else n_samples, temperature=r.temperature,
                           top_p=r.top_p, top_k=r.top_k, generator=gen, keep_samples=True, progress=True)
     if out:

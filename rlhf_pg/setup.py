@@ -1,0 +1,223 @@
+"""Everything a run builds before its first step: accelerator, models, optimizer, data, rewards, backend.
+
+:func:`build` returns a :class:`Components` the trainer holds; :func:`build_datasets` and
+:func:`build_rewards` also serve ``rlhf-pg eval``. Cheap checks come first (the batch plan against
+the process count, the reward functions importable), so a user error stops a run before any model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from .backends import GenerationBackend, make_backend
+from .config import BatchPlan, RunConfig, batch_plan
+from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController
+from .data import load_prompt_dataset
+from .distributed import describe_distributed, gathered_for_generation
+from .errors import UserError
+from .forward import PassSettings
+from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
+from .rewards import RewardSet, RewardSpec
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """Accelerator for this run. ``cpu=True`` when no GPU is present: without it, processes launched
+    with ``accelerate launch``/``torchrun`` on a CPU machine never synchronise (each trains alone).
+    ``train.mixed_precision`` unset (null) leaves the precision to the accelerate config / launch flags."""
+    # explicit, also when unset: accelerate's state is a per-process singleton that would otherwise
+    # keep the precision of an earlier Accelerator in this process
+    precision = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState._shared_state.get("num_processes", 1) == 1 \
+            and AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # a second Trainer in one (non-distributed) process with another precision: accelerate
+        # refuses to change its singleton state, so start it afresh (harmless with one process)
+        AcceleratorState._reset_state()
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    ds = acc.state.deepspeed_plugin
+    if ds is not None:  # no dataloader goes through prepare(): DeepSpeed cannot infer its "auto" sizes
+        conf = ds.deepspeed_config
+        conf["train_micro_batch_size_per_gpu"] = cfg.batch.micro_batch_size
+        conf["gradient_accumulation_steps"] = 1  # the trainer accumulates micro-batches itself (no_sync)
+        if cfg.train.max_grad_norm is not None:
+            conf["gradient_clipping"] = cfg.train.max_grad_norm
+    return acc
+
+
+@dataclass
+class Algorithm:
+    """The selected registry entries with their options, and the KL coefficient's controller."""
+
+    advantage: Any
+    advantage_opts: Any
+    advantage_state: Any
+    policy_loss: Any
+    policy_loss_opts: Any
+    kl: Any
+    aggregation: Any
+    aggregation_opts: Any
+    kl_ctl: AdaptiveKLController | None
+
+
+def build_algorithm(cfg: RunConfig) -> Algorithm:
+    a = cfg.algo
+    est = ADVANTAGES[a.advantage]
+    return Algorithm(
+        advantage=est, advantage_opts=a.options(a.advantage), advantage_state=est.state() if est.state else None,
+        policy_loss=POLICY_LOSSES[a.policy_loss], policy_loss_opts=a.options(a.policy_loss),
+        kl=KL_ESTIMATORS[a.kl_estimator], aggregation=AGGREGATIONS[a.loss_agg],
+        aggregation_opts=a.options(a.loss_agg),
+        kl_ctl=AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None)
+
+
+def build_datasets(cfg: RunConfig, tokenizer, train: bool = True):
+    """(train, eval) prompt datasets of the recipe (train is None with ``train=False``)."""
+    d = cfg.data
+    common = dict(tokenizer=tokenizer, prompt_column=d.prompt_column, system_prompt=d.system_prompt,
+                  max_prompt_tokens=d.max_prompt_tokens, too_long=d.too_long, task_kwargs=d.task_kwargs,
+                  seed=cfg.seed)
+    train_data = load_prompt_dataset(d.train, d.train_split, **common) if train else None
+    eval_data = load_prompt_dataset(d.eval or d.train, d.eval_split, limit=d.eval_limit, **common)
+    return train_data, eval_data
+
+
+def build_rewards(cfg: RunConfig, tokenizer=None) -> RewardSet:
+    r = cfg.rewards
+    return RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions], on_error=r.on_error,
+                     on_nonfinite=r.on_nonfinite, on_all_none=r.on_all_none, tokenizer=tokenizer)
+
+
+def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
+    """(tokenizer, trained module, separate critic or None, reference model or None).
+
+    The trained module is the policy, or the policy with a value head on its backbone. The reference
+    (β > 0 only) is a frozen copy of the initial (or ``ref_name``) model; under LoRA it is None: the
+    same weights with the adapter disabled serve as the reference."""
+    mc, dev = cfg.model, acc.device
+    with acc.main_process_first():  # one process converts/caches the model, then the rest read it
+        tokenizer = load_tokenizer(mc.name, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+        policy = load_model(mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision,
+                            quantization_config=bitsandbytes_config(mc.lora))
+    if mc.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.config.use_cache = False
+    if mc.lora is not None:
+        policy = apply_lora(policy, mc.lora, mc.gradient_checkpointing)
+    ref = None
+    if cfg.algo.kl_coef > 0 and mc.lora is None:
+        ref = load_model(mc.ref_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
+                         mc.revision).eval().requires_grad_(False)
+    module = PolicyWithValue(policy) if needs_values and mc.critic == "shared" else policy
+    critic = None
+    if needs_values and mc.critic == "separate":
+        with acc.main_process_first():
+            critic = ValueModel(load_model(mc.critic_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
+                                           mc.revision if mc.critic_name is None else None))
+        if mc.gradient_checkpointing:
+            critic.backbone.gradient_checkpointing_enable()
+    return tokenizer, module, critic, ref
+
+
+def build_optimizer(cfg: RunConfig, modules: list[torch.nn.Module], total_optimizer_steps: int):
+    """AdamW over the trainable parameters (fused: one kernel, no model-sized temporaries) and the
+    LR schedule over the run's optimizer steps."""
+    t = cfg.train
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
+                                  fused=fused or None)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=max(1, total_optimizer_steps))
+    return optimizer, scheduler
+
+
+@dataclass
+class Components:
+    """What :func:`build` returns; the trainer keeps these as attributes."""
+
+    acc: Accelerator
+    plan: BatchPlan
+    algo: Algorithm
+    tokenizer: Any
+    model: torch.nn.Module
+    """The trained module as prepared by accelerate (DDP/FSDP/DeepSpeed-wrapped where applicable)."""
+    critic: torch.nn.Module | None
+    ref: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_data: Any
+    eval_data: Any
+    rewards: RewardSet
+    backend: GenerationBackend
+    passes: PassSettings
+
+
+def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
+    acc = accelerator or make_accelerator(cfg)
+    plan = batch_plan(cfg, acc.num_processes)  # before anything expensive
+    if cfg.rollout.backend != "hf" and acc.num_processes > 1:
+        raise UserError(f"rollout.backend={cfg.rollout.backend} runs one engine in one process: launch one process "
+                        "or use rollout.backend=hf")
+    algo = build_algorithm(cfg)
+    needs_values = algo.advantage.needs_values
+    tokenizer, module, critic, ref = build_policy(cfg, acc, needs_values)
+    rewards = build_rewards(cfg, tokenizer)
+    train_data, eval_data = build_datasets(cfg, tokenizer)
+    optimizer, scheduler = build_optimizer(cfg, [m for m in (module, critic) if m is not None],
+                                           cfg.train.max_steps * plan.optimizer_steps)
+    if critic is None:
+        model, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    else:
+        model, critic, optimizer, scheduler = acc.prepare(module, critic, optimizer, scheduler)
+    passes = PassSettings(temperature=cfg.rollout.temperature,
+                          shared_prefix=cfg.train.shared_prefix and not cfg.model.gradient_checkpointing,
+                          entropy_grad=cfg.algo.entropy_coef > 0, autocast=acc.autocast)
+    backend = build_backend(cfg, acc, model, tokenizer)
+    return Components(acc, plan, algo, tokenizer, model, critic, ref, optimizer, scheduler, train_data, eval_data,
+                      rewards, backend, passes)
+
+
+def bare_policy(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model being trained, without DDP or the value head."""
+    m = acc.unwrap_model(model)
+    return m.policy if isinstance(m, PolicyWithValue) else m
+
+
+def build_backend(cfg: RunConfig, acc: Accelerator, model: torch.nn.Module, tokenizer) -> GenerationBackend:
+    """The generation backend. One that samples with the trained module does so inside the context it
+    needs: weights gathered once under ZeRO-3/FSDP (not per token), and the run's autocast."""
+
+    def context() -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(gathered_for_generation(acc, model))
+        stack.enter_context(acc.autocast())
+        return stack
+
+    r = cfg.rollout
+    return make_backend(r.backend, bare_policy(acc, model), tokenizer, context=context, **r.backend_options)
+
+
+def describe(cfg: RunConfig, c: Components) -> str:
+    """The run header: the algorithm's effective settings, the batch plan, the engine, values, reference."""
+    a, mc = cfg.algo, cfg.model
+    values = ("separate critic" if c.critic is not None else
+              "head on the policy" if c.algo.advantage.needs_values else "none")
+    reference = ("none" if a.kl_coef == 0 else
+                 "policy with the LoRA adapter disabled" if c.ref is None else "frozen model")
+    line = (f"algorithm {a.name}: " + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")
+            + f" | {describe_distributed(c.acc)}, values={values}, reference={reference}")
+    if mc.lora is not None:
+        n = sum(p.numel() for m in (c.model, c.critic) if m is not None for p in m.parameters() if p.requires_grad)
+        line += f", LoRA r={mc.lora.r} ({n / 1e6:.2f}M trainable parameters)" if n >= 1e6 else \
+            f", LoRA r={mc.lora.r} ({n} trainable parameters)"
+    return line + "\nbatch plan: " + c.plan.describe()
