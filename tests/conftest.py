@@ -83,3 +83,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+VOWELS_REWARD = '''
+def vowels(prompts, completions, **kwargs):
+    """A reward that varies across random completions: vowel count / 10."""
+    return [sum(ch in "aeiou" for ch in c) / 10 for c in completions]
+'''
+"""The tiny runs' reward (a file, loaded as users load theirs: `path/to/file.py:function`)."""
+
+
+def tiny_tree(path: Path, **sections) -> dict:
+    """The shared tiny run as a recipe tree: 2 GRPO steps of the tiny model on 2 prompts × 4 samples of
+    ≤ 6 tokens, rewarded by vowel count. Each keyword replaces keys of one section (``algo={...}``)
+    or sets a top-level value (``seed=5``). The reward file is written into ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "rw.py").write_text(VOWELS_REWARD)
+    tree = {
+        "output_dir": str(path / "run"),
+        "seed": 3,
+        "model": {"name": TINY_ALIAS},
+        "data": {"train": "arithmetic", "eval_limit": 4, "task_kwargs": {"n_train": 64, "n_eval": 8}},
+        "batch": {"prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
+        "rollout": {"max_new_tokens": 6},
+        "rewards": {"functions": [{"name": f"{path / 'rw.py'}:vowels"}]},
+        "algo": {"name": "grpo"},
+        "train": {"max_steps": 2, "lr": 1e-3, "samples_every": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return tree
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(path, **sections)`` → the validated RunConfig of :func:`tiny_tree`."""
+    from rlhf_pg.config import build_config
+
+    return lambda path, **sections: build_config(tiny_tree(Path(path), **sections))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    """``tiny_recipe(path, **sections)`` → a YAML recipe file of :func:`tiny_tree` (for subprocess runs)."""
+    import yaml
+
+    def write(path, **sections) -> Path:
+        tree = tiny_tree(Path(path), **sections)
+        tree.pop("output_dir")
+        recipe = Path(path) / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(tree, sort_keys=False))
+        return recipe
+
+    return write

@@ -1,9 +1,11 @@
-"""Generation backends: the HF backend is exactly rollout.generate; unknown names and a missing vllm
+"""Generation backends: the HF backend is exactly rollout.generate (and rollout.sample through it is
+generate + attach_rows, inside the backend's sampling context); unknown names and a missing vllm
 give one-line UserErrors; the vLLM backend's non-GPU parts (output → Batch conversion, sampling and
 engine arguments, seeds, weight sync) work on fake vLLM objects."""
 
 import sys
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
@@ -13,11 +15,11 @@ from datasets import Dataset
 
 from rlhf_pg import backends
 from rlhf_pg.backends import (BACKENDS, HFBackend, VLLM_MISSING, VLLMBackend, hf_weights, make_backend,
-                              merged_adapter, request_seeds, rollout_rows_with, vllm_engine_kwargs,
-                              vllm_logprobs_match_policy, vllm_outputs_to_batch, vllm_sampling_kwargs)
+                              merged_adapter, request_seeds, vllm_engine_kwargs, vllm_logprobs_match_policy,
+                              vllm_outputs_to_batch, vllm_sampling_kwargs)
 from rlhf_pg.batch import Batch
 from rlhf_pg.errors import UserError
-from rlhf_pg.rollout import SamplingParams, generate, rollout_rows
+from rlhf_pg.rollout import SamplingParams, attach_rows, generate, sample, stop_cut
 
 TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logprobs")
 
@@ -72,20 +74,43 @@ def test_hf_backend_equals_rollout_generate(tiny_model, tokenizer, one_thread):
     backend.sync_weights(model)  # no-op: the backend samples from the module itself
 
 
-def test_rollout_rows_with_hf_equals_rollout_rows(tiny_model, tokenizer, one_thread):
+def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer, one_thread):
+    """rollout.sample (the one sampling path) through HFBackend = rollout.generate + rollout.attach_rows
+    on the same dataset rows, sampled inside the backend's sampling_context (the ``context`` factory)."""
     prompts = _prompts(tokenizer, 4)
     data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(4)], "prompt_ids": prompts,
                               "prompt_text": tokenizer.batch_decode(prompts), "answer": ["1", "2", "3", "4"]})
     params = SamplingParams(max_new_tokens=6, temperature=1.0)
-    u = torch.rand(2 * 2, 6, generator=torch.Generator().manual_seed(0))
+    rows, G = [3, 1], 2
+    u = torch.rand(len(rows) * G, 6, generator=torch.Generator().manual_seed(0))
     tiny_model.config.use_cache = False
-    ref = rollout_rows(tiny_model, tokenizer, data, [3, 1], 2, params, uniforms=u)
-    got = rollout_rows_with(HFBackend(tiny_model, tokenizer), tokenizer, data, [3, 1], 2, params, uniforms=u)
+    with torch.no_grad():
+        raw = generate(tiny_model, tokenizer, [prompts[r] for r in rows], G, params, uniforms=u)
+    ref = attach_rows(raw, data.select(rows), tokenizer, G)
+
+    forwards, events = [], []
+    hook = tiny_model.register_forward_hook(lambda *_: forwards.append(1))
+
+    @contextmanager
+    def context():  # what the trainer passes (gathers sharded weights, enters autocast)
+        events.append(("enter", len(forwards), torch.is_grad_enabled()))
+        yield
+        events.append(("exit", len(forwards)))
+
+    try:
+        backend = HFBackend(tiny_model, tokenizer, context=context)
+        got = sample(backend, tokenizer, data, rows, G, params, uniforms=u)
+    finally:
+        hook.remove()
     _assert_same(got, ref)
     assert (got.prompts, got.prompt_texts, got.completions, got.columns) == \
         (ref.prompts, ref.prompt_texts, ref.completions, ref.columns)
     assert got.prompts == ["q3", "q3", "q1", "q1"] and got.columns == {"answer": ["4", "4", "2", "2"]}
+    assert got.completions == tokenizer.batch_decode(got.completion_lists(), skip_special_tokens=True)
+    # the factory was called once per sample() and every forward pass ran inside its context, without grad
+    assert events == [("enter", 0, False), ("exit", len(forwards))] and len(forwards) > 0
     assert tiny_model.config.use_cache is False
+    assert HFBackend(tiny_model, tokenizer).context is None  # no factory: sampling_context() is a no-op
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -180,6 +205,7 @@ def test_vllm_conversion_stop_string_cut(tokenizer):
     assert L < len(ids)
     assert stop in tokenizer.decode(ids[:L]) and stop not in tokenizer.decode(ids[:L - 1])
     assert b.completion_ids[0].tolist() == ids[:L]
+    assert L == stop_cut(tokenizer, ids, [stop])  # the one stop rule (rollout.stop_cut)
 
 
 def test_vllm_conversion_reproduces_the_hf_sampler(tiny_model, tokenizer, one_thread):
@@ -317,6 +343,28 @@ def test_vllm_backend_generate_on_fake_engine(fake_vllm, tiny_model, tokenizer, 
     be2 = VLLMBackend(tiny_model, tokenizer, allow_cpu=True, seed_from_uniforms=False)
     be2.generate(prompts, G, SamplingParams(max_new_tokens=4), uniforms=u)
     assert [sp["seed"] for sp in be2.llm.calls[0][1]] == [None, None]
+
+
+def test_context_reaches_only_backends_on_the_training_module(fake_vllm, tiny_model, tokenizer):
+    assert HFBackend.uses_training_module is True and VLLMBackend.uses_training_module is False
+    calls = []
+
+    @contextmanager
+    def context():
+        calls.append(1)
+        yield
+
+    hf = make_backend("hf", tiny_model, tokenizer, context=context)
+    assert hf.context is context and calls == []  # called when sampling, not when built
+    with hf.sampling_context():
+        pass
+    assert calls == [1]
+    assert make_backend("hf", tiny_model, tokenizer).context is None
+    vl = make_backend("vllm", tiny_model, tokenizer, context=context, allow_cpu=True)
+    assert "context" not in vl.llm.kwargs  # not passed on to the engine as an option
+    with vl.sampling_context():  # the default: nothing to enter
+        pass
+    assert calls == [1]
 
 
 def test_vllm_backend_refuses_without_cuda(fake_vllm, tiny_model, tokenizer, monkeypatch):

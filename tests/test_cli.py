@@ -16,7 +16,7 @@ def test_help_lists_commands(capsys):
 def test_config_lists_options(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
-    assert "algo.kl_coef" in out and "rollout.group_size" in out
+    assert "algo.kl_coef" in out and "batch.group_size" in out and "algo.gae.lam" in out
 
 
 def test_train_happy_path(tmp_path, capsys):
@@ -24,7 +24,8 @@ def test_train_happy_path(tmp_path, capsys):
     recipe.write_text(
         "model: {name: tiny-random-llama}\n"
         "data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 32, n_eval: 8}}\n"
-        "rollout: {prompts_per_step: 2, group_size: 2, max_new_tokens: 4}\n"
+        "batch: {prompts_per_step: 2, group_size: 2}\n"
+        "rollout: {max_new_tokens: 4}\n"
         "rewards: {functions: [{name: length_penalty, kwargs: {target: 2, scale: 1}}]}\n"
     )
     rc = main(["train", str(recipe), f"output_dir={tmp_path / 'out'}", "train.max_steps=1"])

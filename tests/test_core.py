@@ -1,6 +1,10 @@
 """Tests of rlhf_pg.core: every function on hand-derived values (arithmetic in the comments), plus
 invariants and reference implementations written as plain loops.
 
+Registry entries are called as the trainer calls them: ``core.ADVANTAGES[name].fn(AdvantageInputs, opts,
+state)``, ``core.POLICY_LOSSES[name].fn(..., opts)``, ``core.KL_ESTIMATORS[name].fn``,
+``core.AGGREGATIONS[name].fn(per_tok, mask, Normalisers, opts)``; ``opts`` is the entry's options model.
+
 The statistical checks (KL estimators, sampling frequencies) use fixed seeds and tolerances of
 ≥ 4.5 standard errors, so a correct implementation fails them with probability < 1e-5.
 """
@@ -8,19 +12,46 @@ The statistical checks (KL estimators, sampling frequencies) use fixed seeds and
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
+import pydantic
 import pytest
 import torch
 
 from rlhf_pg import core
+from rlhf_pg.registry import UnknownEntry
+
+# The options these tests assume unless a call says otherwise (NOT the options models' own defaults,
+# which are scale=group, reward_to_go=True, lam=0.95).
+ADV_DEFAULTS = dict(scale="none", reward_to_go=False, baseline="none", lam=1.0)
 
 
-def cfg(**kw):
-    d = dict(gamma=1.0, lam=1.0, scale="none", reward_to_go=False, baseline="none",
-             clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None)
-    d.update(kw)
-    return SimpleNamespace(**d)
+def adv_opts(name, **kw):
+    """The options model of advantage estimator ``name`` from ADV_DEFAULTS (those it has) and ``kw``
+    (all of which must be its fields); None for an estimator without options."""
+    model = core.ADVANTAGES[name].options
+    if model is None:
+        assert not kw, f"{name} has no options, got {kw}"
+        return None
+    return model(**{k: v for k, v in ADV_DEFAULTS.items() if k in model.model_fields} | kw)
+
+
+def adv(name, r, m, G=1, values=None, state=None, gamma=1.0, **opts) -> core.AdvantageOutput:
+    """core.ADVANTAGES[name].fn on inputs built from (r, m, G, γ, values), options from ``opts``."""
+    x = core.AdvantageInputs(r, m, G, gamma=gamma, values=values)
+    return core.ADVANTAGES[name].fn(x, adv_opts(name, **opts), state)
+
+
+def ema_state(value):
+    st = core.EmaBaseline()
+    st.value = value
+    return st
+
+
+def agg(per_tok, m, mode, *, num_tokens, num_seqs, max_tokens=3, constant=None):
+    """core.AGGREGATIONS[mode].fn with the given counts; ``constant`` → ConstantOptions(value=…)."""
+    opts = core.ConstantOptions(value=constant) if mode == "constant" else None
+    n = core.Normalisers(num_tokens=num_tokens, num_seqs=num_seqs, max_tokens=max_tokens)
+    return core.AGGREGATIONS[mode].fn(per_tok, m, n, opts)
 
 
 def right_mask(lengths, T):
@@ -100,7 +131,7 @@ def test_kl_estimators_hand_values():
 def test_kl_estimators_zero_when_equal_and_k3_nonnegative():
     g = torch.Generator().manual_seed(2)
     a, b = 5 * torch.randn(1000, generator=g), 5 * torch.randn(1000, generator=g)
-    for fn in core.KL_ESTIMATORS.values():
+    for fn in [e.fn for _, e in core.KL_ESTIMATORS.items()]:
         assert (fn(a, a) == 0).all()
     assert (core.kl_k3(a, b) >= 0).all() and torch.isfinite(core.kl_k3(a, b)).all()
     assert (core.kl_k2(a, b) >= 0).all()
@@ -114,11 +145,13 @@ def test_kl_estimators_monte_carlo():
     x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(3))
     lp, lq = p.log()[x], q.log()[x]
     for name in ("k1", "k3"):
-        k = core.KL_ESTIMATORS[name](lp, lq)
+        k = core.KL_ESTIMATORS[name].fn(lp, lq)
         se = k.std() / math.sqrt(len(k))
         assert abs(k.mean() - kl) < 4.5 * se, name
+        assert core.KL_ESTIMATORS[name].unbiased, name
     k2 = core.kl_k2(lp, lq)
     assert abs(k2.mean() - kl) > 10 * k2.std() / math.sqrt(len(k2))  # biased, far beyond noise
+    assert core.KL_ESTIMATORS["k2"].unbiased is False
     # exact expectations (Σ_x p(x)·k(x)) agree with the above
     close((p * core.kl_k3(p.log(), q.log())).sum(), kl)
     close((p * core.kl_k1(p.log(), q.log())).sum(), kl)
@@ -161,7 +194,8 @@ def test_grpo_scales():
         "batch": centred / (math.sqrt(26 / 5) + 1e-4),
     }
     for scale, per_seq in expected.items():
-        adv, ret = core.grpo_advantages(GRPO_R, GRPO_MASK, None, 3, cfg(scale=scale))
+        out = core.grpo_advantages(core.AdvantageInputs(GRPO_R, GRPO_MASK, 3), core.GrpoOptions(scale=scale))
+        adv, ret = out.advantages, out.returns
         close(adv, per_seq[:, None] * GRPO_MASK)  # the same on every real token, 0 on padding
         close(ret, torch.tensor([1.0, 2, 6, 0, 0, 3])[:, None] * GRPO_MASK)
         if scale != "batch":
@@ -169,17 +203,34 @@ def test_grpo_scales():
 
 
 def test_grpo_group_with_equal_rewards_gives_zero_not_nan():
-    adv, _ = core.grpo_advantages(torch.ones(4, 2), torch.ones(4, 2), None, 4, cfg(scale="group"))
-    assert (adv == 0).all()
+    a = adv("grpo", torch.ones(4, 2), torch.ones(4, 2), 4, scale="group").advantages
+    assert (a == 0).all()
 
 
 def test_rloo():
-    adv, ret = core.rloo_advantages(GRPO_R, GRPO_MASK, None, 3, cfg())
+    out = core.rloo_advantages(core.AdvantageInputs(GRPO_R, GRPO_MASK, 3))
+    adv = out.advantages
+    close(adv, core.ADVANTAGES["rloo"].fn(core.AdvantageInputs(GRPO_R, GRPO_MASK, 3), None, None).advantages)
     # R_i − mean of the other two: group 1: 1 − 4 = −3, 2 − 3.5 = −1.5, 6 − 1.5 = 4.5; group 2: −1.5, −1.5, 3
     per_seq = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
     close(adv, per_seq[:, None] * GRPO_MASK)
     # = G/(G−1)·(R − mean) = 1.5 · centred
     close(adv[:, 0], 1.5 * torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
+
+
+def test_grpo_and_rloo_baselines():
+    # grpo: the group mean (group 1: (1+2+6)/3 = 3; group 2: (0+0+3)/3 = 1) on every action token,
+    # whatever the scale (the scale divides the centred reward, not the baseline)
+    for scale in ("none", "group", "batch"):
+        out = adv("grpo", GRPO_R, GRPO_MASK, 3, scale=scale)
+        close(out.baseline, torch.tensor([3.0, 3, 3, 1, 1, 1])[:, None] * GRPO_MASK)
+    out = adv("grpo", GRPO_R, GRPO_MASK, 3, scale="none")
+    close(out.advantages, (out.returns - out.baseline) * GRPO_MASK)
+    # rloo: the mean of the other two: group 1: (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5;
+    # group 2: (0+3)/2 = 1.5, 1.5, (0+0)/2 = 0
+    out = adv("rloo", GRPO_R, GRPO_MASK, 3)
+    close(out.baseline, torch.tensor([4.0, 3.5, 1.5, 1.5, 1.5, 0.0])[:, None] * GRPO_MASK)
+    close(out.advantages, (out.returns - out.baseline) * GRPO_MASK)
 
 
 # -------------------------------------------------------------------------------------- REINFORCE
@@ -188,10 +239,12 @@ def test_reinforce_reward_to_go_vs_full_return_discounted():
     # row 2 = [1, 2, pad]:     G_1 = 2;  G_0 = 1 + 0.5·2 = 2
     r = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 0.0]])
     m = right_mask([3, 2], 3)
-    adv, ret = core.reinforce_advantages(r, m, None, 1, cfg(gamma=0.5, reward_to_go=True))
+    x = core.AdvantageInputs(r, m, 1, gamma=0.5)
+    out = core.reinforce_advantages(x, core.ReinforceOptions(reward_to_go=True))
+    adv, ret = out.advantages, out.returns
     close(adv, [[3.0, 4.0, 4.0], [2.0, 2.0, 0.0]])
     close(ret, adv)
-    adv, _ = core.reinforce_advantages(r, m, None, 1, cfg(gamma=0.5, reward_to_go=False))
+    adv = core.reinforce_advantages(x, core.ReinforceOptions(reward_to_go=False)).advantages
     close(adv, [[3.0, 3.0, 3.0], [2.0, 2.0, 0.0]])  # G_0 on every real token
 
 
@@ -210,34 +263,116 @@ BL_M = right_mask([3, 3, 2], 3)
     # the others alive at t: a: t0 (2+3)/2, t1 (2+1)/2, t2 (b) 1;  b: t0 (3+3)/2, t1 1.5, t2 (a) 2;
     #                        c: t0 (3+2)/2, t1 (2+2)/2
     ("loo", [[0.5, 0.5, 1.0], [-1.0, 0.5, -1.0], [0.5, -1.0, 0]]),
-    # b = values = 1.5 everywhere
+    # b = the EMA state's value = 1.5 everywhere
     ("ema", [[1.5, 0.5, 0.5], [0.5, 0.5, -0.5], [1.5, -0.5, 0]]),
 ])
 def test_reinforce_baselines(baseline, expected):
-    values = torch.full((3, 3), 1.5) if baseline == "ema" else None
-    adv, ret = core.reinforce_advantages(BL_R, BL_M, values, 3, cfg(reward_to_go=True, baseline=baseline))
-    close(adv, expected)
-    close(ret, [[3, 2, 2], [2, 2, 1], [3, 1, 0]])
+    state = ema_state(1.5) if baseline == "ema" else None
+    out = adv("reinforce", BL_R, BL_M, 3, state=state, reward_to_go=True, baseline=baseline)
+    close(out.advantages, expected)
+    close(out.returns, [[3, 2, 2], [2, 2, 1], [3, 1, 0]])
+
+
+@pytest.mark.parametrize("baseline,expected", [
+    ("none", [[0, 0, 0], [0, 0, 0], [0, 0, 0]]),
+    # the same per-position means as above: t0 8/3, t1 5/3, t2 3/2 (c is padding at t2)
+    ("mean", [[8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 0]]),
+    # leave-one-out: a: t0 (2+3)/2, t1 (2+1)/2, t2 1;  b: t0 (3+3)/2, t1 (2+1)/2, t2 2;  c: t0 (3+2)/2, t1 (2+2)/2
+    ("loo", [[2.5, 1.5, 1.0], [3.0, 1.5, 2.0], [2.5, 2.0, 0]]),
+    ("ema", [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [1.5, 1.5, 0]]),
+])
+def test_reinforce_baseline_output(baseline, expected):
+    state = ema_state(1.5) if baseline == "ema" else None
+    out = adv("reinforce", BL_R, BL_M, 3, state=state, reward_to_go=True, baseline=baseline)
+    close(out.baseline, expected)  # 0 on padding
+    close(out.advantages, (out.returns - out.baseline) * BL_M)
 
 
 def test_reinforce_loo_without_other_samples_uses_no_baseline():
     # c alone is alive at t = 2 (G_2 = 5): no other sample → baseline 0, advantage 5
     r, m = torch.tensor([[1.0, 0, 0], [0, 2.0, 5.0]]), right_mask([1, 3], 3)
-    adv, _ = core.reinforce_advantages(r, m, None, 2, cfg(reward_to_go=True, baseline="loo"))
+    a = adv("reinforce", r, m, 2, reward_to_go=True, baseline="loo").advantages
     # t0: 1 − 7, 7 − 1; t1: b alone: 7; t2: 5
-    close(adv, [[-6.0, 0, 0], [6.0, 7.0, 5.0]])
+    close(a, [[-6.0, 0, 0], [6.0, 7.0, 5.0]])
 
 
 def test_reinforce_errors():
     with pytest.raises(ValueError, match="ema"):
-        core.reinforce_advantages(BL_R, BL_M, None, 3, cfg(baseline="ema"))
-    with pytest.raises(ValueError, match="unknown baseline"):
-        core.reinforce_advantages(BL_R, BL_M, None, 3, cfg(baseline="median"))
+        adv("reinforce", BL_R, BL_M, 3, baseline="ema")  # no EmaBaseline state
+    # an unknown baseline is rejected by the options model, before any estimator runs
+    with pytest.raises(pydantic.ValidationError, match="baseline"):
+        core.ReinforceOptions(baseline="median")
+
+
+def test_reinforce_ema_state_update():
+    """b is the state's value before the batch (0 when None); afterwards the state moves towards this
+    batch's mean full return G_0 = mean(3, 2, 3) = 8/3 (for reward-to-go too)."""
+    st = core.EmaBaseline()
+    assert st.value is None
+    out = adv("reinforce", BL_R, BL_M, 3, state=st, reward_to_go=True, baseline="ema", ema_decay=0.5)
+    close(out.advantages, [[3, 2, 2], [2, 2, 1], [3, 1, 0]])  # b = 0 on the first batch
+    close(st.value, 8 / 3)  # the first batch's mean is taken as is
+    st.value = 1.5
+    out = adv("reinforce", BL_R, BL_M, 3, state=st, reward_to_go=True, baseline="ema", ema_decay=0.5)
+    close(out.advantages, [[1.5, 0.5, 0.5], [0.5, 0.5, -0.5], [1.5, -0.5, 0]])  # b = 1.5, not the update
+    close(st.value, 0.5 * 1.5 + 0.5 * 8 / 3)  # d·b + (1 − d)·mean
+    st2 = core.EmaBaseline()
+    st2.load_state_dict(st.state_dict())
+    assert st2.value == st.value
 
 
 def test_registries():
-    assert set(core.ADVANTAGE_ESTIMATORS) >= {"grpo", "rloo", "reinforce", "gae"}
+    assert set(core.ADVANTAGES) >= {"grpo", "rloo", "reinforce", "gae"}
     assert set(core.POLICY_LOSSES) >= {"pg", "clip"}
+    assert set(core.AGGREGATIONS) >= {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"}
+    assert core.ADVANTAGES["gae"].needs_values is True
+    assert not any(core.ADVANTAGES[n].needs_values for n in ("grpo", "rloo", "reinforce"))
+    assert core.ADVANTAGES["grpo"].group_size_needed(core.GrpoOptions()) == 2
+    assert core.ADVANTAGES["rloo"].group_size_needed(None) == 2
+    reinforce = core.ADVANTAGES["reinforce"]
+    assert reinforce.group_size_needed(core.ReinforceOptions(baseline="loo")) == 2
+    assert reinforce.group_size_needed(core.ReinforceOptions(baseline="mean")) == 2
+    assert reinforce.group_size_needed(core.ReinforceOptions(baseline="none")) == 1
+    assert reinforce.group_size_needed(core.ReinforceOptions(baseline="ema")) == 1
+    assert reinforce.state is core.EmaBaseline
+    assert core.AGGREGATIONS["token-mean"].unit == "tokens"
+    assert core.AGGREGATIONS["seq-mean-token-sum"].unit == "sequences"
+    # the registered functions are the module's direct functions
+    assert core.ADVANTAGES["grpo"].fn is core.grpo_advantages
+    assert core.ADVANTAGES["rloo"].fn is core.rloo_advantages
+    assert core.ADVANTAGES["reinforce"].fn is core.reinforce_advantages
+    assert core.ADVANTAGES["gae"].fn is core.gae_advantages
+    assert core.POLICY_LOSSES["clip"].fn is core.clip_loss and core.POLICY_LOSSES["clip"].options is core.ClipOptions
+    assert core.POLICY_LOSSES["pg"].fn is core.pg_loss and core.POLICY_LOSSES["pg"].options is None
+
+
+def test_unknown_registry_name_lists_known_ones():
+    with pytest.raises(UnknownEntry, match="grpo, reinforce, rloo") as e:
+        core.ADVANTAGES["gpro"]
+    assert isinstance(e.value, KeyError) and "did you mean 'grpo'" in str(e.value)
+
+
+def test_user_registered_advantage():
+    @core.ADVANTAGES.register("test_tmp", min_group_size=3)
+    def test_tmp(x, opts, state):
+        return core.AdvantageOutput(2 * x.token_rewards, x.token_rewards)
+
+    try:
+        assert "test_tmp" in core.ADVANTAGES and "test_tmp" in set(core.ADVANTAGES)
+        entry = core.ADVANTAGES["test_tmp"]
+        assert entry.fn is test_tmp and entry.group_size_needed(None) == 3
+        assert entry.needs_values is False and entry.options is None and entry.state is None
+        assert core.ADVANTAGES.metadata("test_tmp")["min_group_size"] == 3
+        out = adv("test_tmp", BL_R, BL_M, 3)
+        close(out.advantages, 2 * BL_R)
+        assert out.baseline is None
+        with pytest.raises(ValueError, match="already registered"):
+            core.ADVANTAGES.register("test_tmp")(test_tmp)
+        with pytest.raises(ValueError, match="already registered"):
+            core.ADVANTAGES.add("test_tmp", entry)
+    finally:
+        core.ADVANTAGES.unregister("test_tmp")
+    assert "test_tmp" not in core.ADVANTAGES
 
 
 # -------------------------------------------------------------------------------------------- GAE
@@ -257,23 +392,23 @@ def test_gae_equals_loop(gamma, lam):
     g = torch.Generator().manual_seed(4)
     r, v = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     m = right_mask([5, 1, 3, 0, 4, 2], 5)
-    adv, ret = core.gae_advantages(r * m, m, v, 1, cfg(gamma=gamma, lam=lam))
+    out = adv("gae", r * m, m, values=v, gamma=gamma, lam=lam)
     expected = _gae_loop(r, v, m, gamma, lam)
-    close(adv, expected)
-    close(ret, (expected + v) * m)  # returns = Â + V
+    close(out.advantages, expected)
+    close(out.returns, (expected + v) * m)  # returns = Â + V
 
 
 def test_gae_lambda_one_zero_values_is_reward_to_go():
     g = torch.Generator().manual_seed(5)
     m = right_mask([4, 2, 3], 4)
     r = torch.randn(3, 4, generator=g) * m
-    adv, _ = core.gae_advantages(r, m, torch.zeros(3, 4), 1, cfg(gamma=1.0, lam=1.0))
-    rtg, _ = core.reinforce_advantages(r, m, None, 1, cfg(gamma=1.0, reward_to_go=True))
-    close(adv, rtg)
+    a = adv("gae", r, m, values=torch.zeros(3, 4), gamma=1.0, lam=1.0).advantages
+    rtg = adv("reinforce", r, m, gamma=1.0, reward_to_go=True).advantages
+    close(a, rtg)
     # λ = 1 with any V: Â_t = G_t − V(s_t)  (the V terms telescope)
     v = torch.randn(3, 4, generator=g)
-    adv, _ = core.gae_advantages(r, m, v, 1, cfg(gamma=1.0, lam=1.0))
-    close(adv, (rtg - v) * m)
+    a = adv("gae", r, m, values=v, gamma=1.0, lam=1.0).advantages
+    close(a, (rtg - v) * m)
 
 
 def test_gae_hand_example():
@@ -282,11 +417,23 @@ def test_gae_hand_example():
     # Â_2 = 0.2;  Â_1 = 0.52 + 0.45·0.2 = 0.61;  Â_0 = −0.32 + 0.45·0.61 = −0.0455
     # returns = Â + V = [0.4545, 0.81, 1.0]
     r, v, m = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.8]]), torch.ones(1, 3)
-    adv, ret = core.gae_advantages(r, m, v, 1, cfg(gamma=0.9, lam=0.5))
-    close(adv, [[-0.0455, 0.61, 0.2]])
-    close(ret, [[0.4545, 0.81, 1.0]])
+    out = core.gae_advantages(core.AdvantageInputs(r, m, 1, gamma=0.9, values=v), core.GaeOptions(lam=0.5))
+    close(out.advantages, [[-0.0455, 0.61, 0.2]])
+    close(out.returns, [[0.4545, 0.81, 1.0]])
     with pytest.raises(ValueError, match="values"):
-        core.gae_advantages(r, m, None, 1, cfg())
+        adv("gae", r, m)
+
+
+def test_gae_baseline_is_the_masked_values():
+    # the baseline is V(s_t) on action tokens, 0 on padding; Â = returns − V there
+    r = torch.tensor([[0.0, 0.0, 1.0], [2.0, 0.0, 0.0]])
+    v = torch.tensor([[0.5, 0.2, 0.8], [0.3, 9.0, 9.0]])
+    m = right_mask([3, 1], 3)
+    out = adv("gae", r, m, values=v, gamma=0.9, lam=0.5)
+    close(out.baseline, [[0.5, 0.2, 0.8], [0.3, 0.0, 0.0]])
+    close(out.advantages[:1], [[-0.0455, 0.61, 0.2]])  # row 0 is test_gae_hand_example
+    close(out.advantages[1], [2.0 - 0.3, 0, 0])  # one token: δ_0 = r_0 − V_0
+    close(out.advantages, (out.returns - out.baseline) * m)
 
 
 # ----------------------------------------------------------------------------------- policy losses
@@ -295,7 +442,7 @@ def _loss_and_grad(name, ratio, adv, c):
     logp = torch.tensor(ratio, dtype=torch.float64).log().requires_grad_()
     old = torch.zeros_like(logp)
     a = torch.tensor(adv, dtype=torch.float64)
-    loss, stats = core.POLICY_LOSSES[name](logp, old, a, torch.ones_like(a), c)
+    loss, stats = core.POLICY_LOSSES[name].fn(logp, old, a, torch.ones_like(a), c)
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     return loss.detach(), grad, stats
 
@@ -304,9 +451,9 @@ def test_clip_at_ratio_one_equals_pg():
     g = torch.Generator().manual_seed(6)
     logp = torch.randn(4, 5, generator=g).requires_grad_()
     adv, m = torch.randn(4, 5, generator=g), torch.ones(4, 5)
-    c = cfg(clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0)
+    c = core.ClipOptions(eps_low=0.2, eps_high=0.3, dual_clip=3.0)
     clip, stats = core.clip_loss(logp, logp.detach(), adv, m, c)
-    pg, _ = core.pg_loss(logp, logp.detach(), adv, m, cfg())
+    pg, _ = core.pg_loss(logp, logp.detach(), adv, m, None)
     close(clip, -adv)  # ρ = 1: −min(Â, Â) = −Â
     close(pg, -adv * logp)
     (g_clip,) = torch.autograd.grad(clip.sum(), logp)
@@ -333,7 +480,7 @@ def test_clip_at_ratio_one_equals_pg():
     (5.00, 2.0, -2.56, 0.0, 0, 1),     # dual clip never applies to Â > 0: −1.28·2
 ])
 def test_clip_branches(ratio, adv, loss, grad, low, high):
-    c = cfg(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
+    c = core.ClipOptions(eps_low=0.2, eps_high=0.28, dual_clip=3.0)
     l, g, stats = _loss_and_grad("clip", [ratio], [adv], c)
     close(l, [loss])
     close(g, [grad])
@@ -341,7 +488,7 @@ def test_clip_branches(ratio, adv, loss, grad, low, high):
 
 
 def test_clip_continuous_at_band_edges_and_without_dual_clip():
-    c = cfg(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None)
+    c = core.ClipOptions(eps_low=0.2, eps_high=0.28, dual_clip=None)
     for ratio, adv in ((1.28, 1.0), (0.8, -1.0)):
         for d in (-1e-6, 1e-6):
             l, _, _ = _loss_and_grad("clip", [ratio + d], [adv], c)
@@ -356,7 +503,7 @@ def test_clip_approx_kl_estimates_kl_old_to_new():
     Σ_x π_old(x)·approx_kl(x) equals KL(π_old‖π_θ)."""
     old = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 2.0]), -1)
     new = torch.log_softmax(torch.tensor([0.0, 1.0, 0.5, 0.0]), -1)
-    _, stats = core.clip_loss(new, old, torch.ones(4), torch.ones(4), cfg())
+    _, stats = core.clip_loss(new, old, torch.ones(4), torch.ones(4), core.ClipOptions(eps_low=0.2, eps_high=0.2))
     kl_old_new = (old.exp() * (old - new)).sum()
     close((old.exp() * stats["approx_kl"]).sum(), kl_old_new)
     assert (stats["approx_kl"] >= 0).all()
@@ -397,14 +544,16 @@ def test_aggregate_modes_hand_values():
     per_tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
     m = right_mask([3, 2], 3)
     kw = dict(num_tokens=5, num_seqs=2)
-    close(core.aggregate(per_tok, m, "token-mean", **kw), 3.0)  # 15/5
-    close(core.aggregate(per_tok, m, "seq-mean-token-mean", **kw), 3.25)  # (6/3 + 9/2)/2
-    close(core.aggregate(per_tok, m, "seq-mean-token-sum", **kw), 7.5)  # 15/2
-    close(core.aggregate(per_tok, m, "constant", constant=4.0, **kw), 1.875)  # 15/(2·4)
-    with pytest.raises(ValueError, match="constant"):
-        core.aggregate(per_tok, m, "constant", **kw)
-    with pytest.raises(ValueError, match="unknown"):
-        core.aggregate(per_tok, m, "median", **kw)
+    close(agg(per_tok, m, "token-mean", **kw), 3.0)  # 15/5
+    close(agg(per_tok, m, "seq-mean-token-mean", **kw), 3.25)  # (6/3 + 9/2)/2
+    close(agg(per_tok, m, "seq-mean-token-sum", **kw), 7.5)  # 15/2
+    close(agg(per_tok, m, "constant", constant=4.0, **kw), 1.875)  # 15/(2·4)
+    # no constant: C = max_tokens (rollout.max_new_tokens), here 3 → 15/(2·3); likewise with opts None
+    n = core.Normalisers(num_tokens=5, num_seqs=2, max_tokens=3)
+    close(core.AGGREGATIONS["constant"].fn(per_tok, m, n, core.ConstantOptions()), 2.5)
+    close(core.AGGREGATIONS["constant"].fn(per_tok, m, n, None), 2.5)
+    with pytest.raises(UnknownEntry, match="constant, seq-mean-token-mean, seq-mean-token-sum, token-mean"):
+        core.AGGREGATIONS["median"]
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"])
@@ -416,10 +565,10 @@ def test_aggregate_invariant_to_micro_batching(mode):
     w = torch.randn(T, generator=g).requires_grad_()
     feats = torch.randn(B, T, generator=g)
     m = right_mask(torch.randint(1, T + 1, (B,), generator=g), T)
-    counts = dict(num_tokens=m.sum().item(), num_seqs=B, constant=5.0)
+    counts = dict(num_tokens=m.sum().item(), num_seqs=B, max_tokens=T, constant=5.0)
 
     def losses(parts):
-        return sum(core.aggregate(feats[p] * w, m[p], mode, **counts) for p in parts)
+        return sum(agg(feats[p] * w, m[p], mode, **counts) for p in parts)
 
     whole = losses([torch.arange(B)])
     (g_whole,) = torch.autograd.grad(whole, w)

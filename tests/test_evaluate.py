@@ -63,6 +63,7 @@ def _scripted_generate(tokenizer):
     by_ids = {tuple(tokenizer(q, add_special_tokens=False)["input_ids"]): q for q in QUESTIONS}
 
     def fake(model, tok, prompts, group_size, params, generator=None, uniforms=None):
+        fake.modes.append((model.training, model.config.use_cache))
         texts = []
         for p in prompts:
             q = by_ids[tuple(p)]
@@ -77,6 +78,7 @@ def _scripted_generate(tokenizer):
         return Batch(pids.repeat_interleave(group_size, 0), pmask.repeat_interleave(group_size, 0), ids, mask,
                      torch.zeros_like(mask), group_size)
 
+    fake.modes = []
     return fake
 
 
@@ -85,9 +87,14 @@ def _rewards():
 
 
 def test_metrics_match_a_hand_count(tokenizer, monkeypatch):
-    monkeypatch.setattr(rollout, "generate", _scripted_generate(tokenizer))
-    res = evaluate_policy(FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=8,
+    fake = _scripted_generate(tokenizer)
+    monkeypatch.setattr(rollout, "generate", fake)
+    model = FakeModel()  # config.use_cache=False, train mode
+    res = evaluate_policy(model, tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=8,
                           batch_size=2, k=2, n_samples=4, keep_samples=True)
+    # sampled through HFBackend: eval mode with the KV cache on during each call, both restored after
+    assert len(fake.modes) == 2 + 3 and set(fake.modes) == {(False, True)}  # greedy: 2 batches; sampled: 3
+    assert model.training and model.config.use_cache is False
     m = res.metrics
     # greedy: "4" (correct, bare number) | "7" (wrong, bare) | "the answer is 10" (correct, not bare)
     assert m["eval/n"] == 3
@@ -133,7 +140,8 @@ def test_samples_must_cover_k(tokenizer):
 # --------------------------------------------------------------------------------- eval command
 RECIPE = ("model: {name: tiny-random-llama}\n"
           "data: {train: arithmetic, eval_limit: 3, task_kwargs: {n_train: 16, n_eval: 8}}\n"
-          "rollout: {prompts_per_step: 2, group_size: 2, max_new_tokens: 3, eval_batch_size: 4}\n"
+          "batch: {prompts_per_step: 2, group_size: 2, eval_batch_size: 4}\n"
+          "rollout: {max_new_tokens: 3}\n"
           "rewards: {functions: [{name: accuracy}, {name: length_penalty, kwargs: {target: 1, scale: 1}}]}\n")
 
 

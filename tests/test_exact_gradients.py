@@ -18,8 +18,9 @@ The Monte-Carlo protocol (what the trainer does, on the toy)
 -----------------------------------------------------------
 K = 4000 batches of N = 16 completions of one prompt (4 groups of G = 4), all K·N sampled at once with
 core.sample_from_logits. Per batch: token rewards (core.place_scores for seq), advantages
-core.ADVANTAGE_ESTIMATORS[·], per-token loss core.POLICY_LOSSES[·] (old_logp = logp.detach(), i.e. ratio 1),
-core.aggregate with that batch's own counts, and ĝ_k = −∇_θ loss_k (one backward for all batches: each
+core.ADVANTAGES[·].fn (options model from Spec.adv_opts), per-token loss core.POLICY_LOSSES[·].fn
+(Spec.loss_opts; old_logp = logp.detach(), i.e. ratio 1), core.AGGREGATIONS[·].fn with that batch's own
+counts (core.Normalisers; Spec.agg_opts), and ĝ_k = −∇_θ loss_k (one backward for all batches: each
 batch differentiates its own copy of θ). Tests compare mean_k ĝ_k to a target coordinate by coordinate:
 |mean − target| ≤ Z·SE + 1e-6, SE = std_k(ĝ_k)/√K; and along the target t itself, where a rescaling
 bias shows most: s_k = ⟨ĝ_k, t⟩/‖t‖² has mean 1 within Z·SE.
@@ -76,7 +77,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -208,21 +208,56 @@ WRONG_V = 2.0 * torch.randn(NUM_STATES, generator=torch.Generator().manual_seed(
 
 
 # ------------------------------------------------------------------------------------ the estimators
+# Defaults of Spec.cfg (γ goes into core.AdvantageInputs; the rest into the advantage estimator's
+# options model, for the fields it has). The policy loss's options (clip) are fixed.
+ADV_DEFAULTS = dict(gamma=1.0, lam=1.0, scale="none", reward_to_go=False, baseline="none")
+CLIP_DEFAULTS = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+
+
+def _options(model, values: dict):
+    """An instance of the options model ``model`` from the keys of ``values`` it has (None without a model)."""
+    return None if model is None else model(**{k: v for k, v in values.items() if k in model.model_fields})
+
+
 @dataclass(frozen=True)
 class Spec:
     advantage: str
     rewards: str  # "seq" | "dense"
-    cfg: dict = field(default_factory=dict)
-    values: str | None = None  # None | "ema" (constant 0.7) | "wrong" (WRONG_V[s_t]) | "true" (V^π(s_t))
+    cfg: dict = field(default_factory=dict)  # overrides of ADV_DEFAULTS
+    values: str | None = None  # None | "ema" (EmaBaseline at 0.7) | "wrong" (WRONG_V[s_t]) | "true" (V^π(s_t))
     loss: str = "pg"
     agg: str = "seq-mean-token-sum"
     unbiased: bool = True
     per_sample: bool = False  # the advantage depends on the completion alone (expectation by enumeration)
 
-    def namespace(self):
-        d = dict(gamma=1.0, lam=1.0, scale="none", reward_to_go=False, baseline="none",
-                 clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
-        return types.SimpleNamespace(**{**d, **self.cfg})
+    def __post_init__(self):
+        model = core.ADVANTAGES[self.advantage].options
+        unknown = set(self.cfg) - {"gamma"} - set(model.model_fields if model else ())
+        assert not unknown, f"{self.advantage} has no options {sorted(unknown)}"
+
+    @property
+    def gamma(self) -> float:
+        return {**ADV_DEFAULTS, **self.cfg}["gamma"]
+
+    def adv_opts(self):
+        """The advantage estimator's options model (None for rloo) from ADV_DEFAULTS and ``cfg``."""
+        return _options(core.ADVANTAGES[self.advantage].options, {**ADV_DEFAULTS, **self.cfg})
+
+    def loss_opts(self):
+        """ClipOptions(eps_low=0.2, eps_high=0.28, dual_clip=3) for clip; None for pg."""
+        return _options(core.POLICY_LOSSES[self.loss].options, CLIP_DEFAULTS)
+
+    def agg_opts(self):
+        """ConstantOptions(value=T) for constant (C = T); None for the others."""
+        return _options(core.AGGREGATIONS[self.agg].options, {"value": float(T)})
+
+    def adv_state(self):
+        """A fresh estimator state: an EMA baseline at the constant 0.7 for values="ema", else None."""
+        if self.values != "ema":
+            return None
+        st = core.EmaBaseline()
+        st.value = 0.7
+        return st
 
 
 SPECS: dict[str, Spec] = {
@@ -256,16 +291,14 @@ BIASED = [k for k, s in SPECS.items() if not s.unbiased]
 
 def advantages_for(spec: Spec, ids: torch.Tensor, mask: torch.Tensor, group_size: int):
     r = token_rewards(spec.rewards, ids, mask)
-    if spec.values == "ema":
-        values = torch.full_like(mask, 0.7)
-    elif spec.values == "wrong":
+    if spec.values == "wrong":
         values = WRONG_V[states_of(ids)] * mask
     elif spec.values == "true":
         values = true_state_values(spec.rewards)[states_of(ids)] * mask
-    else:
+    else:  # None, or "ema": the baseline is the estimator's state (Spec.adv_state), not values
         values = None
-    adv, _ = core.ADVANTAGE_ESTIMATORS[spec.advantage](r, mask, values, group_size, spec.namespace())
-    return adv
+    x = core.AdvantageInputs(r, mask, group_size, gamma=spec.gamma, values=values)
+    return core.ADVANTAGES[spec.advantage].fn(x, spec.adv_opts(), spec.adv_state()).advantages
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,8 +309,9 @@ def mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.T
     adv = advantages_for(spec, ids, mask, G)  # groups are adjacent rows, n % G == 0: none straddles batches
     theta_k = THETA.expand(k, NUM_STATES, VOCAB).clone().requires_grad_()
     logp = token_logp(theta_k, ids, rows_per_copy=n)
-    per_tok, _ = core.POLICY_LOSSES[spec.loss](logp, logp.detach(), adv, mask, spec.namespace())
-    shares = [core.aggregate(l_b, m_b, spec.agg, num_tokens=m_b.sum(), num_seqs=n, constant=T)
+    per_tok, _ = core.POLICY_LOSSES[spec.loss].fn(logp, logp.detach(), adv, mask, spec.loss_opts())
+    aggregate, agg_opts = core.AGGREGATIONS[spec.agg].fn, spec.agg_opts()
+    shares = [aggregate(l_b, m_b, core.Normalisers(num_tokens=m_b.sum(), num_seqs=n, max_tokens=T), agg_opts)
               for l_b, m_b in zip(per_tok.view(k, n, T).unbind(0), mask.view(k, n, T).unbind(0))]
     torch.stack(shares).sum().backward()
     return -theta_k.grad.reshape(k, -1)
@@ -292,7 +326,7 @@ def enumerated_expectation(spec: Spec) -> torch.Tensor:
 
     def surrogate(theta):
         logp = token_logp(theta, ENUM_IDS)
-        per_tok, _ = core.POLICY_LOSSES[spec.loss](logp, logp.detach(), adv, ENUM_MASK, spec.namespace())
+        per_tok, _ = core.POLICY_LOSSES[spec.loss].fn(logp, logp.detach(), adv, ENUM_MASK, spec.loss_opts())
         return -(p * (per_tok * ENUM_MASK).sum(-1)).sum()
 
     return grad_of(surrogate)
@@ -431,6 +465,26 @@ def test_enumeration_is_the_whole_distribution_and_sampler_matches_it():
     assert counts.sum() == 64_000
     expected = 64_000 * p.detach()
     assert ((counts - expected) ** 2 / expected).sum() < 100
+
+
+def test_spec_options():
+    """Each Spec's options models carry the intended settings (the defaults of ADV_DEFAULTS, not the
+    options models' own: those are scale=group, reward_to_go=True, lam=0.95, eps_high=0.2, no dual clip)."""
+    assert SPECS["reinforce full return"].adv_opts() == core.ReinforceOptions(reward_to_go=False, baseline="none")
+    assert SPECS["reinforce rtg + loo (dense)"].adv_opts() == core.ReinforceOptions(reward_to_go=True, baseline="loo")
+    assert SPECS["grpo scale=none: (G-1)/G"].adv_opts() == core.GrpoOptions(scale="none")
+    assert SPECS["grpo scale=group"].adv_opts() == core.GrpoOptions(scale="group")
+    assert SPECS["gae lam=1, arbitrary V (dense)"].adv_opts() == core.GaeOptions(lam=1.0)
+    assert SPECS["gae lam=0.5, true V (dense)"].adv_opts() == core.GaeOptions(lam=0.5)
+    assert SPECS["rloo"].adv_opts() is None
+    assert all(s.gamma == 1.0 for s in SPECS.values())
+    assert SPECS["ppo clip at ratio 1, rtg+loo (dense)"].loss_opts() == core.ClipOptions(eps_low=0.2, eps_high=0.28,
+                                                                                          dual_clip=3.0)
+    assert SPECS["rloo"].loss_opts() is None
+    assert SPECS["agg constant (C=T): grad/C"].agg_opts() == core.ConstantOptions(value=T)
+    assert SPECS["agg token-mean"].agg_opts() is None and SPECS["rloo"].agg_opts() is None
+    assert SPECS["reinforce full + ema (const)"].adv_state().value == 0.7
+    assert all(s.adv_state() is None for s in SPECS.values() if s.values != "ema")
 
 
 def test_exact_gradient_matches_finite_differences():

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
 from rlhf_pg.models import ValueModel, load_model
+from rlhf_pg.rollout import sample
 from rlhf_pg.trainer import Trainer
-from test_trainer import tiny_config
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 
@@ -34,7 +34,7 @@ def _steps(out):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def lora_run(tmp_path_factory, tiny_config):
     """A short PPO run (value head, KL to the adapter-disabled reference) with LoRA; saved merged too."""
     tmp = tmp_path_factory.mktemp("lora")
     cfg = tiny_config(tmp, model={"lora": {**LORA, "save_merged": True}}, algo={"name": "ppo", "kl_coef": 0.05},
@@ -58,12 +58,12 @@ def test_only_adapter_and_value_head_change(lora_run):
 
 def test_reference_is_the_base_model(lora_run, tmp_path):
     tr, _, _ = lora_run
-    batch = tr._rollout(tr.train_data, [0, 1], 4, tr.sampling)
-    ref = tr._reference_logprobs(batch)
+    batch = sample(tr.backend, tr.tokenizer, tr.train_data, [0, 1], 4, tr.sampling, generator=tr.gen)
+    ref = tr.reference_logprobs(batch)
     base = load_model("tiny-random-llama")
-    torch.testing.assert_close(ref, tr._no_grad_pass(base, batch, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, tr.logprobs(base, batch), atol=1e-5, rtol=1e-5)
     # ...while the trained policy (adapter on) differs from it
-    assert (tr._no_grad_pass(tr.policy, batch, 0) - ref).abs().max() > 1e-3
+    assert (tr.logprobs(tr.policy, batch) - ref).abs().max() > 1e-3
 
 
 def test_saved_adapter_and_merged_model_reload(lora_run):
@@ -79,7 +79,7 @@ def test_saved_adapter_and_merged_model_reload(lora_run):
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path):
+def test_lora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path, tiny_config):
     def cfg(d, **train):
         return tiny_config(tmp_path / d, model={"lora": LORA}, algo={"kl_coef": 0.05},
                            train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True,
@@ -97,12 +97,12 @@ def test_lora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_quantised_base_without_gpu_is_one_line_error(tmp_path):
+def test_quantised_base_without_gpu_is_one_line_error(tmp_path, tiny_config):
     with pytest.raises(UserError, match="load_in_4bit .* needs a CUDA GPU"):
         Trainer(tiny_config(tmp_path, model={"lora": {**LORA, "load_in_4bit": True}}))
 
 
-def test_lora_config_errors(tmp_path):
+def test_lora_config_errors(tmp_path, tiny_config):
     with pytest.raises(UserError, match="not both"):
         tiny_config(tmp_path, model={"lora": {"load_in_4bit": True, "load_in_8bit": True}})
     with pytest.raises(UserError, match="remove model.ref_name"):
@@ -112,7 +112,7 @@ def test_lora_config_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------ separate critic
-def test_separate_critic_trains_and_saves(tmp_path):
+def test_separate_critic_trains_and_saves(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, model={"critic": "separate"}, algo={"name": "ppo"},
                       train={"max_steps": 2, "save_every": 0})
     tr = Trainer(cfg)
@@ -128,13 +128,13 @@ def test_separate_critic_trains_and_saves(tmp_path):
     assert (saved / "value_head.safetensors").is_file() and (saved / "config.json").is_file()
 
 
-def test_critic_values_are_its_own(tmp_path):
+def test_critic_values_are_its_own(tmp_path, tiny_config):
     """V(s_t) comes from the critic's backbone: its forward equals the backbone + head by hand."""
     tr = Trainer(tiny_config(tmp_path, model={"critic": "separate"}, algo={"name": "ppo"}))
     critic = tr.acc.unwrap_model(tr.critic)
     torch.nn.init.normal_(critic.value_head.weight)
-    batch = tr._rollout(tr.train_data, [0, 1], 4, tr.sampling)
-    values = tr._no_grad_pass(critic, batch, 2)
+    batch = sample(tr.backend, tr.tokenizer, tr.train_data, [0, 1], 4, tr.sampling, generator=tr.gen)
+    values = tr.values(batch)
     ids = torch.cat([batch.prompt_ids[:1], batch.completion_ids[:1]], 1)
     attn = torch.cat([batch.prompt_mask[:1], batch.completion_mask[:1].long()], 1)
     keep = attn[0].bool()
@@ -146,7 +146,7 @@ def test_critic_values_are_its_own(tmp_path):
     torch.testing.assert_close(values[0, :n], v[P - 1:P - 1 + n], atol=1e-5, rtol=1e-5)
 
 
-def test_critic_resume_is_exact(tmp_path):
+def test_critic_resume_is_exact(tmp_path, tiny_config):
     def cfg(d, **train):
         return tiny_config(tmp_path / d, model={"critic": "separate"}, algo={"name": "ppo"},
                            train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True,
@@ -158,8 +158,8 @@ def test_critic_resume_is_exact(tmp_path):
     assert _steps(tmp_path / "cut" / "run")[-4:] == _steps(tmp_path / "full" / "run")[-4:]
 
 
-def test_critic_config_errors(tmp_path):
-    with pytest.raises(UserError, match="only algo.advantage=gae uses"):
+def test_critic_config_errors(tmp_path, tiny_config):
+    with pytest.raises(UserError, match="which algo.advantage=grpo does not use"):
         tiny_config(tmp_path, model={"critic": "separate"}, algo={"name": "grpo"})
     with pytest.raises(UserError, match="critic_name needs model.critic=separate"):
         build_config({"model": {"critic_name": "x"}, "algo": {"name": "ppo"}})

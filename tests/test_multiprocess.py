@@ -60,20 +60,23 @@ RECIPES = {
 seed: 11
 model: {name: tiny-random-llama}
 data: {train: arithmetic, eval_limit: 6, task_kwargs: {n_train: 64, n_eval: 8}}
-rollout: {prompts_per_step: 4, group_size: 2, max_new_tokens: 6, eval_batch_size: 2}
+batch: {prompts_per_step: 4, group_size: 2, micro_batch_size: 2, eval_batch_size: 2}
+rollout: {max_new_tokens: 6}
 rewards: {functions: [{name: REWARD}]}
 algo: {name: grpo, kl_coef: 0.05, entropy_coef: 0.01}
-train: {max_steps: 2, lr: 1.0e-3, micro_batch_size: 2, save_every: 0, samples_every: 0, deterministic: true}
+train: {max_steps: 2, lr: 1.0e-3, save_every: 0, samples_every: 0, deterministic: true}
 """,
-    # value head, GAE, whitening over the global batch, two epochs (old log-probs differ from current)
+    # the PPO preset: value head, GAE, whitening over the global batch, 2 epochs × 2 minibatches (old
+    # log-probs differ from current; each minibatch is drawn from GLOBAL rows, half on each process)
     "ppo": """
 seed: 5
 model: {name: tiny-random-llama}
 data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 64, n_eval: 8}}
-rollout: {prompts_per_step: 4, group_size: 2, max_new_tokens: 6, eval_batch_size: 2}
+batch: {prompts_per_step: 4, group_size: 2, epochs: 2, minibatch_size: 4, micro_batch_size: 1, eval_batch_size: 2}
+rollout: {max_new_tokens: 6}
 rewards: {functions: [{name: REWARD}]}
-algo: {name: ppo, kl_coef: 0.05, epochs: 2, minibatches: 1, loss_agg: seq-mean-token-mean}
-train: {max_steps: 2, lr: 1.0e-3, micro_batch_size: 2, save_every: 0, samples_every: 0, deterministic: true}
+algo: {name: ppo, kl_coef: 0.05, loss_agg: seq-mean-token-mean}
+train: {max_steps: 2, lr: 1.0e-3, save_every: 0, samples_every: 0, deterministic: true}
 """,
 }
 
@@ -123,7 +126,8 @@ def test_two_processes_equal_one_process(tmp_path, algo, one_thread):
     assert max((one[k] - v).abs().max().item() for k, v in init.items()) > 1e-3  # training moved the weights
 
     # the gradient of every optimizer step: equal on both ranks, and to the 1-process gradient
-    n_opt = tr.cfg.train.max_steps * tr.opt_steps_per_rl_step
+    n_opt = tr.cfg.train.max_steps * tr.plan.optimizer_steps
+    assert n_opt == {"grpo": 2, "ppo": 8}[algo]
     assert len(grads_one) == len(r0["grads"]) == len(r1["grads"]) == n_opt
     for i, (g1, g0, gr1) in enumerate(zip(grads_one, r0["grads"], r1["grads"])):
         assert g1.keys() == g0.keys()

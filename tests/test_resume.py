@@ -2,6 +2,7 @@
 resumed ends bit-identical to an uninterrupted run; SIGTERM stops cleanly with a checkpoint;
 non-finite updates are skipped and, repeated, stop the run with the last good state saved."""
 
+import dataclasses
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf_pg import checkpoint, core
+from rlhf_pg import checkpoint
 from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
 from rlhf_pg.trainer import Interrupted, Trainer
@@ -25,11 +26,11 @@ RECIPE = """
 seed: 7
 model: {name: tiny-random-llama}
 data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 64, n_eval: 8}}
-rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 6, eval_batch_size: 4}
+batch: {prompts_per_step: 2, group_size: 4, epochs: 1, micro_batch_size: 8, eval_batch_size: 4}
+rollout: {max_new_tokens: 6}
 rewards: {functions: [{name: length_penalty, kwargs: {target: 3, scale: 1}}]}
-algo: {name: ppo, kl_coef: 0.05, kl_target: 0.5, kl_horizon: 100, epochs: 1}
-train: {max_steps: 8, lr: 1.0e-3, micro_batch_size: 8, save_every: 1, keep_checkpoints: 2, samples_every: 2,
-        deterministic: true}
+algo: {name: ppo, kl_coef: 0.05, kl_target: 0.5, kl_horizon: 100}
+train: {max_steps: 8, lr: 1.0e-3, save_every: 1, keep_checkpoints: 2, samples_every: 2, deterministic: true}
 """
 VOLATILE = ("time/", "tokens_per_s")
 
@@ -173,14 +174,16 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
     cfg = build_config({
         "output_dir": str(tmp_path / "nan"), "model": {"name": "tiny-random-llama"},
         "data": {"train": "arithmetic", "eval_limit": 2, "task_kwargs": {"n_train": 16, "n_eval": 4}},
-        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+        "batch": {"prompts_per_step": 2, "group_size": 2},
+        "rollout": {"max_new_tokens": 4},
         "rewards": {"functions": [{"name": "length_penalty", "kwargs": {"target": 2, "scale": 1}}]},
         "train": {"max_steps": 5, "max_nonfinite_steps": 2, "eval_at_start": False},
     })
     tr = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    real = core.POLICY_LOSSES["clip"]
-    monkeypatch.setitem(core.POLICY_LOSSES, "clip", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    real = tr.algo.policy_loss.fn
+    monkeypatch.setattr(tr.algo, "policy_loss", dataclasses.replace(
+        tr.algo.policy_loss, fn=lambda *a: (real(*a)[0] * float("nan"), real(*a)[1])))
     with pytest.raises(UserError, match="2 consecutive updates with non-finite"):
         tr.train()
     assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())  # no NaN reached weights

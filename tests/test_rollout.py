@@ -1,10 +1,11 @@
 """Rollout engine: masks stop exactly at EOS, padding never gets log-probs, log-probs match a full
-forward pass, the prompt prefill is shared by the G samples, stop strings and greedy decoding work."""
+forward pass, the prompt prefill is shared by the G samples, stop strings and greedy decoding work;
+the one stop rule (contains_stop / stop_cut) on hand cases."""
 
 import torch
 
 from rlhf_pg import core
-from rlhf_pg.rollout import SamplingParams, generate, left_pad, position_ids
+from rlhf_pg.rollout import SamplingParams, contains_stop, generate, left_pad, position_ids, stop_cut
 
 
 class EosBias(torch.nn.Module):
@@ -116,3 +117,30 @@ def test_stop_string_ends_completion(tiny_model, tokenizer):
     assert L < 12
     assert stop in tokenizer.decode(b.completion_ids[0, :L])
     assert stop not in tokenizer.decode(b.completion_ids[0, : L - 1])
+    assert L == stop_cut(tokenizer, free.completion_lists()[0], [stop])  # the sampler applies the one stop rule
+
+
+def test_stop_cut_and_contains_stop(tokenizer):
+    ids = tokenizer("The answer is 42 ### and then more text", add_special_tokens=False)["input_ids"]
+    text_upto = [tokenizer.decode(ids[: t + 1]) for t in range(len(ids))]
+    first = next(t for t, x in enumerate(text_upto) if "###" in x)  # first token whose prefix has the stop
+    assert 0 < first < len(ids) - 1
+    # the length up to and including that token
+    assert stop_cut(tokenizer, ids, ["###"]) == first + 1
+    assert stop_cut(tokenizer, ids, ["nowhere", "###"]) == first + 1  # any of several stops
+    assert stop_cut(tokenizer, ids, ["The"]) == 1  # a stop in the very first token
+    # a stop spanning tokens ends at the token that completes it
+    two = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert len(two) == 2 and stop_cut(tokenizer, two, ["o w"]) == 2
+    # no stop string in the text, or no stop strings at all: nothing is cut
+    assert stop_cut(tokenizer, ids, ["@@@"]) == len(ids)
+    assert stop_cut(tokenizer, ids, []) == len(ids)
+    assert stop_cut(tokenizer, ids, [""]) == len(ids)  # empty strings are ignored, not "found everywhere"
+    assert stop_cut(tokenizer, [], ["###"]) == 0
+    # special tokens are removed before matching (EOS's text is not a stop hit)
+    eos_text = tokenizer.decode([tokenizer.eos_token_id])
+    assert eos_text and stop_cut(tokenizer, two + [tokenizer.eos_token_id], [eos_text]) == 3
+    # contains_stop: per row, on the decoded text
+    assert contains_stop(tokenizer, [ids[:first], ids[: first + 1], ids], ["###"]) == [False, True, True]
+    assert contains_stop(tokenizer, [ids, two], []) == [False, False]
+    assert contains_stop(tokenizer, [ids, two], ["", "world"]) == [False, True]

@@ -1,6 +1,7 @@
 """Trainer: a smoke run changes every parameter and writes reloadable outputs; β = 0 loads no
 reference; gradient accumulation does not change the update; a previous run is never clobbered."""
 
+import dataclasses
 import json
 import math
 
@@ -9,40 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_pg import core
-from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
+from rlhf_pg.forward import forward
+from rlhf_pg.metrics import GradNoise
+from rlhf_pg.rewards import score_batch
 from rlhf_pg.trainer import Trainer
-
-REWARD_FILE = '''
-def vowels(prompts, completions, **kwargs):
-    """A reward that varies across random completions: vowel count / 10."""
-    return [sum(ch in "aeiou" for ch in c) / 10 for c in completions]
-'''
-
-
-def tiny_config(tmp_path, **sections):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "rw.py").write_text(REWARD_FILE)
-    tree = {
-        "output_dir": str(tmp_path / "run"),
-        "seed": 3,
-        "model": {"name": "tiny-random-llama"},
-        "data": {"train": "arithmetic", "eval_limit": 4, "task_kwargs": {"n_train": 64, "n_eval": 8}},
-        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6, "eval_batch_size": 4},
-        "rewards": {"functions": [{"name": f"{tmp_path / 'rw.py'}:vowels"}]},
-        "algo": {"name": "grpo"},
-        "train": {"max_steps": 2, "lr": 1e-3, "micro_batch_size": 4, "samples_every": 1},
-    }
-    for k, v in sections.items():
-        tree.setdefault(k, {}).update(v) if isinstance(v, dict) else tree.__setitem__(k, v)
-    return build_config(tree)
-
 
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path):
+def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, algo={"kl_coef": 0.05, "entropy_coef": 0.01})
     tr = Trainer(cfg)
     before = _params(tr.model)
@@ -72,14 +50,14 @@ def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, tr.acc.unwrap_model(tr.model)(ids).logits)
 
 
-def test_beta_zero_loads_no_reference(tmp_path):
+def test_beta_zero_loads_no_reference(tmp_path, tiny_config):
     tr = Trainer(tiny_config(tmp_path, algo={"kl_coef": 0.0}))
     assert tr.ref is None
     m = tr.step()
     assert "kl" not in m and m["time/reference"] < 1e-3
 
 
-def test_reference_is_frozen_copy(tmp_path):
+def test_reference_is_frozen_copy(tmp_path, tiny_config):
     tr = Trainer(tiny_config(tmp_path, algo={"kl_coef": 0.1}))
     assert tr.ref is not None and not any(p.requires_grad for p in tr.ref.parameters())
     m = tr.step()
@@ -87,12 +65,12 @@ def test_reference_is_frozen_copy(tmp_path):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"])
-def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg):
+def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg, tiny_config):
     """One minibatch in 1 micro-batch or in 4 (accumulated): the same gradient reaches the optimizer."""
     grads = []
     for mbs in (8, 2):
         cfg = tiny_config(tmp_path / f"m{mbs}", algo={"loss_agg": agg, "kl_coef": 0.05},
-                          train={"micro_batch_size": mbs, "max_steps": 1, "eval_at_start": False})
+                          batch={"micro_batch_size": mbs}, train={"max_steps": 1, "eval_at_start": False})
         tr = Trainer(cfg)
         seen = {}
         real_step = tr.optimizer.step
@@ -109,7 +87,7 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg):
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)  # float summation order
 
 
-def test_existing_run_is_not_clobbered(tmp_path):
+def test_existing_run_is_not_clobbered(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, train={"max_steps": 0, "eval_at_start": False, "save_model": False})
     Trainer(cfg).train()
     with pytest.raises(UserError, match="already holds a run: resume it with --resume"):
@@ -117,17 +95,18 @@ def test_existing_run_is_not_clobbered(tmp_path):
     Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0, "save_model": False})).train()
 
 
-def test_shared_prefix_pass_equals_padded_batch(tmp_path):
+def test_shared_prefix_pass_equals_padded_batch(tmp_path, tiny_config):
     """Prompts run once per group give the same log-probs AND the same gradients as the padded
     full-sequence forward of every row."""
     cfg = tiny_config(tmp_path, train={"max_steps": 0})
     tr = Trainer(cfg)
-    batch = tr._rollout(tr.train_data, tr._step_rows(0), 4, tr.sampling)
+    batch = tr.rollout(0)
     results = []
     for shared in (True, False):
-        tr.cfg.train.shared_prefix = shared
+        passes = dataclasses.replace(tr.passes, shared_prefix=shared)
         tr.model.zero_grad()
-        logp, ent, _ = tr._forward(tr.model, batch, with_entropy=True)
+        res = forward(tr.model, batch, passes, with_entropy=True)
+        logp, ent = res.logprobs, res.entropy
         (logp * batch.completion_mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
         results.append((logp.detach() * batch.completion_mask, ent.detach() * batch.completion_mask, grads))
@@ -139,11 +118,12 @@ def test_shared_prefix_pass_equals_padded_batch(tmp_path):
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-3)
 
 
-def test_ppo_value_head_trains_and_is_saved(tmp_path):
+def test_ppo_value_head_trains_and_is_saved(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, algo={"name": "ppo", "kl_coef": 0.05},
-                      train={"max_steps": 2, "micro_batch_size": 2, "eval_at_start": False})
-    assert cfg.algo.advantage == "gae" and cfg.algo.epochs == 2 and cfg.algo.minibatches == 2
+                      batch={"micro_batch_size": 2, "minibatch_size": 4}, train={"max_steps": 2, "eval_at_start": False})
+    assert cfg.algo.advantage == "gae" and cfg.batch.epochs == 2
     tr = Trainer(cfg)
+    assert tr.plan.minibatches == 2 and tr.plan.optimizer_steps == 4
     head = tr.acc.unwrap_model(tr.model).value_head
     before = head.weight.detach().clone()
     tr.train()
@@ -158,16 +138,16 @@ def test_ppo_value_head_trains_and_is_saved(tmp_path):
     assert not any("value_head" in n for n, _ in reloaded.named_parameters())
 
 
-def test_values_in_shared_prefix_pass_equal_padded_pass(tmp_path):
+def test_values_in_shared_prefix_pass_equal_padded_pass(tmp_path, tiny_config):
     tr = Trainer(tiny_config(tmp_path, algo={"name": "ppo"}, train={"max_steps": 0}))
     with torch.no_grad():
         torch.nn.init.normal_(tr.acc.unwrap_model(tr.model).value_head.weight)
-    batch = tr._rollout(tr.train_data, tr._step_rows(0), 4, tr.sampling)
+    batch = tr.rollout(0)
     vals = []
     for shared in (True, False):
-        tr.cfg.train.shared_prefix = shared
         with torch.no_grad():
-            vals.append(tr._forward(tr.model, batch, False)[2] * batch.completion_mask)
+            res = forward(tr.model, batch, dataclasses.replace(tr.passes, shared_prefix=shared))
+            vals.append(res.values * batch.completion_mask)
     assert vals[0].abs().sum() > 0
     torch.testing.assert_close(vals[0], vals[1], atol=1e-4, rtol=1e-4)
 
@@ -179,34 +159,35 @@ def third_token_bonus(prompts, completions, completion_ids, **kwargs):
 '''
 
 
-def test_dense_token_rewards_reach_reward_to_go(tmp_path):
+def test_dense_token_rewards_reach_reward_to_go(tmp_path, tiny_config):
     (tmp_path / "dense.py").write_text(DENSE_REWARD_FILE)
-    cfg = tiny_config(tmp_path, algo={"name": "reinforce", "baseline": "none", "reward_to_go": True},
+    cfg = tiny_config(tmp_path, algo={"name": "reinforce", "reinforce": {"baseline": "none", "reward_to_go": True}},
                       rewards={"functions": [{"name": f"{tmp_path / 'dense.py'}:third_token_bonus"}]},
                       train={"max_steps": 0})
     tr = Trainer(cfg)
-    batch = tr._rollout(tr.train_data, tr._step_rows(0), 4, tr.sampling)
-    tr._score(batch)
+    batch = tr.rollout(0)
+    score_batch(tr.rewards, batch)
     mask = batch.completion_mask
     assert batch.token_rewards[:, 2].eq(mask[:, 2]).all() and batch.token_rewards.sum() == mask[:, 2].sum()
-    adv, _ = core.ADVANTAGE_ESTIMATORS["reinforce"](batch.token_rewards, mask, None, 4, cfg.algo)
+    tr.compute_advantages(batch)
+    adv = batch.advantages
     # reward-to-go: tokens 0..2 see the bonus, later tokens do not
     assert adv[:, :3].eq(1).all() and adv[:, 3:].eq(0).all()
 
 
-def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path):
+def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path, tiny_config):
     from types import SimpleNamespace
 
-    cfg = tiny_config(tmp_path, rollout={"prompts_per_step": 3})
-    with pytest.raises(UserError, match="prompts_per_step=3 is not divisible by the 2 processes"):
+    cfg = tiny_config(tmp_path, batch={"prompts_per_step": 3})
+    with pytest.raises(UserError, match="batch.prompts_per_step=3 is not divisible by the 2 processes"):
         Trainer(cfg, accelerator=SimpleNamespace(num_processes=2, process_index=0))
 
 
-def test_gradient_noise_scale_is_logged_and_consistent(tmp_path):
+def test_gradient_noise_scale_is_logged_and_consistent(tmp_path, tiny_config):
     """With gradient accumulation the trainer logs the noise-scale estimates (finite numbers)."""
     cfg = tiny_config(tmp_path, algo={"loss_agg": "seq-mean-token-sum"},
-                      train={"micro_batch_size": 2, "grad_noise_scale": True, "max_grad_norm": None,
-                             "max_steps": 1, "eval_at_start": False})
+                      batch={"micro_batch_size": 2},
+                      train={"grad_noise_scale": True, "max_grad_norm": None, "max_steps": 1, "eval_at_start": False})
     tr = Trainer(cfg)
     m = tr.step()
     assert math.isfinite(m["grad_noise_scale"]) and math.isfinite(m["grad_snr"])
@@ -214,13 +195,11 @@ def test_gradient_noise_scale_is_logged_and_consistent(tmp_path):
 
 def test_grad_noise_estimator_recovers_known_noise():
     """Synthetic check of the formulas: micro-batch gradients g_i = μ + noise with known tr Σ."""
-    from rlhf_pg.trainer import GradNoise
-
     torch.manual_seed(0)
     dim, n_micro, per = 2000, 8, 4  # 8 micro-batches of 4 sequences; per-sequence noise var 1 per dim
     mu = torch.full((dim,), 0.2)
     p = torch.nn.Parameter(torch.zeros(dim))
-    gn = GradNoise([p], "seq-mean-token-sum", n_tok=0, n_seq=n_micro * per)
+    gn = GradNoise([p], core.AGGREGATIONS["seq-mean-token-sum"].unit, n_tok=0, n_seq=n_micro * per)
     p.grad = torch.zeros(dim)
     for _ in range(n_micro):
         g_i = mu + torch.randn(per, dim).mean(0)  # mean of `per` per-sequence gradients
@@ -229,3 +208,64 @@ def test_grad_noise_estimator_recovers_known_noise():
     b_simple, _ = gn.estimate(float(p.grad.norm()))
     true = dim * 1.0 / float(mu.pow(2).sum())  # tr Σ / |𝒢|² = 2000 / 80 = 25
     assert 0.6 * true < b_simple < 1.6 * true
+
+
+def test_critic_warmup_trains_only_the_value_function(tmp_path, tiny_config):
+    """During warm-up the loss is the value loss alone: with a KL term in the loss and an entropy
+    bonus (both of which move the policy), the policy stays exactly where it was; the critic learns."""
+    cfg = tiny_config(tmp_path, model={"critic": "separate"},
+                      algo={"name": "ppo", "kl_coef": 0.1, "kl_in": "loss", "entropy_coef": 0.1,
+                            "critic_warmup_steps": 1},
+                      train={"max_steps": 1, "eval_at_start": False})
+    tr = Trainer(cfg)
+    policy, critic = _params(tr.model), _params(tr.critic)
+    m = tr.step()
+    assert m["kl"] >= 0 and m["entropy"] > 0  # the terms were computed ...
+    assert all(torch.equal(policy[n], p) for n, p in tr.model.named_parameters())  # ... but did not train
+    assert any(not torch.equal(critic[n], p) for n, p in tr.critic.named_parameters())
+    tr.step()  # after warm-up the policy trains
+    assert any(not torch.equal(policy[n], p) for n, p in tr.model.named_parameters())
+
+
+def test_estimator_metadata_not_names_drive_the_trainer(tmp_path, tiny_config):
+    """A user's estimator registered under a new name, declaring needs_values, gets a value head and a
+    value loss — the trainer reads metadata; it never compares an estimator's name."""
+    core.ADVANTAGES.add("my_gae", dataclasses.replace(core.ADVANTAGES["gae"]))
+    try:
+        cfg = tiny_config(tmp_path, algo={"advantage": "my_gae", "gae": {"lam": 0.9}}, train={"max_steps": 1})
+        assert cfg.algo.options("my_gae").lam == 0.95  # its options section is the one named after it
+        cfg = tiny_config(tmp_path, algo={"advantage": "my_gae", "my_gae": {"lam": 0.9}}, train={"max_steps": 1})
+        assert cfg.algo.options("my_gae").lam == 0.9
+        tr = Trainer(cfg)
+        m = tr.step()
+        assert "value_loss" in m and "explained_variance" in m
+        assert hasattr(tr.acc.unwrap_model(tr.model), "value_head")
+    finally:
+        core.ADVANTAGES.unregister("my_gae")
+
+
+def test_ema_baseline_is_estimator_state_not_values(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, algo={"name": "reinforce"}, train={"max_steps": 2, "eval_at_start": False})
+    assert cfg.algo.options("reinforce").baseline == "ema"
+    tr = Trainer(cfg)
+    m = tr.step()
+    state = tr.algo.advantage_state
+    assert state.value == pytest.approx(m["reward"], abs=1e-6)  # first batch: the EMA is its mean return
+    assert "explained_variance" not in m and "value_loss" not in m  # no values, no value head
+    assert tr.state_dict()["advantage_state"] == {"value": state.value}  # checkpointed with the run
+
+
+def test_tokenizer_honours_revision_and_remote_code(tmp_path, tiny_config, monkeypatch):
+    from rlhf_pg import setup
+
+    seen = {}
+
+    def fake_load_tokenizer(name, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(setup, "load_tokenizer", fake_load_tokenizer)
+    cfg = tiny_config(tmp_path, model={"revision": "v1.2", "trust_remote_code": True})
+    with pytest.raises(RuntimeError, match="stop here"):
+        Trainer(cfg)
+    assert seen == {"revision": "v1.2", "trust_remote_code": True}

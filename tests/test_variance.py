@@ -31,12 +31,13 @@ def dense_parity(prompts, completions, completion_ids, **kwargs):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _recipe(tmp_path, fn="parity", **rollout):
+def _recipe(tmp_path, fn="parity", **batch):
     (tmp_path / "rw.py").write_text(REWARDS)
-    r = {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 4, **rollout}
+    b = {"prompts_per_step": 2, "group_size": 4, **batch}
     return {"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"name": "tiny-random-llama"},
             "data": {"train": "arithmetic", "eval_limit": 2, "task_kwargs": {"n_train": 64, "n_eval": 4}},
-            "rollout": r, "rewards": {"functions": [{"name": f"{tmp_path / 'rw.py'}:{fn}"}]}}
+            "batch": b, "rollout": {"max_new_tokens": 4},
+            "rewards": {"functions": [{"name": f"{tmp_path / 'rw.py'}:{fn}"}]}}
 
 
 def test_estimator_weights_hand_numbers():
@@ -161,6 +162,6 @@ def test_user_errors(tmp_path):
         run_variance(cfg, batch_sizes=[6], repeats=2, progress=False)
     with pytest.raises(UserError, match="matches no trainable"):
         run_variance(cfg, batch_sizes=[4], repeats=2, params="nope", progress=False)
-    with pytest.raises(UserError, match="group_size"):
+    with pytest.raises(UserError, match=r"batch\.group_size >= 2"):
         run_variance(build_config(_recipe(tmp_path, group_size=1) | {"algo": {"name": "reinforce"}}),
                      repeats=2, progress=False)
