@@ -31,8 +31,9 @@ import dataclasses
 import importlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -59,19 +60,25 @@ class GenerationBackend(ABC):
         return nullcontext()
 
     @abstractmethod
-    def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-                 uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        params: SamplingParams,
+        uniforms: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Batch:
         """``group_size`` completions for each prompt (token id lists) → Batch of len(prompt_ids)·G rows.
 
         ``uniforms`` (B, max_new_tokens) in [0, 1): the trainer's per-(seed, step, global row) draws.
         A backend that can sample by inverse CDF uses them (HF); others may derive seeds from them.
         ``generator``: the random source when ``uniforms`` is None (HF only)."""
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook: a no-op by default)
         """Make the backend sample from ``model``'s current weights; call after the policy changed
         (after the optimizer steps of an RL step, and after loading a checkpoint)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Release the backend's resources (engines, GPU memory)."""
 
 
@@ -90,18 +97,31 @@ class HFBackend(GenerationBackend):
     exact_logprobs = True
     uses_training_module = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer, context: Callable[[], AbstractContextManager] | None = None,
-                 **options: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        context: Callable[[], AbstractContextManager] | None = None,
+        **options: Any,
+    ):
         if options:
-            raise UserError(f"rollout.backend=hf takes no backend options (got {', '.join(sorted(options))}): "
-                            "remove rollout.backend_options")
+            raise UserError(
+                f"rollout.backend=hf takes no backend options (got {', '.join(sorted(options))}): "
+                "remove rollout.backend_options"
+            )
         self.model, self.tokenizer, self.context = model, tokenizer, context
 
     def sampling_context(self) -> AbstractContextManager:
         return self.context() if self.context is not None else nullcontext()
 
-    def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-                 uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        params: SamplingParams,
+        uniforms: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Batch:
         with rollout.sampling_mode(self.model) as model:
             return rollout.generate(model, self.tokenizer, prompt_ids, group_size, params, generator, uniforms)
 
@@ -118,9 +138,18 @@ def _import_vllm():
         raise UserError(VLLM_MISSING) from err
 
 
-def vllm_outputs_to_batch(outputs: Sequence[Any], prompts: list[list[int]], group_size: int, *, pad_id: int,
-                          eos_id: int | None, max_new_tokens: int, tokenizer=None, stop: Sequence[str] = (),
-                          device: torch.device | str = "cpu") -> Batch:
+def vllm_outputs_to_batch(
+    outputs: Sequence[Any],
+    prompts: list[list[int]],
+    group_size: int,
+    *,
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    tokenizer=None,
+    stop: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> Batch:
     """vLLM ``RequestOutput`` objects (one per prompt, in prompt order) → :class:`Batch`.
 
     Pure (no vllm import): reads ``out.outputs[j].token_ids``, ``.logprobs`` (a list with one
@@ -165,9 +194,9 @@ def vllm_outputs_to_batch(outputs: Sequence[Any], prompts: list[list[int]], grou
     logps = torch.zeros((B, T), dtype=torch.float32)
     for b, (ids, lps) in enumerate(zip(rows, row_logps)):
         if ids:
-            completion_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[b, :len(ids)] = 1.0
-            logps[b, :len(ids)] = torch.tensor(lps, dtype=torch.float32)
+            completion_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[b, : len(ids)] = 1.0
+            logps[b, : len(ids)] = torch.tensor(lps, dtype=torch.float32)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     return Batch(
         prompt_ids=prompt_ids.repeat_interleave(G, 0).to(device),
@@ -217,17 +246,29 @@ def request_seeds(uniforms: torch.Tensor | None, n_prompts: int, group_size: int
     seed + j, so the G samples differ. (vLLM cannot follow our inverse-CDF draws themselves.)"""
     if uniforms is None:
         return [None] * n_prompts
-    u = uniforms[:: group_size, 0].double().cpu()
+    u = uniforms[::group_size, 0].double().cpu()
     return [int(x * (2**31 - 1)) for x in u.tolist()]
 
 
-def vllm_engine_kwargs(model_name: str, *, supported: set[str] | None, dtype: str = "auto",
-                       gpu_memory_utilization: float = 0.3, seed: int = 0, max_model_len: int | None = None,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def vllm_engine_kwargs(
+    model_name: str,
+    *,
+    supported: set[str] | None,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.3,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` (pure). ``supported`` = the installed vLLM's EngineArgs field
     names (None if unknown): ``logprobs_mode="processed_logprobs"`` is passed only where it exists."""
-    kw: dict[str, Any] = dict(model=model_name, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=True, seed=seed)
+    kw: dict[str, Any] = dict(
+        model=model_name,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enable_prefix_caching=True,
+        seed=seed,
+    )
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     if supported is not None and "logprobs_mode" in supported:
@@ -338,9 +379,20 @@ class VLLMBackend(GenerationBackend):
     name = "vllm"
     exact_logprobs = False
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, model_name: str | None = None, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0,
-                 seed_from_uniforms: bool = True, allow_cpu: bool = False, **llm_kwargs: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        model_name: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        seed_from_uniforms: bool = True,
+        allow_cpu: bool = False,
+        **llm_kwargs: Any,
+    ):
         vllm = _import_vllm()
         if not allow_cpu and not torch.cuda.is_available():
             raise UserError(VLLM_MISSING)
@@ -349,23 +401,45 @@ class VLLMBackend(GenerationBackend):
         self.device = next(model.parameters()).device  # where the trainer wants the batch
         path = model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
         if not path:
-            raise UserError("rollout.backend=vllm: cannot tell which checkpoint to load into vLLM; "
-                            "set rollout.backend_options.model_name")
+            raise UserError(
+                "rollout.backend=vllm: cannot tell which checkpoint to load into vLLM; "
+                "set rollout.backend_options.model_name"
+            )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kwargs = vllm_engine_kwargs(path, supported=_engine_arg_names(), dtype=dtype,
-                                    gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                                    max_model_len=max_model_len, extra=llm_kwargs)
+        kwargs = vllm_engine_kwargs(
+            path,
+            supported=_engine_arg_names(),
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            max_model_len=max_model_len,
+            extra=llm_kwargs,
+        )
         self.logprobs_mode: str | None = kwargs.get("logprobs_mode")
         self.llm = vllm.LLM(**kwargs)
 
-    def generate(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-                 uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        params: SamplingParams,
+        uniforms: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Batch:
         seeds = request_seeds(uniforms if self.seed_from_uniforms else None, len(prompt_ids), group_size)
         sps = [self.vllm.SamplingParams(**vllm_sampling_kwargs(params, group_size, s)) for s in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sps, use_tqdm=False)
-        return vllm_outputs_to_batch(outputs, prompt_ids, group_size, pad_id=self.tokenizer.pad_token_id,
-                                     eos_id=self.tokenizer.eos_token_id, max_new_tokens=params.max_new_tokens,
-                                     tokenizer=self.tokenizer, stop=params.stop, device=self.device)
+        return vllm_outputs_to_batch(
+            outputs,
+            prompt_ids,
+            group_size,
+            pad_id=self.tokenizer.pad_token_id,
+            eos_id=self.tokenizer.eos_token_id,
+            max_new_tokens=params.max_new_tokens,
+            tokenizer=self.tokenizer,
+            stop=params.stop,
+            device=self.device,
+        )
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         with torch.no_grad(), merged_adapter(model):
@@ -385,6 +459,7 @@ class VLLMBackend(GenerationBackend):
 def _engine_arg_names() -> set[str] | None:
     try:
         from vllm.engine.arg_utils import EngineArgs  # type: ignore[import-not-found]
+
         return {f.name for f in dataclasses.fields(EngineArgs)}
     except Exception:  # noqa: BLE001 — unknown layout: do not pass optional arguments
         return None
@@ -395,19 +470,37 @@ def _engine_arg_names() -> set[str] | None:
 BACKENDS: dict[str, type[GenerationBackend]] = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
-def make_backend(name: str, model: torch.nn.Module, tokenizer, context: Callable[[], AbstractContextManager] | None = None,
-                 **options: Any) -> GenerationBackend:
+def make_backend(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer,
+    context: Callable[[], AbstractContextManager] | None = None,
+    **options: Any,
+) -> GenerationBackend:
     """The backend called ``name`` (``rollout.backend``) with ``options`` (``rollout.backend_options``).
     ``context`` reaches backends that sample with the training module (``uses_training_module``)."""
     cls = BACKENDS.get(name)
     if cls is None:
-        raise UserError(f"rollout.backend={name!r} is not a generation backend: choose one of "
-                        f"{', '.join(sorted(BACKENDS))}")
+        raise UserError(
+            f"rollout.backend={name!r} is not a generation backend: choose one of {', '.join(sorted(BACKENDS))}"
+        )
     if cls.uses_training_module:
         options["context"] = context
     return cls(model, tokenizer, **options)
 
 
-__all__ = ["BACKENDS", "GenerationBackend", "HFBackend", "VLLMBackend", "VLLM_MISSING", "hf_weights",
-           "make_backend", "merged_adapter", "request_seeds", "vllm_engine_kwargs",
-           "vllm_logprobs_match_policy", "vllm_outputs_to_batch", "vllm_sampling_kwargs"]
+__all__ = [
+    "BACKENDS",
+    "GenerationBackend",
+    "HFBackend",
+    "VLLMBackend",
+    "VLLM_MISSING",
+    "hf_weights",
+    "make_backend",
+    "merged_adapter",
+    "request_seeds",
+    "vllm_engine_kwargs",
+    "vllm_logprobs_match_policy",
+    "vllm_outputs_to_batch",
+    "vllm_sampling_kwargs",
+]

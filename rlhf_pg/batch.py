@@ -66,7 +66,7 @@ class Batch:
         """Each completion's token ids without padding (what reward functions receive)."""
         return [row[m.bool()].tolist() for row, m in zip(self.completion_ids.cpu(), self.completion_mask.cpu())]
 
-    def select(self, idx: torch.Tensor) -> "Batch":
+    def select(self, idx: torch.Tensor) -> Batch:
         """Rows ``idx`` of every per-row field (tensors, lists, columns, per-function rewards)."""
         out: dict[str, Any] = {}
         ilist = idx.tolist()
@@ -77,8 +77,9 @@ class Batch:
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in ilist] if v else []
             elif isinstance(v, dict):
-                out[f.name] = {k: col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in ilist]
-                               for k, col in v.items()}
+                out[f.name] = {
+                    k: col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in ilist] for k, col in v.items()
+                }
             else:
                 out[f.name] = v
         return Batch(**out)

@@ -99,8 +99,9 @@ def _module_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, to
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def write_main(tmp: Path, module: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
-               trainable_only: bool = False) -> None:
+def write_main(
+    tmp: Path, module: torch.nn.Module, optimizer, scheduler, trainer_state: dict, trainable_only: bool = False
+) -> None:
     """Main process: model, optimizer, scheduler and trainer state into the temporary directory."""
     state = _module_state(module, trainable_only)
     save_file(_untie(state), str(tmp / "model.safetensors"))
@@ -141,15 +142,24 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     return final
 
 
-def load(ckpt: Path, module: torch.nn.Module, optimizer, scheduler, rank: int, generator: torch.Generator,
-         trainable_only: bool = False) -> dict:
+def load(
+    ckpt: Path,
+    module: torch.nn.Module,
+    optimizer,
+    scheduler,
+    rank: int,
+    generator: torch.Generator,
+    trainable_only: bool = False,
+) -> dict:
     """Restore everything saved by :func:`write_main` / :func:`save_process_rng`; returns trainer state."""
     state = load_file(str(ckpt / "model.safetensors"), device=str(next(module.parameters()).device))
     if trainable_only:
         expected = {k for k, v in module.named_parameters() if v.requires_grad}
         if set(state) != expected:
-            raise UserError(f"checkpoint {ckpt} holds other trainable tensors than this model "
-                             f"({len(set(state) ^ expected)} differ): was it written with another model.lora?")
+            raise UserError(
+                f"checkpoint {ckpt} holds other trainable tensors than this model "
+                f"({len(set(state) ^ expected)} differ): was it written with another model.lora?"
+            )
         module.load_state_dict(state, strict=False)
     else:
         module.load_state_dict(state, strict=True)

@@ -23,67 +23,115 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a policy from a YAML recipe",
-                       description="Train from a YAML recipe; any option can be overridden as dotted key=value "
-                                   "(e.g. train.max_steps=5 algo.kl_coef=0.02). 'rlhf-pg config' lists the options.")
+    t = sub.add_parser(
+        "train",
+        help="train a policy from a YAML recipe",
+        description="Train from a YAML recipe; any option can be overridden as dotted key=value "
+        "(e.g. train.max_steps=5 algo.kl_coef=0.02). 'rlhf-pg config' lists the options.",
+    )
     t.add_argument("recipe", help="path of the YAML recipe, e.g. recipes/grpo_arithmetic.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe options")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in output_dir (same as train.resume=true)")
-    t.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="data-parallel processes: relaunches itself with 'accelerate launch' (GPUs if present, "
-                        "else CPU processes over gloo). For other setups call 'accelerate launch -m rlhf_pg train ...'")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in output_dir (same as train.resume=true)",
+    )
+    t.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes: relaunches itself with 'accelerate launch' (GPUs if present, "
+        "else CPU processes over gloo). For other setups call 'accelerate launch -m rlhf_pg train ...'",
+    )
 
-    c = sub.add_parser("config", help="list every option with its default and meaning, or print a resolved recipe",
-                       description="Without a recipe: list all options. With one: print the resolved config.")
+    c = sub.add_parser(
+        "config",
+        help="list every option with its default and meaning, or print a resolved recipe",
+        description="Without a recipe: list all options. With one: print the resolved config.",
+    )
     c.add_argument("recipe", nargs="?", help="recipe to resolve (optional)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
 
-    e = sub.add_parser("eval", help="evaluate a model, run directory or checkpoint on a recipe's eval split",
-                       description="Greedy reward per function, accuracy and completion length on the recipe's "
-                                   "eval split; with --k > 1 also sampled reward and unbiased pass@k. Writes "
-                                   "eval.json and eval_samples.jsonl.")
-    e.add_argument("target", metavar="MODEL_OR_RUN",
-                   help="model alias, hub id or save_pretrained directory; a run directory (config.yaml + "
-                        "model/); or a LoRA adapter directory")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a model, run directory or checkpoint on a recipe's eval split",
+        description="Greedy reward per function, accuracy and completion length on the recipe's "
+        "eval split; with --k > 1 also sampled reward and unbiased pass@k. Writes "
+        "eval.json and eval_samples.jsonl.",
+    )
+    e.add_argument(
+        "target",
+        metavar="MODEL_OR_RUN",
+        help="model alias, hub id or save_pretrained directory; a run directory (config.yaml + "
+        "model/); or a LoRA adapter directory",
+    )
     e.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe options")
     e.add_argument("--recipe", help="YAML recipe (data, rewards, sampling); default: the run's config.yaml")
-    e.add_argument("--k", type=int, default=1, help="report pass@k (k sampled completions per prompt; default 1: "
-                                                    "greedy only)")
-    e.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="sampled completions per prompt (n >= k; default k) for the unbiased pass@k estimator")
+    e.add_argument(
+        "--k", type=int, default=1, help="report pass@k (k sampled completions per prompt; default 1: greedy only)"
+    )
+    e.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sampled completions per prompt (n >= k; default k) for the unbiased pass@k estimator",
+    )
     e.add_argument("--out", help="output directory (default: the run directory, else ./eval_<name>)")
 
-    pl = sub.add_parser("plot", help="PNG dashboard of one or more runs' metrics.jsonl",
-                        description="Reward (and per function), eval accuracy/reward, KL and its coefficient, "
-                                    "entropy, completion length, clip fractions, value loss and explained "
-                                    "variance against the step; several runs are overlaid.")
+    pl = sub.add_parser(
+        "plot",
+        help="PNG dashboard of one or more runs' metrics.jsonl",
+        description="Reward (and per function), eval accuracy/reward, KL and its coefficient, "
+        "entropy, completion length, clip fractions, value loss and explained "
+        "variance against the step; several runs are overlaid.",
+    )
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     pl.add_argument("--out", help="PNG path (default: FIRST_RUN_DIR/dashboard.png)")
 
-    v = sub.add_parser("variance", help="gradient-variance lab: compare policy-gradient estimators at a policy",
-                       description="Estimate the policy gradient with several estimators (REINFORCE, reward-to-go, "
-                                   "baselines, RLOO, GRPO, optimal baseline) from the same sampled completions, "
-                                   "on K batches of each size N; report variance, gradient norm, SNR and cosine; "
-                                   "write variance.json and a log-log PNG.")
+    v = sub.add_parser(
+        "variance",
+        help="gradient-variance lab: compare policy-gradient estimators at a policy",
+        description="Estimate the policy gradient with several estimators (REINFORCE, reward-to-go, "
+        "baselines, RLOO, GRPO, optimal baseline) from the same sampled completions, "
+        "on K batches of each size N; report variance, gradient norm, SNR and cosine; "
+        "write variance.json and a log-log PNG.",
+    )
     v.add_argument("recipe", help="YAML recipe (its model, prompts, rewards and sampling)")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.name=runs/x/model")
-    v.add_argument("--batch-sizes", default=None, metavar="N1,N2,...",
-                   help="completions per batch, multiples of rollout.group_size (default: G,2G,4G)")
+    v.add_argument(
+        "--batch-sizes",
+        default=None,
+        metavar="N1,N2,...",
+        help="completions per batch, multiples of rollout.group_size (default: G,2G,4G)",
+    )
     v.add_argument("--repeats", type=int, default=8, metavar="K", help="independent batches per size (default 8)")
-    v.add_argument("--proj-dim", type=int, default=512, metavar="D",
-                   help="sketch dimension for the flattened gradient (default 512; 0 = exact, small models only)")
-    v.add_argument("--params", default=None, metavar="REGEX",
-                   help="only parameters whose name matches this regex (default: every trainable parameter)")
+    v.add_argument(
+        "--proj-dim",
+        type=int,
+        default=512,
+        metavar="D",
+        help="sketch dimension for the flattened gradient (default 512; 0 = exact, small models only)",
+    )
+    v.add_argument(
+        "--params",
+        default=None,
+        metavar="REGEX",
+        help="only parameters whose name matches this regex (default: every trainable parameter)",
+    )
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--out", default=None, help="output directory (default: output_dir of the recipe + '/variance')")
 
-    bm = sub.add_parser("bench", help="benchmark one GRPO step (rlhf-pg vs plain transformers): times, RSS, MFU",
-                        description="The fixed workload of rlhf_pg/bench.py (SmolLM2-135M-Instruct, 8 prompts x 4 "
-                                    "samples, 64 new tokens, GRPO with and without a reference model), done by "
-                                    "rlhf-pg and the plain transformers way, each run in its own process; per-phase "
-                                    "times, speed-ups, peak RSS, MFU.")
-    from . import bench  # standard library only at import time: --help stays fast
+    bm = sub.add_parser(
+        "bench",
+        help="benchmark one GRPO step (rlhf-pg vs plain transformers): times, RSS, MFU",
+        description="The fixed workload of rlhf_pg/labs/bench.py (SmolLM2-135M-Instruct, 8 prompts "
+        "x 4 samples, 64 new tokens, GRPO with and without a reference model), done by "
+        "rlhf-pg and the plain transformers way, each run in its own process; per-phase "
+        "times, speed-ups, peak RSS, MFU.",
+    )
+    from .labs import bench  # standard library only at import time: --help stays fast
 
     bench.build_parser(bm)
     return p
@@ -101,10 +149,27 @@ def _launch(args) -> int:
     with socket.socket() as sock:  # a free port, so that two runs on one machine do not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-           "--main_process_port", str(port),
-           "--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu",
-           "-m", "rlhf_pg", "train", args.recipe, *args.overrides] + (["--resume"] if args.resume else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        "--multi_gpu",
+        "-m",
+        "rlhf_pg",
+        "train",
+        args.recipe,
+        *args.overrides,
+    ] + (["--resume"] if args.resume else [])
     env = dict(os.environ)
     # One BLAS/OpenMP pool per process that together fill the cores; oversubscription is very slow.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
@@ -126,8 +191,10 @@ def _cmd_train(args) -> int:
     except Interrupted as stop:
         if trainer.acc.is_main_process:
             again = " ".join(["rlhf-pg train", args.recipe, *args.overrides, "--resume"])
-            print(f"rlhf-pg: stopped after step {stop.step}; checkpoint saved in {stop.path}\n"
-                  f"resume with: {again}", file=sys.stderr)
+            print(
+                f"rlhf-pg: stopped after step {stop.step}; checkpoint saved in {stop.path}\nresume with: {again}",
+                file=sys.stderr,
+            )
         return 128 + stop.signum
     if trainer.acc.is_main_process:
         _summary(cfg, hist)
@@ -140,7 +207,8 @@ def _summary(cfg, hist) -> None:
     for key in ("eval/accuracy", "eval/reward"):
         if key in end:
             before = f"{start[key]:.3f}" if start else "n/a"
-            print(f"{key.removeprefix('eval/'):>9}: before {before}  ->  after {end[key]:.3f}   (held-out, greedy, n={end['eval/n']})")
+            name, after, n = key.removeprefix("eval/"), end[key], end["eval/n"]
+            print(f"{name:>9}: before {before}  ->  after {after:.3f}   (held-out, greedy, n={n})")
     out = cfg.output_dir
     print(f"  metrics: {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'samples.jsonl')}")
     if cfg.train.save_model:
@@ -180,15 +248,23 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_variance(args) -> int:
-    from .variance import run_variance_cli
+    from .labs.variance import run_variance_cli
 
-    run_variance_cli(args.recipe, args.overrides, batch_sizes=args.batch_sizes, repeats=args.repeats,
-                     proj_dim=args.proj_dim, params=args.params, threads=args.threads, out=args.out)
+    run_variance_cli(
+        args.recipe,
+        args.overrides,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        proj_dim=args.proj_dim,
+        params=args.params,
+        threads=args.threads,
+        out=args.out,
+    )
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_from_args
+    from .labs.bench import run_from_args
 
     run_from_args(args)
     return 0
@@ -200,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "plot": _cmd_plot,
-                "variance": _cmd_variance, "bench": _cmd_bench}
+    handlers = {
+        "train": _cmd_train,
+        "config": _cmd_config,
+        "eval": _cmd_eval,
+        "plot": _cmd_plot,
+        "variance": _cmd_variance,
+        "bench": _cmd_bench,
+    }
     try:
         return handlers[args.command](args)
     except UserError as e:

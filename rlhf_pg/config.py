@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 
-
 TooLong = Literal["truncate", "error"]
 """data.too_long: what to do with a prompt over max_prompt_tokens (data.load_prompt_dataset takes it too)."""
 OnError = Literal["raise", "zero"]
@@ -41,7 +40,8 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names that get adapters (e.g. `[q_proj, v_proj]`), or `all-linear` (every linear layer but the LM head)."""
+    """Module names that get adapters (e.g. `[q_proj, v_proj]`), or `all-linear` (every linear layer but the
+    LM head)."""
     load_in_4bit: bool = False
     """Load the frozen base in 4-bit (QLoRA; needs bitsandbytes and a CUDA GPU)."""
     load_in_8bit: bool = False
@@ -50,7 +50,7 @@ class LoraConfig(_Section):
     """Also save the base with the adapter merged in (output_dir/model/merged), loadable without peft."""
 
     @model_validator(mode="after")
-    def _one_quantisation(self) -> "LoraConfig":
+    def _one_quantisation(self) -> LoraConfig:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("model.lora: choose load_in_4bit or load_in_8bit, not both")
         return self
@@ -70,10 +70,11 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
     lora: LoraConfig | None = None
-    """Train LoRA adapters instead of all weights (section: r, alpha, dropout, target_modules, ...); null = full fine-tune.
-    The reference model is then the same weights with the adapter disabled (no second copy)."""
+    """Train LoRA adapters instead of all weights (section: r, alpha, dropout, target_modules, ...); null = full
+    fine-tune. The reference model is then the same weights with the adapter disabled (no second copy)."""
     critic: Literal["shared", "separate"] = "shared"
-    """Value function (gae): a head on the policy's last hidden state (`shared` backbone) or a `separate` critic model."""
+    """Value function (estimators that need values, e.g. gae): a head on the policy's last hidden state (`shared`
+    backbone) or a `separate` critic model."""
     critic_name: str | None = None
     """Backbone of the separate critic (alias, directory or hub id); default: the policy's `name`."""
 
@@ -136,12 +137,14 @@ class RolloutConfig(_Section):
     `vllm` runs a vLLM engine on the GPU (pip install vllm; one process) that receives the policy's weights after each
     RL step, and the trainer recomputes the old log-probs."""
     backend_options: dict[str, Any] = Field(default_factory=dict)
-    """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none for hf."""
+    """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none
+    for hf."""
 
 
 class RewardFunctionConfig(_Section):
     name: str
-    """A built-in (`accuracy`, `format`, `length_penalty`, `sentiment`, ...), `package.module:function` or `path/to/file.py:function`."""
+    """A built-in (`accuracy`, `format`, `length_penalty`, `sentiment`, ...), `package.module:function` or
+    `path/to/file.py:function`."""
     weight: float = 1.0
     """Weight of this function in the summed reward."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -149,9 +152,7 @@ class RewardFunctionConfig(_Section):
 
 
 class RewardsConfig(_Section):
-    functions: list[RewardFunctionConfig] = Field(
-        default_factory=lambda: [RewardFunctionConfig(name="accuracy")]
-    )
+    functions: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(name="accuracy")])
     """Reward functions, summed with their weights; each one is also logged on its own."""
     on_error: OnError = "raise"
     """A reward function raises: stop with its message, or treat its values for the batch as missing (0)."""
@@ -202,7 +203,7 @@ class AlgoConfig(_Section):
     KL or entropy term). A separate critic alone changes; a shared head's value loss also reaches the backbone."""
 
     @model_validator(mode="after")
-    def _option_sections(self) -> "AlgoConfig":
+    def _option_sections(self) -> AlgoConfig:
         """Validate every `algo.<entry>` section with its entry's options model; the selected entries
         get their defaults when the recipe has no section for them."""
         from .core import REGISTRIES  # local: the math module imports torch
@@ -213,8 +214,10 @@ class AlgoConfig(_Section):
             if key not in owners:
                 names = sorted(set(type(self).model_fields) | set(owners))
                 close = difflib.get_close_matches(key, names, n=1)
-                raise ValueError(f"unknown config key 'algo.{key}'" + (
-                    f" — did you mean 'algo.{close[0]}'?" if close else f" — known keys here: {', '.join(names)}"))
+                raise ValueError(
+                    f"unknown config key 'algo.{key}'"
+                    + (f" — did you mean 'algo.{close[0]}'?" if close else f" — known keys here: {', '.join(names)}")
+                )
             if not isinstance(value, owners[key]):
                 try:
                     extra[key] = owners[key].model_validate(value if value is not None else {})
@@ -252,6 +255,7 @@ class TrainConfig(_Section):
     @classmethod
     def _yaml_no(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML reads a bare `no` as false
+
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only at start and end)."""
     eval_at_start: bool = True
@@ -289,6 +293,9 @@ class RunConfig(_Section):
     """Allow writing into an output_dir that already holds a run."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
+    imports: list[str] = Field(default_factory=list)
+    """Your modules or files (`pkg.module`, `path/to/file.py`) imported before the recipe is validated: they
+    register their own advantage estimators, policy losses, KL estimators or aggregations (see docs/architecture.md)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
@@ -298,21 +305,24 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _combinations(self) -> "RunConfig":
+    def _combinations(self) -> RunConfig:
         a, b = self.algo, self.batch
         if self.model.critic_name is not None and self.model.critic != "separate":
             raise ValueError("model.critic_name needs model.critic=separate")
         if self.model.lora is not None and self.model.ref_name is not None:
-            raise ValueError("with model.lora the reference is the base model with the adapter disabled: "
-                             "remove model.ref_name")
+            raise ValueError(
+                "with model.lora the reference is the base model with the adapter disabled: remove model.ref_name"
+            )
         if a.kl_target is not None and a.kl_in != "reward":
             raise ValueError("algo.kl_target (adaptive KL) needs algo.kl_in=reward")
         if a.kl_target is not None and a.kl_coef == 0:
             raise ValueError("algo.kl_target needs a starting algo.kl_coef > 0")
         n = b.prompts_per_step * b.group_size
         if b.minibatch_size is not None and n % b.minibatch_size:
-            raise ValueError(f"batch.minibatch_size={b.minibatch_size} does not divide the rollout of "
-                             f"{n} completions (batch.prompts_per_step × batch.group_size)")
+            raise ValueError(
+                f"batch.minibatch_size={b.minibatch_size} does not divide the rollout of "
+                f"{n} completions (batch.prompts_per_step × batch.group_size)"
+            )
         return self
 
 
@@ -320,11 +330,27 @@ class RunConfig(_Section):
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": {"algo": dict(advantage="grpo", policy_loss="clip", kl_in="loss")},
     "rloo": {"algo": dict(advantage="rloo", policy_loss="clip", kl_in="reward", kl_estimator="k1")},
-    "reinforce": {"algo": dict(advantage="reinforce", policy_loss="pg", kl_in="reward", kl_estimator="k1",
-                               reinforce={"reward_to_go": True, "baseline": "ema"})},
-    "ppo": {"algo": dict(advantage="gae", policy_loss="clip", kl_in="reward", kl_estimator="k1", gamma=1.0,
-                         gae={"lam": 0.95}, whiten_advantages=True),
-            "batch": dict(epochs=2)},
+    "reinforce": {
+        "algo": dict(
+            advantage="reinforce",
+            policy_loss="pg",
+            kl_in="reward",
+            kl_estimator="k1",
+            reinforce={"reward_to_go": True, "baseline": "ema"},
+        )
+    },
+    "ppo": {
+        "algo": dict(
+            advantage="gae",
+            policy_loss="clip",
+            kl_in="reward",
+            kl_estimator="k1",
+            gamma=1.0,
+            gae={"lam": 0.95},
+            whiten_advantages=True,
+        ),
+        "batch": dict(epochs=2),
+    },
 }
 """Each preset's defaults, per section. PPO's usual minibatches are a size of its rollout, so recipes set
 batch.minibatch_size themselves (e.g. half the rollout for 2 optimizer steps per epoch)."""
@@ -407,7 +433,9 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"recipe '{path}' must be a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+        raise UserError(
+            f"recipe '{path}' must be a mapping of sections (model:, data:, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -439,8 +467,11 @@ def _explain(err: ValidationError, prefix: str = "", model: type[BaseModel] | No
     if e["type"] == "extra_forbidden":
         names = _field_names(model or RunConfig, loc)
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f" — did you mean '{prefix}{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
-            f" — known keys here: {', '.join(names)}" if names else "")
+        hint = (
+            f" — did you mean '{prefix}{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?"
+            if close
+            else (f" — known keys here: {', '.join(names)}" if names else "")
+        )
         return f"unknown config key '{key}'{hint}"
     if e["type"] == "value_error":
         msg = e["msg"].removeprefix("Value error, ")
@@ -454,14 +485,23 @@ def build_config(recipe: dict | None = None, overrides: dict | None = None) -> R
     """Merge preset < recipe < overrides and validate; errors become one-line UserErrors."""
     tree = _merge(recipe or {}, overrides or {})
     _check_renamed(tree)
+    imports = tree.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(x, str) for x in imports):
+        raise UserError("config key 'imports' must be a list of module names or .py paths")
+    if imports:
+        from .user_code import import_plugins  # local: user code may import torch
+
+        import_plugins(imports)
     algo = tree.get("algo")
     if algo is not None and not isinstance(algo, dict):
         raise UserError("config section 'algo' must be a mapping")
     name = (algo or {}).get("name", "grpo")
     if name not in PRESETS:
         close = difflib.get_close_matches(str(name), PRESETS, n=1)
-        raise UserError(f"unknown algo.name '{name}'; choose one of {', '.join(PRESETS)}"
-                        + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise UserError(
+            f"unknown algo.name '{name}'; choose one of {', '.join(PRESETS)}"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+        )
     tree = _merge(PRESETS[name], tree)
     try:
         cfg = RunConfig.model_validate(tree)
@@ -476,18 +516,26 @@ def check_registries(cfg: RunConfig) -> None:
     from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES  # local: keep config import light
 
     a = cfg.algo
-    for reg, name in ((ADVANTAGES, a.advantage), (POLICY_LOSSES, a.policy_loss),
-                      (KL_ESTIMATORS, a.kl_estimator), (AGGREGATIONS, a.loss_agg)):
+    for reg, name in (
+        (ADVANTAGES, a.advantage),
+        (POLICY_LOSSES, a.policy_loss),
+        (KL_ESTIMATORS, a.kl_estimator),
+        (AGGREGATIONS, a.loss_agg),
+    ):
         if name not in reg:
             raise UserError(reg.unknown_message(name))
     est = ADVANTAGES[a.advantage]
     need = est.group_size_needed(a.options(a.advantage))
     if cfg.batch.group_size < need:
-        raise UserError(f"algo.advantage={a.advantage} compares samples of the same prompt (here at least {need}): "
-                        f"set batch.group_size >= {need}")
+        raise UserError(
+            f"algo.advantage={a.advantage} compares samples of the same prompt (here at least {need}): "
+            f"set batch.group_size >= {need}"
+        )
     if cfg.model.critic == "separate" and not est.needs_values:
-        raise UserError(f"model.critic=separate trains a value model, which algo.advantage={a.advantage} does not use: "
-                        "remove model.critic or use an estimator that needs values (algo.name=ppo)")
+        raise UserError(
+            f"model.critic=separate trains a value model, which algo.advantage={a.advantage} does not use: "
+            "remove model.critic or use an estimator that needs values (algo.name=ppo)"
+        )
     if est.needs_values and a.vf_coef == 0:
         raise UserError(f"algo.advantage={a.advantage} learns a value function: set algo.vf_coef > 0")
 
@@ -530,23 +578,29 @@ class BatchPlan:
 
     def describe(self) -> str:
         per = f" ({self.minibatch_size // self.world} per process)" if self.world > 1 else ""
-        return (f"{self.rollout} completions = {self.prompts} prompts × {self.group_size}; "
-                f"{self.epochs} epoch{'s' * (self.epochs > 1)} of {self.minibatches} minibatch"
-                f"{'es' * (self.minibatches > 1)} of {self.minibatch_size}{per}; micro-batches of "
-                f"{self.micro_batch_size} per process; {self.optimizer_steps} optimizer step"
-                f"{'s' * (self.optimizer_steps > 1)} per RL step")
+        return (
+            f"{self.rollout} completions = {self.prompts} prompts × {self.group_size}; "
+            f"{self.epochs} epoch{'s' * (self.epochs > 1)} of {self.minibatches} minibatch"
+            f"{'es' * (self.minibatches > 1)} of {self.minibatch_size}{per}; micro-batches of "
+            f"{self.micro_batch_size} per process; {self.optimizer_steps} optimizer step"
+            f"{'s' * (self.optimizer_steps > 1)} per RL step"
+        )
 
 
 def batch_plan(cfg: RunConfig, world: int) -> BatchPlan:
     """Check the batch section against the process count; one-line errors name the key to change."""
     b = cfg.batch
     if b.prompts_per_step % world:
-        raise UserError(f"batch.prompts_per_step={b.prompts_per_step} is not divisible by the {world} processes: "
-                        f"choose a multiple of {world}")
+        raise UserError(
+            f"batch.prompts_per_step={b.prompts_per_step} is not divisible by the {world} processes: "
+            f"choose a multiple of {world}"
+        )
     mb = b.minibatch_size or b.prompts_per_step * b.group_size
     if mb % world:
-        raise UserError(f"batch.minibatch_size={mb} is not divisible by the {world} processes (each process "
-                        f"takes an equal share of every minibatch): choose a multiple of {world}")
+        raise UserError(
+            f"batch.minibatch_size={mb} is not divisible by the {world} processes (each process "
+            f"takes an equal share of every minibatch): choose a multiple of {world}"
+        )
     return BatchPlan(b.prompts_per_step, b.group_size, b.epochs, mb, b.micro_batch_size, world)
 
 

@@ -319,8 +319,9 @@ def _reinforce_min_group(opts: ReinforceOptions) -> int:
 
 
 @ADVANTAGES.register("reinforce", min_group_size=_reinforce_min_group, options=ReinforceOptions, state=EmaBaseline)
-def reinforce_advantages(x: AdvantageInputs, opts: ReinforceOptions, state: EmaBaseline | None = None
-                         ) -> AdvantageOutput:
+def reinforce_advantages(
+    x: AdvantageInputs, opts: ReinforceOptions, state: EmaBaseline | None = None
+) -> AdvantageOutput:
     """Monte-Carlo REINFORCE (Williams 1992): Ψ_t = G_t − b_t.
 
     G_t is the reward-to-go Σ_{k≥t} γ^{k−t} r_k (``reward_to_go=True``) or the full return G_0 for
@@ -472,9 +473,16 @@ def agg_constant(per_token: Tensor, mask: Tensor, n: Normalisers, opts: Constant
     c = opts.value if opts is not None and opts.value is not None else float(n.max_tokens)
     return (per_token * mask).sum() / (n.num_seqs * c)
 
+
 # ------------------------------------------------------------------------------ log-probs, entropy
-def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_entropy: bool = True,
-                   chunk: int = 4096, entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+def token_logprobs(
+    logits: Tensor,
+    ids: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk: int = 4096,
+    entropy_grad: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits/τ)[ids] and the entropy of softmax(logits/τ), for (B, T, V) logits.
 
     Computed as gathered logit − logsumexp, chunked over rows so no full-vocabulary fp32
@@ -486,11 +494,11 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_e
     flat, flat_ids = logits.reshape(-1, V), ids.reshape(-1)
     lps, ents = [], []
     for s in range(0, flat.shape[0], chunk):
-        lg = flat[s:s + chunk].float()
+        lg = flat[s : s + chunk].float()
         if temperature != 1.0:
             lg = lg / temperature
         lse = torch.logsumexp(lg, dim=-1)
-        lps.append(lg.gather(-1, flat_ids[s:s + chunk, None]).squeeze(-1) - lse)
+        lps.append(lg.gather(-1, flat_ids[s : s + chunk, None]).squeeze(-1) - lse)
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 p = torch.softmax(lg, dim=-1)
@@ -499,8 +507,14 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, with_e
     return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
 
 
-def sample_from_logits(logits: Tensor, temperature: float, top_p: float, top_k: int,
-                       generator: torch.Generator | None, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sample_from_logits(
+    logits: Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+    uniforms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sample one token per row from softmax(logits/τ) truncated by top-k/top-p.
 
     Returns (tokens (B,), log softmax(logits/τ)[tokens] (B,)) — the log-prob of the UNtruncated
@@ -534,4 +548,3 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float, top_k: 
     else:
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
-

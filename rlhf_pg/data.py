@@ -80,14 +80,10 @@ def make_arithmetic(
         template.format(a=1, op="+", b=2)
     except (KeyError, IndexError, ValueError) as err:
         raise UserError(
-            f"arithmetic template {template!r} is invalid ({err!r}): use only the fields "
-            "{a}, {op} and {b}"
+            f"arithmetic template {template!r} is invalid ({err!r}): use only the fields {{a}}, {{op}} and {{b}}"
         ) from None
     if not ops or any(op not in _ARITHMETIC_OPS for op in ops):
-        raise UserError(
-            f"arithmetic ops '{ops}' is invalid: use a non-empty string of "
-            f"{''.join(_ARITHMETIC_OPS)}"
-        )
+        raise UserError(f"arithmetic ops '{ops}' is invalid: use a non-empty string of {''.join(_ARITHMETIC_OPS)}")
     operators = sorted(set(ops), key=ops.index)
     rng = random.Random(f"arithmetic-{split}-{seed}")
     prompts: list[list[dict[str, str]]] = []
@@ -127,9 +123,7 @@ def _arithmetic_task(
 ) -> datasets.Dataset:
     """The ``arithmetic`` task: ``n_train`` train or ``n_eval`` test questions."""
     n = n_train if _task_split("arithmetic", split) == "train" else n_eval
-    return make_arithmetic(
-        split, n, seed=seed, max_operand=max_operand, ops=ops, template=template
-    )
+    return make_arithmetic(split, n, seed=seed, max_operand=max_operand, ops=ops, template=template)
 
 
 TASKS: dict[str, Callable[..., datasets.Dataset]] = {"arithmetic": _arithmetic_task}
@@ -173,25 +167,18 @@ def load_prompt_dataset(
     if too_long not in get_args(TooLong):
         raise UserError(f"too_long='{too_long}' is invalid: use one of {', '.join(get_args(TooLong))}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise UserError(
-            f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none"
-        )
+        raise UserError(f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive number or none")
     if limit is not None and limit < 1:
         raise UserError(f"data limit={limit} is invalid: use a positive number of rows or none")
 
     raw = _load_raw(source, split, task_kwargs or {}, seed)
     if len(raw) == 0:
-        raise UserError(
-            f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts"
-        )
+        raise UserError(f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts")
     raw = _with_prompt_column(raw, source, prompt_column)
     if limit is not None and limit < len(raw):
         raw = raw.select(range(limit))
 
-    texts = [
-        _render_prompt(prompt, index, tokenizer, system_prompt)
-        for index, prompt in enumerate(raw[PROMPT])
-    ]
+    texts = [_render_prompt(prompt, index, tokenizer, system_prompt) for index, prompt in enumerate(raw[PROMPT])]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if max_prompt_tokens is not None:
         texts, ids = _enforce_length(texts, ids, tokenizer, max_prompt_tokens, too_long, source)
@@ -206,9 +193,7 @@ def _task_split(task: str, split: str) -> str:
     try:
         return _SPLIT_ALIASES[split]
     except KeyError:
-        raise UserError(
-            f"task '{task}' has no split '{split}': use one of {', '.join(_SPLIT_ALIASES)}"
-        ) from None
+        raise UserError(f"task '{task}' has no split '{split}': use one of {', '.join(_SPLIT_ALIASES)}") from None
 
 
 def _is_test_question(expression: str, seed: int) -> bool:
@@ -224,9 +209,7 @@ def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -
         try:
             return TASKS[source](split, **kwargs)
         except TypeError as err:
-            raise UserError(
-                f"invalid task_kwargs for task '{source}' ({err}): use only the task's options"
-            ) from err
+            raise UserError(f"invalid task_kwargs for task '{source}' ({err}): use only the task's options") from err
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_BUILDERS or path.exists() or looks_like_path(source):
         return _load_file(path)
@@ -236,15 +219,10 @@ def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -
 def _load_file(path: Path) -> datasets.Dataset:
     """Load a single local data file as one dataset."""
     if not path.exists():
-        raise UserError(
-            f"data file '{path}' does not exist: check the path given in data.train or data.eval"
-        )
+        raise UserError(f"data file '{path}' does not exist: check the path given in data.train or data.eval")
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None or not path.is_file():
-        raise UserError(
-            f"data source '{path}' is not a supported file: use a "
-            f"{'/'.join(FILE_BUILDERS)} file"
-        )
+        raise UserError(f"data source '{path}' is not a supported file: use a {'/'.join(FILE_BUILDERS)} file")
     # datasets fails on files without rows in a different obscure way per format (even with a
     # bare StopIteration for an empty .jsonl), so they are caught here first.
     if not _has_rows(path, builder):
@@ -253,9 +231,7 @@ def _load_file(path: Path) -> datasets.Dataset:
         with _quiet_datasets():
             return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserError(
-            f"could not read data file '{path}' ({one_line(err)}): fix or re-export the file"
-        ) from err
+        raise UserError(f"could not read data file '{path}' ({one_line(err)}): fix or re-export the file") from err
 
 
 def _has_rows(path: Path, builder: str) -> bool:
@@ -285,8 +261,7 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
         ) from err
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as err:
         raise UserError(
-            f"could not load split '{split}' of dataset '{name}' ({one_line(err)}): "
-            "check the dataset name and split"
+            f"could not load split '{split}' of dataset '{name}' ({one_line(err)}): check the dataset name and split"
         ) from err
 
 
@@ -313,8 +288,7 @@ def _with_prompt_column(raw: datasets.Dataset, source: str, prompt_column: str) 
     for reserved in (PROMPT_TEXT, PROMPT_IDS):
         if reserved in columns:
             raise UserError(
-                f"dataset '{source}' has a column '{reserved}', which rlhf-pg computes: "
-                "rename or drop that column"
+                f"dataset '{source}' has a column '{reserved}', which rlhf-pg computes: rename or drop that column"
             )
     if prompt_column == PROMPT:
         return raw
@@ -326,9 +300,7 @@ def _with_prompt_column(raw: datasets.Dataset, source: str, prompt_column: str) 
     return raw.rename_column(prompt_column, PROMPT)
 
 
-def _render_prompt(
-    prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None
-) -> str:
+def _render_prompt(prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
     """Return the text the model sees for one prompt (row ``index``)."""
     if isinstance(prompt, str):
         if not prompt:
@@ -355,9 +327,7 @@ def _render_prompt(
 def _is_message(message: Any) -> bool:
     """Whether ``message`` is a ``{"role": str, "content": str}`` mapping."""
     return (
-        isinstance(message, dict)
-        and isinstance(message.get("role"), str)
-        and isinstance(message.get("content"), str)
+        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
     )
 
 

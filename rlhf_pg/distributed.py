@@ -13,8 +13,9 @@ the whole rollout, and re-shards afterwards.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -151,8 +152,10 @@ def _zero3_gathered(model: torch.nn.Module) -> Iterator[None]:
     try:
         import deepspeed
     except ImportError as e:
-        raise RuntimeError("the model holds DeepSpeed ZeRO-3 partitioned parameters but `import deepspeed` "
-                           f"failed ({e}); install deepspeed") from e
+        raise RuntimeError(
+            "the model holds DeepSpeed ZeRO-3 partitioned parameters but `import deepspeed` "
+            f"failed ({e}); install deepspeed"
+        ) from e
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params):  # modifier_rank=None: read-only, on every rank
         offload = _zero3_param_offload(model)

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
 from .backends import HFBackend
-from .rewards import REWARD_REGISTRY, RewardSet, score_batch
 from .core import Reduce
+from .errors import UserError
+from .rewards import REWARD_REGISTRY, RewardSet, score_batch
 from .rollout import SamplingParams, sample
 
 
@@ -90,13 +90,181 @@ def _prompt_str(p: Any) -> str:
     return p if isinstance(p, str) else str(p[-1]["content"])
 
 
+def _metric_keys(names: list[str], has_answer: bool, n: int, k: int) -> list[str]:
+    """The metric names (without prefix) in their report order: the greedy ones, then, with ``n``
+    samples per prompt, the sampled ones and pass@j. The same on every process (one all-reduce)."""
+    keys = ["n", "reward", "completion_len"] + [f"reward/{x}" for x in names] + (["accuracy"] if has_answer else [])
+    if n:
+        keys += ["sampled/reward", "sampled/completion_len"] + [f"sampled/reward/{x}" for x in names]
+        if has_answer:
+            keys += ["sampled/accuracy"] + [f"pass@{j}" for j in pass_ks(k)]
+    return keys
+
+
+@dataclass
+class _Phase:
+    """One decoding of the eval rows: greedy (``tag`` "") or sampled (``tag`` "sampled/")."""
+
+    tag: str
+    params: SamplingParams
+    group: int
+    """Completions per prompt."""
+    per_batch: int
+    """Prompts per generation batch."""
+
+
+def _phases(
+    max_new_tokens: int, batch_size: int, stop: list[str], n: int, temperature: float, top_p: float, top_k: int
+) -> list[_Phase]:
+    """Greedy decoding, one completion per prompt; with ``n > 0`` also ``n`` sampled completions per
+    prompt in batches of ``max(1, batch_size // n)`` prompts (about ``batch_size`` rows per pass)."""
+    phases = [_Phase("", SamplingParams(max_new_tokens, 0.0, 1.0, 0, stop), 1, batch_size)]
+    if n:
+        phases.append(
+            _Phase(
+                "sampled/", SamplingParams(max_new_tokens, temperature, top_p, top_k, stop), n, max(1, batch_size // n)
+            )
+        )
+    return phases
+
+
+class _Sums:
+    """Per-metric [Σ value, count] accumulators of this shard; NaN values are not counted."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.sums = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
+
+    def add(self, key: str, values: torch.Tensor) -> None:
+        v = values.double().cpu()
+        ok = ~torch.isnan(v)
+        self.sums[key] += torch.stack([torch.nan_to_num(v).sum(), ok.double().sum()])
+
+
+def _accuracy(batch) -> torch.Tensor:
+    """Per completion: the built-in ``accuracy`` rule as float64, NaN where it gave None."""
+    raw = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
+    return torch.tensor([math.nan if x is None else float(x) for x in raw], dtype=torch.float64)
+
+
+def _add_batch_metrics(
+    sums: _Sums, phase: _Phase, batch, chunk: list[int], lengths: torch.Tensor, has_answer: bool, k: int
+) -> torch.Tensor | None:
+    """Accumulate one scored batch's metrics of ``phase``: reward (total and per function), length,
+    accuracy and, greedy, the prompt count ``n``, or, sampled with an answer column, pass@j.
+    Returns the per-completion accuracy (None without an ``answer`` column)."""
+    tag, group = phase.tag, phase.group
+    sums.add(f"{tag}reward", batch.scores)
+    sums.add(f"{tag}completion_len", lengths)
+    for name, v in batch.reward_per_function.items():
+        sums.add(f"{tag}reward/{name}", v)
+    acc = None
+    if has_answer:
+        acc = _accuracy(batch)
+        sums.add(f"{tag}accuracy", acc)
+    if not tag:
+        sums.add("n", torch.ones(len(chunk)))
+    elif has_answer:
+        correct = torch.nan_to_num(acc).view(len(chunk), group).sum(1)  # (prompts,) c per prompt
+        for j in pass_ks(k):
+            sums.add(f"pass@{j}", torch.tensor([pass_at_k(group, int(c), j) for c in correct.tolist()]))
+    return acc
+
+
+def _sample_rows(
+    phase: _Phase, batch, chunk: list[int], lengths: torch.Tensor, acc: torch.Tensor | None
+) -> list[dict[str, Any]]:
+    """One ``eval_samples.jsonl`` row per completion of the batch (``answer``/``correct`` when the
+    batch has an answer column; per-function rewards that did not apply are None)."""
+    out = []
+    for i in range(batch.size):
+        row = {
+            "row": chunk[i // phase.group],
+            "decoding": "sampled" if phase.tag else "greedy",
+            "sample": i % phase.group,
+            "prompt": _prompt_str(batch.prompts[i]),
+            "completion": batch.completions[i],
+            "completion_len": int(lengths[i]),
+            "reward": float(batch.scores[i]),
+            **{
+                f"reward/{x}": (None if math.isnan(float(v[i])) else float(v[i]))
+                for x, v in batch.reward_per_function.items()
+            },
+        }
+        if "answer" in batch.columns:
+            row["answer"] = batch.columns["answer"][i]
+            row["correct"] = None if math.isnan(float(acc[i])) else bool(acc[i])
+        out.append(row)
+    return out
+
+
+def _run_phase(
+    phase: _Phase,
+    backend,
+    tokenizer,
+    dataset,
+    rewards: RewardSet,
+    rows: list[int],
+    sums: _Sums,
+    *,
+    has_answer: bool,
+    k: int,
+    generator: torch.Generator | None,
+    keep_samples: bool,
+    bar=None,
+) -> list[dict[str, Any]]:
+    """Generate, score and accumulate ``phase`` over this shard's ``rows`` in batches of
+    ``phase.per_batch`` prompts; returns the per-sample rows (empty unless ``keep_samples``)."""
+    samples: list[dict[str, Any]] = []
+    for s in range(0, len(rows), phase.per_batch):
+        chunk = rows[s : s + phase.per_batch]
+        batch = sample(backend, tokenizer, dataset, chunk, phase.group, phase.params, generator=generator)
+        score_batch(rewards, batch)
+        lengths = batch.completion_mask.sum(-1).float().cpu()
+        acc = _add_batch_metrics(sums, phase, batch, chunk, lengths, has_answer, k)
+        if keep_samples:
+            samples += _sample_rows(phase, batch, chunk, lengths, acc)
+        if bar is not None:
+            bar.update(batch.size)
+    return samples
+
+
+def _reduce_metrics(sums: _Sums, device, reduce: Reduce | None, prefix: str) -> dict[str, Any]:
+    """Global means ``prefix + key`` from the shards' [Σ, count] pairs (``n``: the total count of
+    prompts; None where nothing was counted, e.g. a function that never applied). One all-reduce of
+    one stacked (keys, 2) tensor on ``device``."""
+    stacked = torch.stack([sums.sums[key] for key in sums.keys]).to(device)  # (K, 2): one all-reduce
+    if reduce is not None:
+        stacked = reduce(stacked)
+    stacked = stacked.double().cpu()
+    metrics: dict[str, Any] = {}
+    for key, (total, count) in zip(sums.keys, stacked.tolist()):
+        metrics[prefix + key] = int(round(total)) if key == "n" else (total / count if count else None)
+    return metrics
+
+
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_tokens: int, batch_size: int,
-                    stop: list[str] | None = None, k: int = 1, n_samples: int | None = None,
-                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                    generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
-                    reduce: Reduce | None = None, prefix: str = "eval/", keep_samples: bool = False,
-                    progress: bool = False) -> EvalResult:
+def evaluate_policy(
+    model,
+    tokenizer,
+    dataset,
+    rewards: RewardSet,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop: list[str] | None = None,
+    k: int = 1,
+    n_samples: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
+    prefix: str = "eval/",
+    keep_samples: bool = False,
+    progress: bool = False,
+) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` (rows with ``prompt_ids``, ``prompt``, ``prompt_text`` and
     the reward columns, as :func:`rlhf_pg.data.load_prompt_dataset` returns them).
 
@@ -117,86 +285,37 @@ def evaluate_policy(model, tokenizer, dataset, rewards: RewardSet, *, max_new_to
         raise UserError(f"{n} samples per prompt cannot estimate pass@{k}: use --samples >= k")
     rank, world = shard
     has_answer = "answer" in dataset.column_names
-    names = list(rewards.names)
-    keys = ["n", "reward", "completion_len"] + [f"reward/{x}" for x in names] + (["accuracy"] if has_answer else [])
-    if n:
-        keys += ["sampled/reward", "sampled/completion_len"] + [f"sampled/reward/{x}" for x in names]
-        if has_answer:
-            keys += ["sampled/accuracy"] + [f"pass@{j}" for j in pass_ks(k)]
+    sums = _Sums(_metric_keys(list(rewards.names), has_answer, n, k))
     device = next(model.parameters()).device
-    sums = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
-    samples: list[dict[str, Any]] = []
-
-    def add(key: str, values: torch.Tensor) -> None:
-        v = values.double().cpu()
-        ok = ~torch.isnan(v)
-        sums[key] += torch.stack([torch.nan_to_num(v).sum(), ok.double().sum()])
-
     rows = list(range(rank, len(dataset), world))
     backend = HFBackend(model, tokenizer)
-    stop = list(stop or [])
-    phases = [("", SamplingParams(max_new_tokens, 0.0, 1.0, 0, stop), 1, batch_size)]
-    if n:
-        phases.append(("sampled/", SamplingParams(max_new_tokens, temperature, top_p, top_k, stop), n,
-                       max(1, batch_size // n)))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows) * (1 + n), desc="eval", unit="sample", dynamic_ncols=True)
-    for tag, params, group, per_batch in phases:
-        for s in range(0, len(rows), per_batch):
-            chunk = rows[s:s + per_batch]
-            batch = sample(backend, tokenizer, dataset, chunk, group, params, generator=generator)
-            score_batch(rewards, batch)
-            lengths = batch.completion_mask.sum(-1).float().cpu()
-            add(f"{tag}reward", batch.scores)
-            add(f"{tag}completion_len", lengths)
-            for name, v in batch.reward_per_function.items():
-                add(f"{tag}reward/{name}", v)
-            acc = None
-            if has_answer:
-                raw = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
-                acc = torch.tensor([math.nan if x is None else float(x) for x in raw], dtype=torch.float64)
-                add(f"{tag}accuracy", acc)
-            if not tag:
-                add("n", torch.ones(len(chunk)))
-            elif has_answer:
-                correct = torch.nan_to_num(acc).view(len(chunk), group).sum(1)  # (prompts,) c per prompt
-                for j in pass_ks(k):
-                    add(f"pass@{j}", torch.tensor([pass_at_k(group, int(c), j) for c in correct.tolist()]))
-            if keep_samples:
-                for i in range(batch.size):
-                    row = {
-                        "row": chunk[i // group],
-                        "decoding": "sampled" if tag else "greedy",
-                        "sample": i % group,
-                        "prompt": _prompt_str(batch.prompts[i]),
-                        "completion": batch.completions[i],
-                        "completion_len": int(lengths[i]),
-                        "reward": float(batch.scores[i]),
-                        **{f"reward/{x}": (None if math.isnan(float(v[i])) else float(v[i]))
-                           for x, v in batch.reward_per_function.items()},
-                    }
-                    if "answer" in batch.columns:
-                        row["answer"] = batch.columns["answer"][i]
-                        row["correct"] = None if math.isnan(float(acc[i])) else bool(acc[i])
-                    samples.append(row)
-            if bar is not None:
-                bar.update(batch.size)
+    samples: list[dict[str, Any]] = []
+    for phase in _phases(max_new_tokens, batch_size, list(stop or []), n, temperature, top_p, top_k):
+        samples += _run_phase(
+            phase,
+            backend,
+            tokenizer,
+            dataset,
+            rewards,
+            rows,
+            sums,
+            has_answer=has_answer,
+            k=k,
+            generator=generator,
+            keep_samples=keep_samples,
+            bar=bar,
+        )
     if bar is not None:
         bar.close()
-
-    stacked = torch.stack([sums[key] for key in keys]).to(device)  # (K, 2): one all-reduce
-    if reduce is not None:
-        stacked = reduce(stacked)
-    stacked = stacked.double().cpu()
-    metrics: dict[str, Any] = {}  # None where nothing was counted (e.g. a function that never applied)
-    for key, (total, count) in zip(keys, stacked.tolist()):
-        metrics[prefix + key] = int(round(total)) if key == "n" else (total / count if count else None)
+    metrics = _reduce_metrics(sums, device, reduce, prefix)
     if n:
         metrics[prefix + "samples_per_prompt"] = n
-    return EvalResult(metrics=metrics, sums=sums, samples=samples)
+    return EvalResult(metrics=metrics, sums=sums.sums, samples=samples)
 
 
 # ----------------------------------------------------------------------------- the eval command
@@ -230,8 +349,10 @@ def resolve_target(target: str) -> dict[str, Any]:
 
         ckpt = latest_checkpoint(p)
         if ckpt is None:
-            raise UserError(f"run directory '{target}' has neither model/ nor a checkpoint (trained with "
-                            "train.save_model=false?): pass a run that saved its model, or a model directory")
+            raise UserError(
+                f"run directory '{target}' has neither model/ nor a checkpoint (trained with "
+                "train.save_model=false?): pass a run that saved its model, or a model directory"
+            )
         return {**resolve_target(str(ckpt)), "kind": "run", "run_dir": p}
     if (p / "model").is_dir():
         inner = resolve_target(str(p / "model"))
@@ -239,15 +360,22 @@ def resolve_target(target: str) -> dict[str, Any]:
         return {**inner, "kind": "run" if run else inner["kind"], "run_dir": p if run else inner["run_dir"]}
     if (p / "model.safetensors").is_file() and (p / "trainer.json").is_file():
         run = p.parent.parent  # output_dir/checkpoints/step_N
-        return {**base, "kind": "checkpoint", "model": None, "state": p / "model.safetensors",
-                "run_dir": run if (run / "config.yaml").is_file() else None}
+        return {
+            **base,
+            "kind": "checkpoint",
+            "model": None,
+            "state": p / "model.safetensors",
+            "run_dir": run if (run / "config.yaml").is_file() else None,
+        }
     if (p / "adapter_config.json").is_file():
         return {**base, "kind": "lora", "model": str(p), "adapter": p}
     if (p / "config.json").is_file():
         return {**base, "kind": "checkpoint"}
-    raise UserError(f"'{target}' is a directory but neither a run (config.yaml + model/), a model "
-                    "(config.json), a training checkpoint (model.safetensors + trainer.json) nor a LoRA "
-                    "adapter (adapter_config.json): pass one of those")
+    raise UserError(
+        f"'{target}' is a directory but neither a run (config.yaml + model/), a model "
+        "(config.json), a training checkpoint (model.safetensors + trainer.json) nor a LoRA "
+        "adapter (adapter_config.json): pass one of those"
+    )
 
 
 def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
@@ -285,15 +413,25 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
-            raise UserError(f"checkpoint '{target['state'].parent}' does not fit model.name='{m.name}' ({first}): "
-                            "pass the recipe the run was trained with (--recipe) or its run directory") from None
+            raise UserError(
+                f"checkpoint '{target['state'].parent}' does not fit model.name='{m.name}' ({first}): "
+                "pass the recipe the run was trained with (--recipe) or its run directory"
+            ) from None
         return model, load_tokenizer(m.name)
     model = load_model(target["model"], m.dtype, device, m.trust_remote_code, m.revision)
     return model, load_tokenizer(target["model"])
 
 
-def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: int = 1,
-             n_samples: int | None = None, out: str | None = None, greedy_only: bool = False) -> dict[str, Any]:
+def run_eval(
+    target_arg: str,
+    recipe: str | None,
+    overrides: list[str],
+    *,
+    k: int = 1,
+    n_samples: int | None = None,
+    out: str | None = None,
+    greedy_only: bool = False,
+) -> dict[str, Any]:
     """``rlhf-pg eval``: evaluate MODEL_OR_RUN on the recipe's eval split; write ``eval.json`` and
     ``eval_samples.jsonl`` into ``out`` (default: the run directory, else ``./eval_<name>``)."""
     from .config import load_config
@@ -302,8 +440,10 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
     target = resolve_target(target_arg)
     if recipe is None:
         if target["run_dir"] is None:
-            raise UserError("--recipe is required unless MODEL_OR_RUN is a run directory (with config.yaml) "
-                            "or one of its checkpoints")
+            raise UserError(
+                "--recipe is required unless MODEL_OR_RUN is a run directory (with config.yaml) "
+                "or one of its checkpoints"
+            )
         recipe = str(target["run_dir"] / "config.yaml")
     cfg = load_config(recipe, list(overrides))
     torch.manual_seed(cfg.seed)
@@ -313,10 +453,23 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
     rewards = build_rewards(cfg, tokenizer)
     r = cfg.rollout
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    res = evaluate_policy(model, tokenizer, data, rewards, max_new_tokens=r.max_new_tokens,
-                          batch_size=cfg.batch.eval_batch_size, stop=list(r.stop), k=k,
-                          n_samples=0 if greedy_only else n_samples, temperature=r.temperature,
-                          top_p=r.top_p, top_k=r.top_k, generator=gen, keep_samples=True, progress=True)
+    res = evaluate_policy(
+        model,
+        tokenizer,
+        data,
+        rewards,
+        max_new_tokens=r.max_new_tokens,
+        batch_size=cfg.batch.eval_batch_size,
+        stop=list(r.stop),
+        k=k,
+        n_samples=0 if greedy_only else n_samples,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        generator=gen,
+        keep_samples=True,
+        progress=True,
+    )
     if out:
         out_dir = Path(out)
     elif target["kind"] == "run":
@@ -327,9 +480,16 @@ def run_eval(target_arg: str, recipe: str | None, overrides: list[str], *, k: in
         out_dir = Path(f"eval_{_safe_name(target_arg)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": target_arg, "kind": target["kind"], "recipe": recipe, "overrides": list(overrides),
-        "eval_data": d.eval or d.train, "eval_split": d.eval_split, "temperature": r.temperature,
-        "max_new_tokens": r.max_new_tokens, "k": k, **res.metrics,
+        "model": target_arg,
+        "kind": target["kind"],
+        "recipe": recipe,
+        "overrides": list(overrides),
+        "eval_data": d.eval or d.train,
+        "eval_split": d.eval_split,
+        "temperature": r.temperature,
+        "max_new_tokens": r.max_new_tokens,
+        "k": k,
+        **res.metrics,
     }
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out_dir / "eval_samples.jsonl", "w") as f:

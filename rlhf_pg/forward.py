@@ -65,10 +65,15 @@ def forward(model, mb: Batch, s: PassSettings, with_entropy: bool = False) -> Fo
             logits, values = shared_prefix_forward(model, pids, pmask, cids, cmask)
         else:
             ids, attn = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)  # (B, P'+t1)
-            out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
-                        logits_to_keep=t1 + 1, use_cache=False)
+            out = model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=position_ids(attn),
+                logits_to_keep=t1 + 1,
+                use_cache=False,
+            )
             logits = out.logits[:, :-1] if out.logits is not None else None  # (B, t1, V); None: a critic
-            values = out["value_preds"][:, -(t1 + 1):-1] if "value_preds" in out else None  # (B, t1)
+            values = out["value_preds"][:, -(t1 + 1) : -1] if "value_preds" in out else None  # (B, t1)
     logp = ent = None
     if logits is not None:
         logp, ent = core.token_logprobs(logits, cids, s.temperature, with_entropy, entropy_grad=s.entropy_grad)
@@ -91,10 +96,12 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
     """
     uniq, inv = torch.unique(pids, dim=0, return_inverse=True)  # (U, P), (B,)
     first = torch.empty(uniq.shape[0], dtype=torch.long, device=pids.device).scatter_(
-        0, inv, torch.arange(pids.shape[0], device=pids.device))
+        0, inv, torch.arange(pids.shape[0], device=pids.device)
+    )
     umask = pmask[first]  # identical prompts have identical masks
-    pre = model(input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask),
-                use_cache=True, logits_to_keep=1)
+    pre = model(
+        input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask), use_cache=True, logits_to_keep=1
+    )
     has_logits = pre.logits is not None  # a separate critic has no LM head
     logits = pre.logits[:, -1][inv][:, None] if has_logits else None  # (B, 1, V): predicts token 0
     has_v = "value_preds" in pre
@@ -106,8 +113,13 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
     prompt_len = pmask.sum(-1, keepdim=True)  # (B, 1)
     steps = cids.shape[1] - 1
     pos = prompt_len + torch.arange(steps, device=cids.device)[None, :]  # (B, T−1)
-    out = model(input_ids=cids[:, :steps], attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
-                position_ids=pos, past_key_values=cache, use_cache=True)
+    out = model(
+        input_ids=cids[:, :steps],
+        attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
     if has_logits:
         logits = torch.cat([logits, out.logits], 1)
     if has_v:
@@ -118,8 +130,10 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
 @torch.no_grad()
 def forward_no_grad(model, batch: Batch, s: PassSettings, micro_batch_size: int) -> ForwardResult:
     """:func:`forward` over the whole batch in micro-batches, without gradients; results concatenated."""
-    parts = [forward(model, batch.select(torch.arange(i, min(i + micro_batch_size, batch.size))), s)
-             for i in range(0, batch.size, micro_batch_size)]
+    parts = [
+        forward(model, batch.select(torch.arange(i, min(i + micro_batch_size, batch.size))), s)
+        for i in range(0, batch.size, micro_batch_size)
+    ]
 
     def cat(name: str) -> torch.Tensor | None:
         xs = [getattr(p, name) for p in parts]

@@ -87,14 +87,14 @@ def rollout_metrics(batch: Batch, r: Reducer, eos_id: int | None) -> dict[str, f
         "completion_len_max": lens.max().item(),
         "eos_frac": r.mean((last == eos_id).float(), torch.ones_like(lengths)),
         "advantage_mean": adv_mean,
-        "advantage_std": math.sqrt(max(0.0, r.mean(batch.advantages ** 2, mask) - adv_mean ** 2)),
+        "advantage_std": math.sqrt(max(0.0, r.mean(batch.advantages**2, mask) - adv_mean**2)),
         "return_mean": r.mean(batch.returns, mask),
     }
     if batch.values is not None:
         # explained variance 1 − Var[R − V]/Var[R] with global (all-process) moments
         ret, d = batch.returns, batch.returns - batch.values
-        mr, mr2, md, md2 = (r.mean(x, mask) for x in (ret, ret ** 2, d, d ** 2))
-        m["explained_variance"] = 1.0 - (md2 - md ** 2) / max(mr2 - mr ** 2, 1e-8)
+        mr, mr2, md, md2 = (r.mean(x, mask) for x in (ret, ret**2, d, d**2))
+        m["explained_variance"] = 1.0 - (md2 - md**2) / max(mr2 - mr**2, 1e-8)
         m["value_mean"] = r.mean(batch.values, mask)
     for name, v in batch.reward_per_function.items():
         m[f"reward/{name}"] = r.mean(torch.nan_to_num(v), (~torch.isnan(v)).float())
@@ -107,15 +107,19 @@ def sample_rows(batch: Batch, step: int) -> list[dict[str, Any]]:
     rows = []
     for i in range(batch.size):
         p = batch.prompts[i]
-        rows.append({
-            "step": step,
-            "prompt": p if isinstance(p, str) else p[-1]["content"],
-            "completion": batch.completions[i],
-            "reward": batch.scores[i].item(),
-            **{f"reward/{k}": (None if math.isnan(v[i].item()) else v[i].item())
-               for k, v in batch.reward_per_function.items()},
-            "advantage": first_adv[i],
-        })
+        rows.append(
+            {
+                "step": step,
+                "prompt": p if isinstance(p, str) else p[-1]["content"],
+                "completion": batch.completions[i],
+                "reward": batch.scores[i].item(),
+                **{
+                    f"reward/{k}": (None if math.isnan(v[i].item()) else v[i].item())
+                    for k, v in batch.reward_per_function.items()
+                },
+                "advantage": first_adv[i],
+            }
+        )
     return rows
 
 
@@ -150,7 +154,7 @@ class GradNoise:
         self.sizes.append(n)
 
     def estimate(self, full_norm: float) -> tuple[float, float]:
-        b, N, small, big = float(np.mean(self.sizes)), self.N, float(np.mean(self.sq)), full_norm ** 2
+        b, N, small, big = float(np.mean(self.sizes)), self.N, float(np.mean(self.sq)), full_norm**2
         g2 = (N * big - b * small) / (N - b)
         trace = (small - big) / (1 / b - 1 / N)
         return trace / g2 if g2 else float("nan"), g2 * N / trace if trace else float("nan")

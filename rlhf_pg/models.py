@@ -51,9 +51,7 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
-        raise UserError(
-            f"unknown dtype '{dtype}': use one of auto, {', '.join(_DTYPES)}"
-        )
+        raise UserError(f"unknown dtype '{dtype}': use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -67,9 +65,7 @@ def load_tokenizer(
     """
     location = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            location, trust_remote_code=trust_remote_code, revision=revision
-        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise _load_error("tokenizer", name, location, err) from err
     tokenizer.padding_side = "left"
@@ -160,7 +156,9 @@ class _WithValueHead(torch.nn.Module):
             head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
         getattr(self, self._body).save_pretrained(path, safe_serialization=True, state_dict=body)
         head = head or self.value_head.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(Path(path) / "value_head.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head.items()}, str(Path(path) / "value_head.safetensors")
+        )
 
 
 class PolicyWithValue(_WithValueHead):
@@ -229,8 +227,10 @@ def bitsandbytes_config(lora) -> object | None:
         return None
     what = "load_in_4bit" if lora.load_in_4bit else "load_in_8bit"
     if not torch.cuda.is_available():
-        raise UserError(f"model.lora.{what} quantises the base with bitsandbytes, which needs a CUDA GPU: "
-                        f"remove {what} on this machine")
+        raise UserError(
+            f"model.lora.{what} quantises the base with bitsandbytes, which needs a CUDA GPU: "
+            f"remove {what} on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -238,8 +238,12 @@ def bitsandbytes_config(lora) -> object | None:
     from transformers import BitsAndBytesConfig
 
     if lora.load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -256,8 +260,14 @@ def apply_lora(model: PreTrainedModel, lora, gradient_checkpointing: bool = Fals
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
     targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            bias="none", task_type="CAUSAL_LM")
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. target modules not found in the model

@@ -36,8 +36,15 @@ def _permutation(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
-def rollout_uniforms(seed: int, step: int, n_completions: int, max_new_tokens: int, rank: int = 0,
-                     world: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+def rollout_uniforms(
+    seed: int,
+    step: int,
+    n_completions: int,
+    max_new_tokens: int,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """This process's rows of the step's (n_completions, max_new_tokens) uniforms in [0, 1).
 
     They come from one generator seeded by (seed, step) and are sliced by global row, so a
@@ -45,11 +52,12 @@ def rollout_uniforms(seed: int, step: int, n_completions: int, max_new_tokens: i
     g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
     u = torch.rand(n_completions, max_new_tokens, generator=g)
     per_rank = n_completions // world
-    return u[rank * per_rank:(rank + 1) * per_rank].to(device)
+    return u[rank * per_rank : (rank + 1) * per_rank].to(device)
 
 
-def minibatch_partition(seed: int, step: int, epoch: int, n_completions: int, n_minibatches: int,
-                        rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+def minibatch_partition(
+    seed: int, step: int, epoch: int, n_completions: int, n_minibatches: int, rank: int = 0, world: int = 1
+) -> list[torch.Tensor]:
     """This process's LOCAL row indices of each of the epoch's ``n_minibatches`` minibatches.
 
     The global rows are cut into consecutive chunks of K = n_minibatches rows and each chunk deals its
@@ -68,5 +76,5 @@ def minibatch_partition(seed: int, step: int, epoch: int, n_completions: int, n_
         raise ValueError(f"{per_rank} rows per process cannot be split into {K} equal minibatches")
     g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) * 1_009 + epoch)
     deal = torch.argsort(torch.rand(n_completions // K, K, generator=g), dim=1).reshape(-1)  # (B,) minibatch of a row
-    mine = deal[rank * per_rank:(rank + 1) * per_rank]  # (B/N,)
+    mine = deal[rank * per_rank : (rank + 1) * per_rank]  # (B/N,)
     return [(mine == k).nonzero().squeeze(-1) for k in range(K)]

@@ -130,13 +130,26 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Path:
                 if not xs:
                     continue
                 is_eval = key.startswith("eval/")
-                ax.plot(xs, ys, _STYLES[ki % len(_STYLES)], color=color, lw=1.5,
-                        marker="o" if is_eval or len(xs) == 1 else None, ms=3.5)
+                ax.plot(
+                    xs,
+                    ys,
+                    _STYLES[ki % len(_STYLES)],
+                    color=color,
+                    lw=1.5,
+                    marker="o" if is_eval or len(xs) == 1 else None,
+                    ms=3.5,
+                )
                 if key == "reward":  # ± one std of the step's rewards
                     sx, sd = series(recs, "reward_std")
                     if sx == xs:
-                        ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                        color=color, alpha=0.12, lw=0)
+                        ax.fill_between(
+                            xs,
+                            [y - s for y, s in zip(ys, sd)],
+                            [y + s for y, s in zip(ys, sd)],
+                            color=color,
+                            alpha=0.12,
+                            lw=0,
+                        )
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         if panel.ylabel:
@@ -146,7 +159,7 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Path:
         if len(keys) > 1:
             handles = [Line2D([], [], color="0.3", ls=_STYLES[i % len(_STYLES)]) for i in range(len(keys))]
             ax.legend(handles, keys, fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles = [Line2D([], [], color=colors[i % len(colors)], lw=2.5) for i in range(len(runs))]
     fig.legend(handles, labels, loc="upper center", ncol=min(4, len(runs)), fontsize=9, frameon=False)

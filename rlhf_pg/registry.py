@@ -68,8 +68,9 @@ class Registry(Generic[E]):
 
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), list(self._entries), n=1)
-        return (f"unknown {self.key} {name!r}; known {self.kind}s: {', '.join(sorted(self._entries))}"
-                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return f"unknown {self.key} {name!r}; known {self.kind}s: {', '.join(sorted(self._entries))}" + (
+            f" (did you mean {close[0]!r}?)" if close else ""
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -32,22 +32,18 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
-import importlib.util
 import inspect
-import itertools
 import logging
 import math
 import numbers
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import torch
 
+from . import user_code
 from .config import OnAllNone, OnError, OnNonfinite
 from .errors import UserError, one_line
 
@@ -63,7 +59,6 @@ RESERVED_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_text", 
 """Keywords the toolkit passes itself; a dataset column may not use these names."""
 
 _FACTORY_ATTR = "_rlhf_pg_reward_factory"
-_user_module_ids = itertools.count()
 
 
 def register_reward(name: str, *, factory: bool = False) -> Callable[[_F], _F]:
@@ -115,8 +110,12 @@ def load_reward_function(ref: str) -> Callable[..., Any]:
         raise UserError(
             f"reward function {ref!r} is malformed: write 'package.module:function' or 'path/to/file.py:function'"
         )
-    is_file = where.endswith(".py") or "/" in where or "\\" in where
-    module = _import_file(where, ref) if is_file else _import_module(where, ref)
+    what = f"reward function {ref!r}"
+    module = (
+        user_code.load_file(where, what, f"fix the path before ':' in {ref!r}")
+        if user_code.is_file_ref(where)
+        else user_code.import_module(where, what)
+    )
     if not hasattr(module, attr):
         found = sorted(
             name
@@ -136,45 +135,6 @@ def load_reward_function(ref: str) -> Callable[..., Any]:
             "fn(prompts, completions, **kwargs)"
         )
     return obj
-
-
-def _import_module(name: str, ref: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise UserError(
-            f"cannot import module {name!r} for reward function {ref!r}: {one_line(exc)} — install it, "
-            "add its folder to PYTHONPATH, or use 'path/to/file.py:function'"
-        ) from exc
-    except Exception as exc:
-        raise UserError(
-            f"importing module {name!r} for reward function {ref!r} raised {type(exc).__name__}: "
-            f"{one_line(exc)} — fix the module"
-        ) from exc
-
-
-def _import_file(where: str, ref: str) -> Any:
-    path = Path(where).expanduser().resolve()
-    if not path.is_file():
-        raise UserError(
-            f"reward file {where!r} not found (looked for {path}; relative paths start at the current "
-            f"directory {Path.cwd()}) — fix the path before ':' in {ref!r}"
-        )
-    stem = re.sub(r"\W", "_", path.stem)
-    module_name = f"_rlhf_pg_reward_{next(_user_module_ids)}_{stem}"  # unique: each load is a fresh module
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"cannot load {where!r} as Python code for reward function {ref!r} — give a .py file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses, pickling and typing look modules up here
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise UserError(
-            f"loading reward file {where!r} raised {type(exc).__name__}: {one_line(exc)} — fix the file"
-        ) from exc
-    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,8 +196,11 @@ class RewardSet:
         on_all_none: OnAllNone = "raise",
         tokenizer: Any = None,
     ) -> None:
-        for key, value, kind in (("on_error", on_error, OnError), ("on_nonfinite", on_nonfinite, OnNonfinite),
-                                 ("on_all_none", on_all_none, OnAllNone)):
+        for key, value, kind in (
+            ("on_error", on_error, OnError),
+            ("on_nonfinite", on_nonfinite, OnNonfinite),
+            ("on_all_none", on_all_none, OnAllNone),
+        ):
             if value not in get_args(kind):
                 raise UserError(f"rewards.{key}={value!r} is not one of {', '.join(get_args(kind))}")
         if not specs:
@@ -337,7 +300,9 @@ class RewardSet:
                 logger.warning(
                     "reward function %r raised %s: %s; its values count as None for this batch "
                     "(rewards.on_error=zero; later errors of this function are not logged)",
-                    name, type(exc).__name__, one_line(exc),
+                    name,
+                    type(exc).__name__,
+                    one_line(exc),
                 )
             return [None] * n
         if hasattr(raw, "tolist"):  # a tensor or an array
@@ -423,11 +388,12 @@ def token_reward_tensor(out: RewardOutput, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(tr, (0, max(0, T - tr.shape[1])))[:, :T] * mask
 
 
-def score_batch(rewards: "RewardSet", batch) -> None:
+def score_batch(rewards: RewardSet, batch) -> None:
     """Score a rollout :class:`~rlhf_pg.batch.Batch` in place: ``scores``, ``token_rewards`` and
     ``reward_per_function``."""
-    out = rewards(batch.prompts, batch.completions, batch.completion_lists(), batch.columns,
-                  prompt_text=batch.prompt_texts)
+    out = rewards(
+        batch.prompts, batch.completions, batch.completion_lists(), batch.columns, prompt_text=batch.prompt_texts
+    )
     dev = batch.completion_mask.device
     batch.scores = out.scores.to(dev)
     batch.token_rewards = token_reward_tensor(out, batch.completion_mask)
@@ -545,7 +511,9 @@ def format_reward(
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise UserError(f"reward function 'format': invalid regex pattern {pattern!r}: {exc} — fix kwargs.pattern")
+        raise UserError(
+            f"reward function 'format': invalid regex pattern {pattern!r}: {exc} — fix kwargs.pattern"
+        ) from None
     return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
 
 

@@ -41,8 +41,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s):] = 1
+            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s) :] = 1
     return ids, mask
 
 
@@ -71,8 +71,15 @@ def stop_cut(tokenizer, ids: list[int], stops: list[str]) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params: SamplingParams,
-             generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Batch:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    group_size: int,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> Batch:
     """Sample ``group_size`` completions for each prompt (token id lists) with a KV cache.
 
     Returns a :class:`Batch` of B = len(prompts)·G rows; rows i·G … i·G+G−1 belong to prompt i.
@@ -86,8 +93,13 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
     # Prefill once per prompt, then share the cache across the G samples.
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = out.past_key_values
     logits = out.logits[:, -1]
     if G > 1:
@@ -122,8 +134,9 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, params
         if t == T - 1:
             break
         attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
 
@@ -146,8 +159,16 @@ NON_REWARD_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 """Dataset columns that are not passed to reward functions as keyword columns."""
 
 
-def sample(backend, tokenizer, data, rows: list[int], group_size: int, params: SamplingParams,
-           uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+def sample(
+    backend,
+    tokenizer,
+    data,
+    rows: list[int],
+    group_size: int,
+    params: SamplingParams,
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Batch:
     """The one sampling path (training, evaluation, the labs): ``group_size`` completions for dataset
     ``rows`` (from :mod:`rlhf_pg.data`) by ``backend`` (:mod:`rlhf_pg.backends`), inside the context
     the backend asks for, with the batch's texts and reward columns filled in.

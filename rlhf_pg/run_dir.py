@@ -78,16 +78,25 @@ class RunDir:
                 self.acc.load_state(str(ckpt / "engine"))
                 state = checkpoint.load_trainer_state(ckpt, self.rank, generator)
             else:
-                state = checkpoint.load(ckpt, self._checkpointed_module(), self.c.optimizer, self.c.scheduler,
-                                        self.rank, generator, trainable_only=cfg.model.lora is not None)
+                state = checkpoint.load(
+                    ckpt,
+                    self._checkpointed_module(),
+                    self.c.optimizer,
+                    self.c.scheduler,
+                    self.rank,
+                    generator,
+                    trainable_only=cfg.model.lora is not None,
+                )
             if self.acc.is_main_process:
                 checkpoint.truncate_lines(self.out / "metrics.jsonl", state["metrics_lines"])
                 checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
             self.print(f"resumed from {ckpt} (step {state['step']})")
         elif (self.out / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.train.resume):
             # checked on every process, so that none is left waiting for the others
-            raise UserError(f"output_dir '{self.out}' already holds a run: resume it with --resume, "
-                            "replace it with overwrite=true, or choose another output_dir")
+            raise UserError(
+                f"output_dir '{self.out}' already holds a run: resume it with --resume, "
+                "replace it with overwrite=true, or choose another output_dir"
+            )
         elif self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -112,14 +121,23 @@ class RunDir:
         if sharded:  # every rank writes its shards of model, optimizer and scheduler
             acc.save_state(str(tmp / "engine"))
         if acc.is_main_process:
-            state = {**trainer_state, "step": step,
-                     "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
-                     "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl")}
+            state = {
+                **trainer_state,
+                "step": step,
+                "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
+                "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl"),
+            }
             if sharded:
                 (tmp / "trainer.json").write_text(json.dumps(state))
             else:
-                checkpoint.write_main(tmp, self._checkpointed_module(), c.optimizer, c.scheduler, state,
-                                      trainable_only=self.cfg.model.lora is not None)
+                checkpoint.write_main(
+                    tmp,
+                    self._checkpointed_module(),
+                    c.optimizer,
+                    c.scheduler,
+                    state,
+                    trainable_only=self.cfg.model.lora is not None,
+                )
         acc.wait_for_everyone()
         final = checkpoint.checkpoint_root(self.out) / f"step_{step:06d}"
         if acc.is_main_process:
@@ -175,10 +193,12 @@ class StopSignals:
         if self.received:
             raise KeyboardInterrupt
         self.received.append(signum)
-        self.say(f"\nreceived {signal.Signals(signum).name}: finishing step {self.step + 1}, "
-                 "then writing a checkpoint (send again to stop at once)")
+        self.say(
+            f"\nreceived {signal.Signals(signum).name}: finishing step {self.step + 1}, "
+            "then writing a checkpoint (send again to stop at once)"
+        )
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handler)

@@ -37,8 +37,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     precision = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     from accelerate.state import AcceleratorState, PartialState
 
-    if AcceleratorState._shared_state and PartialState._shared_state.get("num_processes", 1) == 1 \
-            and AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+    if (
+        AcceleratorState._shared_state
+        and PartialState._shared_state.get("num_processes", 1) == 1
+        and AcceleratorState._shared_state.get("_mixed_precision", precision) != precision
+    ):
         # a second Trainer in one (non-distributed) process with another precision: accelerate
         # refuses to change its singleton state, so start it afresh (harmless with one process)
         AcceleratorState._reset_state()
@@ -72,19 +75,30 @@ def build_algorithm(cfg: RunConfig) -> Algorithm:
     a = cfg.algo
     est = ADVANTAGES[a.advantage]
     return Algorithm(
-        advantage=est, advantage_opts=a.options(a.advantage), advantage_state=est.state() if est.state else None,
-        policy_loss=POLICY_LOSSES[a.policy_loss], policy_loss_opts=a.options(a.policy_loss),
-        kl=KL_ESTIMATORS[a.kl_estimator], aggregation=AGGREGATIONS[a.loss_agg],
+        advantage=est,
+        advantage_opts=a.options(a.advantage),
+        advantage_state=est.state() if est.state else None,
+        policy_loss=POLICY_LOSSES[a.policy_loss],
+        policy_loss_opts=a.options(a.policy_loss),
+        kl=KL_ESTIMATORS[a.kl_estimator],
+        aggregation=AGGREGATIONS[a.loss_agg],
         aggregation_opts=a.options(a.loss_agg),
-        kl_ctl=AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None)
+        kl_ctl=AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else None,
+    )
 
 
 def build_datasets(cfg: RunConfig, tokenizer, train: bool = True):
     """(train, eval) prompt datasets of the recipe (train is None with ``train=False``)."""
     d = cfg.data
-    common = dict(tokenizer=tokenizer, prompt_column=d.prompt_column, system_prompt=d.system_prompt,
-                  max_prompt_tokens=d.max_prompt_tokens, too_long=d.too_long, task_kwargs=d.task_kwargs,
-                  seed=cfg.seed)
+    common = dict(
+        tokenizer=tokenizer,
+        prompt_column=d.prompt_column,
+        system_prompt=d.system_prompt,
+        max_prompt_tokens=d.max_prompt_tokens,
+        too_long=d.too_long,
+        task_kwargs=d.task_kwargs,
+        seed=cfg.seed,
+    )
     train_data = load_prompt_dataset(d.train, d.train_split, **common) if train else None
     eval_data = load_prompt_dataset(d.eval or d.train, d.eval_split, limit=d.eval_limit, **common)
     return train_data, eval_data
@@ -92,8 +106,13 @@ def build_datasets(cfg: RunConfig, tokenizer, train: bool = True):
 
 def build_rewards(cfg: RunConfig, tokenizer=None) -> RewardSet:
     r = cfg.rewards
-    return RewardSet([RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions], on_error=r.on_error,
-                     on_nonfinite=r.on_nonfinite, on_all_none=r.on_all_none, tokenizer=tokenizer)
+    return RewardSet(
+        [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions],
+        on_error=r.on_error,
+        on_nonfinite=r.on_nonfinite,
+        on_all_none=r.on_all_none,
+        tokenizer=tokenizer,
+    )
 
 
 def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
@@ -105,8 +124,9 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
     mc, dev = cfg.model, acc.device
     with acc.main_process_first():  # one process converts/caches the model, then the rest read it
         tokenizer = load_tokenizer(mc.name, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-        policy = load_model(mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision,
-                            quantization_config=bitsandbytes_config(mc.lora))
+        policy = load_model(
+            mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision, quantization_config=bitsandbytes_config(mc.lora)
+        )
     if mc.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.config.use_cache = False
@@ -114,14 +134,24 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
         policy = apply_lora(policy, mc.lora, mc.gradient_checkpointing)
     ref = None
     if cfg.algo.kl_coef > 0 and mc.lora is None:
-        ref = load_model(mc.ref_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
-                         mc.revision).eval().requires_grad_(False)
+        ref = (
+            load_model(mc.ref_name or mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision)
+            .eval()
+            .requires_grad_(False)
+        )
     module = PolicyWithValue(policy) if needs_values and mc.critic == "shared" else policy
     critic = None
     if needs_values and mc.critic == "separate":
         with acc.main_process_first():
-            critic = ValueModel(load_model(mc.critic_name or mc.name, mc.dtype, dev, mc.trust_remote_code,
-                                           mc.revision if mc.critic_name is None else None))
+            critic = ValueModel(
+                load_model(
+                    mc.critic_name or mc.name,
+                    mc.dtype,
+                    dev,
+                    mc.trust_remote_code,
+                    mc.revision if mc.critic_name is None else None,
+                )
+            )
         if mc.gradient_checkpointing:
             critic.backbone.gradient_checkpointing_enable()
     return tokenizer, module, critic, ref
@@ -133,11 +163,11 @@ def build_optimizer(cfg: RunConfig, modules: list[torch.nn.Module], total_optimi
     t = cfg.train
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
-                                  fused=fused or None)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused or None)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps,
-                              num_training_steps=max(1, total_optimizer_steps))
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, total_optimizer_steps)
+    )
     return optimizer, scheduler
 
 
@@ -166,25 +196,45 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     acc = accelerator or make_accelerator(cfg)
     plan = batch_plan(cfg, acc.num_processes)  # before anything expensive
     if cfg.rollout.backend != "hf" and acc.num_processes > 1:
-        raise UserError(f"rollout.backend={cfg.rollout.backend} runs one engine in one process: launch one process "
-                        "or use rollout.backend=hf")
+        raise UserError(
+            f"rollout.backend={cfg.rollout.backend} runs one engine in one process: launch one process "
+            "or use rollout.backend=hf"
+        )
     algo = build_algorithm(cfg)
     needs_values = algo.advantage.needs_values
     tokenizer, module, critic, ref = build_policy(cfg, acc, needs_values)
     rewards = build_rewards(cfg, tokenizer)
     train_data, eval_data = build_datasets(cfg, tokenizer)
-    optimizer, scheduler = build_optimizer(cfg, [m for m in (module, critic) if m is not None],
-                                           cfg.train.max_steps * plan.optimizer_steps)
+    optimizer, scheduler = build_optimizer(
+        cfg, [m for m in (module, critic) if m is not None], cfg.train.max_steps * plan.optimizer_steps
+    )
     if critic is None:
         model, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     else:
         model, critic, optimizer, scheduler = acc.prepare(module, critic, optimizer, scheduler)
-    passes = PassSettings(temperature=cfg.rollout.temperature,
-                          shared_prefix=cfg.train.shared_prefix and not cfg.model.gradient_checkpointing,
-                          entropy_grad=cfg.algo.entropy_coef > 0, autocast=acc.autocast)
+    passes = PassSettings(
+        temperature=cfg.rollout.temperature,
+        shared_prefix=cfg.train.shared_prefix and not cfg.model.gradient_checkpointing,
+        entropy_grad=cfg.algo.entropy_coef > 0,
+        autocast=acc.autocast,
+    )
     backend = build_backend(cfg, acc, model, tokenizer)
-    return Components(acc, plan, algo, tokenizer, model, critic, ref, optimizer, scheduler, train_data, eval_data,
-                      rewards, backend, passes)
+    return Components(
+        acc,
+        plan,
+        algo,
+        tokenizer,
+        model,
+        critic,
+        ref,
+        optimizer,
+        scheduler,
+        train_data,
+        eval_data,
+        rewards,
+        backend,
+        passes,
+    )
 
 
 def bare_policy(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -210,14 +260,22 @@ def build_backend(cfg: RunConfig, acc: Accelerator, model: torch.nn.Module, toke
 def describe(cfg: RunConfig, c: Components) -> str:
     """The run header: the algorithm's effective settings, the batch plan, the engine, values, reference."""
     a, mc = cfg.algo, cfg.model
-    values = ("separate critic" if c.critic is not None else
-              "head on the policy" if c.algo.advantage.needs_values else "none")
-    reference = ("none" if a.kl_coef == 0 else
-                 "policy with the LoRA adapter disabled" if c.ref is None else "frozen model")
-    line = (f"algorithm {a.name}: " + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")
-            + f" | {describe_distributed(c.acc)}, values={values}, reference={reference}")
+    values = (
+        "separate critic" if c.critic is not None else "head on the policy" if c.algo.advantage.needs_values else "none"
+    )
+    reference = (
+        "none" if a.kl_coef == 0 else "policy with the LoRA adapter disabled" if c.ref is None else "frozen model"
+    )
+    line = (
+        f"algorithm {a.name}: "
+        + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")
+        + f" | {describe_distributed(c.acc)}, values={values}, reference={reference}"
+    )
     if mc.lora is not None:
         n = sum(p.numel() for m in (c.model, c.critic) if m is not None for p in m.parameters() if p.requires_grad)
-        line += f", LoRA r={mc.lora.r} ({n / 1e6:.2f}M trainable parameters)" if n >= 1e6 else \
-            f", LoRA r={mc.lora.r} ({n} trainable parameters)"
+        line += (
+            f", LoRA r={mc.lora.r} ({n / 1e6:.2f}M trainable parameters)"
+            if n >= 1e6
+            else f", LoRA r={mc.lora.r} ({n} trainable parameters)"
+        )
     return line + "\nbatch plan: " + c.plan.describe()

@@ -95,8 +95,13 @@ class Trainer:
             run.print("eval at step 0: " + _fmt(ev))
         elif self.step_idx > 0:
             history["eval_start"] = run.logged_eval(step=0)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step_idx, desc="train",
-                   disable=not self.acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step_idx,
+            desc="train",
+            disable=not self.acc.is_main_process,
+            dynamic_ncols=True,
+        )
         with StopSignals(run.print) as stop:
             try:
                 while self.step_idx < cfg.train.max_steps:
@@ -104,10 +109,14 @@ class Trainer:
                     m = self.step()
                     run.write_jsonl("metrics.jsonl", [m])
                     bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
-                                    len=f"{m['completion_len']:.0f}")
-                    if cfg.train.eval_every and self.step_idx % cfg.train.eval_every == 0 \
-                            and self.step_idx < cfg.train.max_steps:
+                    bar.set_postfix(
+                        reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}", len=f"{m['completion_len']:.0f}"
+                    )
+                    if (
+                        cfg.train.eval_every
+                        and self.step_idx % cfg.train.eval_every == 0
+                        and self.step_idx < cfg.train.max_steps
+                    ):
                         run.write_jsonl("metrics.jsonl", [self.evaluate()])
                     if self.reduce.any(bool(stop.received)):
                         raise Interrupted(self.step_idx, self.save_checkpoint(), stop.received[0])
@@ -182,8 +191,9 @@ class Trainer:
             self._backend_stale = False
         b, r = self.cfg.batch, self.cfg.rollout
         rows = order.step_rows(len(self.train_data), b.prompts_per_step, self.cfg.seed, step, self.rank, self.world)
-        u = order.rollout_uniforms(self.cfg.seed, step, self.plan.rollout, r.max_new_tokens, self.rank, self.world,
-                                   self.acc.device)
+        u = order.rollout_uniforms(
+            self.cfg.seed, step, self.plan.rollout, r.max_new_tokens, self.rank, self.world, self.acc.device
+        )
         batch = sample(self.backend, self.tokenizer, self.train_data, rows, b.group_size, self.sampling, u)
         release_memory()
         return batch
@@ -208,8 +218,14 @@ class Trainer:
     def compute_advantages(self, batch: Batch) -> None:
         """Fill ``advantages``, ``returns`` and ``baseline`` with the configured estimator (+ whitening)."""
         a, est = self.cfg.algo, self.algo.advantage
-        x = core.AdvantageInputs(batch.token_rewards, batch.completion_mask, batch.group_size, a.gamma,
-                                 values=batch.values, reduce=self.reduce.sum)
+        x = core.AdvantageInputs(
+            batch.token_rewards,
+            batch.completion_mask,
+            batch.group_size,
+            a.gamma,
+            values=batch.values,
+            reduce=self.reduce.sum,
+        )
         out = est.fn(x, self.algo.advantage_opts, self.algo.advantage_state)
         adv = out.advantages
         if a.whiten_advantages:
@@ -223,8 +239,9 @@ class Trainer:
         sums = MetricSums()
         grad_norms, losses, noise_stats = [], [], []
         for epoch in range(p.epochs):
-            parts = order.minibatch_partition(self.cfg.seed, self.step_idx, epoch, p.rollout, p.minibatches,
-                                              self.rank, self.world)
+            parts = order.minibatch_partition(
+                self.cfg.seed, self.step_idx, epoch, p.rollout, p.minibatches, self.rank, self.world
+            )
             for rows in parts:
                 gn, loss, noise = self.optimizer_step(batch.select(rows.to(batch.completion_mask.device)), sums)
                 grad_norms.append(gn)
@@ -244,12 +261,17 @@ class Trainer:
         loss, gradient-noise estimate or None)."""
         cfg, mbs = self.cfg, self.cfg.batch.micro_batch_size
         m_all = minibatch.completion_mask
-        n = core.Normalisers(num_tokens=self.reduce.sum(m_all.sum()).item(),
-                             num_seqs=self.reduce.sum(torch.tensor(float(minibatch.size), device=m_all.device)).item(),
-                             max_tokens=cfg.rollout.max_new_tokens)
+        n = core.Normalisers(
+            num_tokens=self.reduce.sum(m_all.sum()).item(),
+            num_seqs=self.reduce.sum(torch.tensor(float(minibatch.size), device=m_all.device)).item(),
+            max_tokens=cfg.rollout.max_new_tokens,
+        )
         starts = list(range(0, minibatch.size, mbs))
-        noise = GradNoise(self._trainable_params(), self.algo.aggregation.unit, n.num_tokens, n.num_seqs) \
-            if cfg.train.grad_noise_scale and len(starts) > 1 and self.world == 1 else None
+        noise = (
+            GradNoise(self._trainable_params(), self.algo.aggregation.unit, n.num_tokens, n.num_seqs)
+            if cfg.train.grad_noise_scale and len(starts) > 1 and self.world == 1
+            else None
+        )
         loss_total = 0.0
         for i, start in enumerate(starts):
             mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
@@ -264,8 +286,11 @@ class Trainer:
         release_memory()  # the activations are gone; the optimizer's peak should not sit on them
         params = self._trainable_params()
         if cfg.train.max_grad_norm is not None:
-            gn = float(self.acc.clip_grad_norm_(self.model.parameters() if self.critic is None else params,
-                                                cfg.train.max_grad_norm))
+            gn = float(
+                self.acc.clip_grad_norm_(
+                    self.model.parameters() if self.critic is None else params, cfg.train.max_grad_norm
+                )
+            )
         else:
             gn = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
         if math.isfinite(gn) and math.isfinite(self.reduce.mean_over_processes([loss_total])[0]):
@@ -328,13 +353,17 @@ class Trainer:
     def _skip_nonfinite_update(self, grad_norm: float, loss: float) -> None:
         self.nonfinite_streak += 1
         limit = self.cfg.train.max_nonfinite_steps
-        self.run.print(f"warning: step {self.step_idx + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                       f"update skipped ({self.nonfinite_streak}/{limit} in a row)")
+        self.run.print(
+            f"warning: step {self.step_idx + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+            f"update skipped ({self.nonfinite_streak}/{limit} in a row)"
+        )
         if self.nonfinite_streak >= limit:
             path = self.save_checkpoint()
-            raise UserError(f"training diverged: {limit} consecutive updates with non-finite loss or gradients; "
-                            f"the last good state is saved in {path} — lower train.lr or set train.max_grad_norm, "
-                            "then continue with --resume")
+            raise UserError(
+                f"training diverged: {limit} consecutive updates with non-finite loss or gradients; "
+                f"the last good state is saved in {path} — lower train.lr or set train.max_grad_norm, "
+                "then continue with --resume"
+            )
 
     # ------------------------------------------------------------------------ eval, state, save
     @torch.no_grad()
@@ -345,16 +374,26 @@ class Trainer:
 
         r = self.cfg.rollout
         with gathered_for_generation(self.acc, self.model) as m, self.acc.autocast():
-            res = evaluate_policy(setup.bare_policy(self.acc, m), self.tokenizer, self.eval_data, self.rewards,
-                                  max_new_tokens=r.max_new_tokens, batch_size=self.cfg.batch.eval_batch_size,
-                                  stop=list(r.stop), shard=(self.rank, self.world), reduce=self.reduce.sum)
+            res = evaluate_policy(
+                setup.bare_policy(self.acc, m),
+                self.tokenizer,
+                self.eval_data,
+                self.rewards,
+                max_new_tokens=r.max_new_tokens,
+                batch_size=self.cfg.batch.eval_batch_size,
+                stop=list(r.stop),
+                shard=(self.rank, self.world),
+                reduce=self.reduce.sum,
+            )
         return {**res.metrics, "step": self.step_idx}
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state (the run directory adds the step and log line counts)."""
         st = self.algo.advantage_state
-        return {"advantage_state": st.state_dict() if st is not None else None,
-                "kl_ctl": self.algo.kl_ctl.state_dict() if self.algo.kl_ctl else None}
+        return {
+            "advantage_state": st.state_dict() if st is not None else None,
+            "kl_ctl": self.algo.kl_ctl.state_dict() if self.algo.kl_ctl else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_idx = state["step"]

@@ -34,38 +34,54 @@ import tempfile
 from pathlib import Path
 
 
-
 def _recipe(args, lora: bool, out: str) -> dict:
     tree = {
-        "output_dir": out, "overwrite": True, "seed": 0,
+        "output_dir": out,
+        "overwrite": True,
+        "seed": 0,
         "model": {"name": args.model},
         "data": {"train": "arithmetic", "eval_limit": 1, "task_kwargs": {"n_train": 512}},
-        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group_size,
-                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+        "batch": {
+            "prompts_per_step": args.prompts,
+            "group_size": args.group_size,
+            "micro_batch_size": args.micro_batch_size,
+        },
+        "rollout": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0},
         "rewards": {"functions": [{"name": "accuracy"}]},
         "algo": {"name": "grpo", "kl_coef": 0.04},
-        "train": {"max_steps": 10_000, "lr": 1e-4 if lora else 1e-5, "micro_batch_size": args.micro_batch_size,
-                  "mixed_precision": args.mixed_precision, "samples_every": 0, "save_every": 0,
-                  "eval_at_start": False, "save_model": False},
+        "train": {
+            "max_steps": 10_000,
+            "lr": 1e-4 if lora else 1e-5,
+            "mixed_precision": args.mixed_precision,
+            "samples_every": 0,
+            "save_every": 0,
+            "eval_at_start": False,
+            "save_model": False,
+        },
     }
     if lora:
         tree["model"]["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
     return tree
 
 
+def _trainable_count(tr) -> int:
+    """Parameters the optimizer updates: those of the policy (and a separate critic) that require grad."""
+    return sum(p.numel() for m in (tr.model, tr.critic) if m is not None for p in m.parameters() if p.requires_grad)
+
+
 def child(args) -> None:
     """One configuration: warm-up + measured steps of the real Trainer; prints one result line per rank."""
     import torch
 
-    from rlhf_pg.bench import peak_rss_mb
     from rlhf_pg.config import build_config
+    from rlhf_pg.labs.bench import peak_rss_mb
     from rlhf_pg.trainer import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(build_config(_recipe(args, args.lora, tmp)))
-        trainable = sum(p.numel() for p in tr._trainable_params())
+        trainable = _trainable_count(tr)
         steps = []
         for i in range(1 + args.steps):
             m = tr.step()
@@ -73,16 +89,26 @@ def child(args) -> None:
                 steps.append(m)
     tokens = [m["completion_len"] * args.prompts * args.group_size for m in steps]
     wall = [m["time/step"] for m in steps]
-    res = {"rank": tr.rank, "world": tr.world, "lora": args.lora, "threads": torch.get_num_threads(),
-           "trainable_params": trainable, "peak_rss_mb": peak_rss_mb(),
-           "step_s": statistics.median(wall), "tokens_per_s": statistics.median(t / w for t, w in zip(tokens, wall)),
-           **{f"{k}_s": statistics.median(m[f"time/{k}"] for m in steps) for k in ("rollout", "reference", "train")}}
+    res = {
+        "rank": tr.rank,
+        "world": tr.world,
+        "lora": args.lora,
+        "threads": torch.get_num_threads(),
+        "trainable_params": trainable,
+        "peak_rss_mb": peak_rss_mb(),
+        "step_s": statistics.median(wall),
+        "tokens_per_s": statistics.median(t / w for t, w in zip(tokens, wall)),
+        **{f"{k}_s": statistics.median(m[f"time/{k}"] for m in steps) for k in ("rollout", "reference", "train")},
+    }
     Path(args.result_dir, f"rank{tr.rank}.json").write_text(json.dumps(res))  # ranks share stdout
 
 
 def _run(args, extra: list[str], processes: int, threads: int) -> list[dict]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("json", "child", "lora", "threads", "result_dir") and v is not None]
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("json", "child", "lora", "threads", "result_dir") and v is not None
+    ]
     out = Path(tempfile.mkdtemp(prefix="bench_scale-"))
     script = [str(Path(__file__).resolve()), "--child", f"--threads={threads}", f"--result-dir={out}", *flags, *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
@@ -92,9 +118,23 @@ def _run(args, extra: list[str], processes: int, threads: int) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--main_process_port", str(port), "--dynamo_backend", "no",
-               "--mixed_precision", "no", "--multi_gpu", *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(port),
+            "--dynamo_backend",
+            "no",
+            "--mixed_precision",
+            "no",
+            "--multi_gpu",
+            *script,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     rows = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
     if proc.returncode or len(rows) != processes:
@@ -121,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    from rlhf_pg.bench import default_precision, usable_cores
+    from rlhf_pg.labs.bench import default_precision, usable_cores
     from rlhf_pg.models import resolve_model
 
     if args.mixed_precision is None:
@@ -134,24 +174,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_scale] LoRA: {lora}", file=sys.stderr, flush=True)
     two = _run(args, [], 2, max(1, cores // 2))
     tput_two = statistics.mean(r["tokens_per_s"] for r in two)  # each rank reports the global batch's tokens/s
-    report = {"workload": {k: v for k, v in vars(args).items() if k not in ("json", "child", "lora", "threads")},
-              "cores": cores, "full": full, "lora": lora, "two_processes": two,
-              "ratios": {"lora_vs_full_step_time": lora["step_s"] / full["step_s"],
-                         "lora_vs_full_peak_rss": lora["peak_rss_mb"] / full["peak_rss_mb"],
-                         "two_vs_one_process_throughput": tput_two / full["tokens_per_s"]}}
+    report = {
+        "workload": {k: v for k, v in vars(args).items() if k not in ("json", "child", "lora", "threads")},
+        "cores": cores,
+        "full": full,
+        "lora": lora,
+        "two_processes": two,
+        "ratios": {
+            "lora_vs_full_step_time": lora["step_s"] / full["step_s"],
+            "lora_vs_full_peak_rss": lora["peak_rss_mb"] / full["peak_rss_mb"],
+            "two_vs_one_process_throughput": tput_two / full["tokens_per_s"],
+        },
+    }
     w = report["workload"]
-    print(f"workload: {w['model']}, {w['prompts']} prompts x {w['group_size']} samples, <= {w['max_new_tokens']} new "
-          f"tokens, GRPO beta=0.04, micro-batch {w['micro_batch_size']}, mixed precision {w['mixed_precision']}, "
-          f"{args.steps} measured steps (median), {cores} cores")
-    print(f"| configuration | trainable params | step (s) | rollout / reference / train (s) | peak RSS (MB) | completion tokens/s |")
+    print(
+        f"workload: {w['model']}, {w['prompts']} prompts x {w['group_size']} samples, <= {w['max_new_tokens']} new "
+        f"tokens, GRPO beta=0.04, micro-batch {w['micro_batch_size']}, mixed precision {w['mixed_precision']}, "
+        f"{args.steps} measured steps (median), {cores} cores"
+    )
+    print(
+        "| configuration | trainable params | step (s) | rollout / reference / train (s) | peak RSS (MB) "
+        "| completion tokens/s |"
+    )
     print("|---|---:|---:|---|---:|---:|")
-    for name, r in (("full fine-tune, 1 process", full), ("LoRA r=%d, 1 process" % args.lora_r, lora),
-                    *((f"full fine-tune, rank {x['rank']} of 2", x) for x in two)):
-        print(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.1f} | {r['rollout_s']:.1f} / "
-              f"{r['reference_s']:.1f} / {r['train_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['tokens_per_s']:.1f} |")
+    for name, r in (
+        ("full fine-tune, 1 process", full),
+        (f"LoRA r={args.lora_r}, 1 process", lora),
+        *((f"full fine-tune, rank {x['rank']} of 2", x) for x in two),
+    ):
+        print(
+            f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.1f} | {r['rollout_s']:.1f} / "
+            f"{r['reference_s']:.1f} / {r['train_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['tokens_per_s']:.1f} |"
+        )
     rt = report["ratios"]
-    print(f"LoRA / full: step time x{rt['lora_vs_full_step_time']:.2f}, peak RSS x{rt['lora_vs_full_peak_rss']:.2f}; "
-          f"2 processes / 1: throughput x{rt['two_vs_one_process_throughput']:.2f}")
+    print(
+        f"LoRA / full: step time x{rt['lora_vs_full_step_time']:.2f}, peak RSS x{rt['lora_vs_full_peak_rss']:.2f}; "
+        f"2 processes / 1: throughput x{rt['two_vs_one_process_throughput']:.2f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -76,8 +76,16 @@ def compare(a: Path, b: Path) -> dict:
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     se = sd / math.sqrt(n)
     t = mean / se if se > 0 else 0.0
-    out = {"steps": n, "reward_mean_a": sum(da[s] for s in steps) / n, "reward_mean_b": sum(db[s] for s in steps) / n,
-           "paired_diff": mean, "paired_se": se, "t": t, "p": _t_sf(t, n - 1) if se > 0 else 1.0, "evals": []}
+    out = {
+        "steps": n,
+        "reward_mean_a": sum(da[s] for s in steps) / n,
+        "reward_mean_b": sum(db[s] for s in steps) / n,
+        "paired_diff": mean,
+        "paired_se": se,
+        "t": t,
+        "p": _t_sf(t, n - 1) if se > 0 else 1.0,
+        "evals": [],
+    }
     key = "eval/accuracy" if any("eval/accuracy" in r for r in ra) else "eval/reward"
     ea = {r["step"]: r for r in ra if key in r}
     eb = {r["step"]: r for r in rb if key in r}
@@ -100,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     a, b = Path(args.run_a), Path(args.run_b)
     r = compare(a, b)
-    print(f"training reward over {r['steps']} shared steps: A {r['reward_mean_a']:.4f}, B {r['reward_mean_b']:.4f}; "
-          f"paired difference A−B {r['paired_diff']:+.4f} ± {r['paired_se']:.4f} (SE), t = {r['t']:.2f}, "
-          f"p = {r['p']:.2f}")
+    print(
+        f"training reward over {r['steps']} shared steps: A {r['reward_mean_a']:.4f}, B {r['reward_mean_b']:.4f}; "
+        f"paired difference A−B {r['paired_diff']:+.4f} ± {r['paired_se']:.4f} (SE), t = {r['t']:.2f}, "
+        f"p = {r['p']:.2f}"
+    )
     for e in r["evals"]:
         line = f"eval at step {e['step']}: {e['key']} A {e['a']:.3f} (n={e['n_a']}), B {e['b']:.3f} (n={e['n_b']})"
         if "z" in e:

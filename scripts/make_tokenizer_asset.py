@@ -76,9 +76,9 @@ def _verify(source: PreTrainedTokenizerBase, out: Path) -> None:
     assert ids == source(_PROBE_TEXT).input_ids, "tokenization changed"
     assert saved.bos_token_id not in ids, "a BOS token is added automatically"
     template = dict(tokenize=False, add_generation_prompt=True)
-    assert saved.apply_chat_template(_PROBE, **template) == source.apply_chat_template(
-        _PROBE, **template
-    ), "chat template changed"
+    assert saved.apply_chat_template(_PROBE, **template) == source.apply_chat_template(_PROBE, **template), (
+        "chat template changed"
+    )
 
 
 if __name__ == "__main__":

@@ -59,9 +59,7 @@ def completions(
         decoding = {"do_sample": False}
     texts: list[str] = []
     for start in range(0, len(prompt_ids), args.batch_size):
-        batch = tokenizer.pad(
-            {"input_ids": prompt_ids[start : start + args.batch_size]}, return_tensors="pt"
-        )
+        batch = tokenizer.pad({"input_ids": prompt_ids[start : start + args.batch_size]}, return_tensors="pt")
         output = model.generate(
             **batch,
             **decoding,
@@ -103,6 +101,8 @@ def evaluate(
         if marked:
             per_op[op] = sum(marked) / len(marked)
     return sum(hits) / len(hits), per_op, samples
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the model and print one accuracy line per variant."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model).eval()
     print(f"load tokenizer + model: {time.perf_counter() - start:.1f}s")
 
-    variants = (
-        [(args.template, args.max_operand or 20)] if args.template else DEFAULT_VARIANTS
-    )
+    variants = [(args.template, args.max_operand or 20)] if args.template else DEFAULT_VARIANTS
     mode = f"sampled x{args.samples} at T={args.temperature}" if args.samples else "greedy"
     for template, max_operand in variants:
         start = time.perf_counter()

@@ -10,12 +10,14 @@ Prints the median seconds per variant and the speed-up ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 
 from rlhf_pg.config import build_config
+from rlhf_pg.forward import forward
 from rlhf_pg.trainer import Trainer
 
 
@@ -31,25 +33,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = build_config({
-        "output_dir": "/tmp/rlhf_pg_profile", "model": {"name": args.model}, "data": {"eval_limit": 1},
-        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group,
-                    "max_new_tokens": args.max_new_tokens, "temperature": 0.7},
-        "train": {"max_steps": 0, "micro_batch_size": args.prompts * args.group, "mixed_precision": "bf16"},
-    })
+    cfg = build_config(
+        {
+            "output_dir": "/tmp/rlhf_pg_profile",
+            "model": {"name": args.model},
+            "data": {"eval_limit": 1},
+            "batch": {
+                "prompts_per_step": args.prompts,
+                "group_size": args.group,
+                "micro_batch_size": args.prompts * args.group,
+            },
+            "rollout": {"max_new_tokens": args.max_new_tokens, "temperature": 0.7},
+            "train": {"max_steps": 0, "mixed_precision": "bf16"},
+        }
+    )
     tr = Trainer(cfg)
-    batch = tr._rollout(tr.train_data, tr._step_rows(0), args.group, tr.sampling)
-    print(f"micro-batch: {batch.size} completions, prompt width {batch.prompt_ids.shape[1]}, "
-          f"completion tokens {int(batch.completion_mask.sum())} (max {batch.completion_ids.shape[1]})")
+    batch = tr.rollout(0)  # the prompts of RL step 0, each sampled G times
+    print(
+        f"micro-batch: {batch.size} completions, prompt width {batch.prompt_ids.shape[1]}, "
+        f"completion tokens {int(batch.completion_mask.sum())} (max {batch.completion_ids.shape[1]})"
+    )
 
     variants = {(shared, prec): [] for shared in (True, False) for prec in ("bf16", "no")}
     for _ in range(args.reps):
         for (shared, prec), times in variants.items():
-            tr.cfg.train.shared_prefix = shared
+            passes = dataclasses.replace(tr.passes, shared_prefix=shared)
             tr.acc.native_amp = prec == "bf16"  # the Accelerator was built with bf16: this toggles autocast
             tr.model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            logp, _, _ = tr._forward(tr.model, batch, with_entropy=True)
+            logp = forward(tr.model, batch, passes, with_entropy=True).logprobs
             (-(logp * batch.completion_mask).sum()).backward()
             times.append(time.perf_counter() - t0)
 

@@ -36,16 +36,12 @@ from rlhf_pg.models import TINY_ALIAS, load_model, load_tokenizer, resolve_model
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--runslow``."""
-    parser.addoption(
-        "--runslow", action="store_true", default=False, help="also run tests marked slow"
-    )
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the ``slow`` marker."""
-    config.addinivalue_line(
-        "markers", "slow: needs the real SmolLM2 model or minutes of CPU; run with --runslow"
-    )
+    config.addinivalue_line("markers", "slow: needs the real SmolLM2 model or minutes of CPU; run with --runslow")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,9 +72,11 @@ def tiny_model(tiny_model_dir: Path) -> PreTrainedModel:
     return load_model(TINY_ALIAS, dtype="float32", device=torch.device("cpu"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny tensors: one thread is faster and does not fight other processes for the cores."""
+    """One torch thread for the module's tests, restored afterwards. Tiny tensors: one thread is faster
+    and does not fight other processes for the cores; and comparisons that must be bit-identical
+    between this process and subprocesses (run with OMP_NUM_THREADS=1) need the same thread count."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -14,9 +14,20 @@ import torch
 from datasets import Dataset
 
 from rlhf_pg import backends
-from rlhf_pg.backends import (BACKENDS, HFBackend, VLLM_MISSING, VLLMBackend, hf_weights, make_backend,
-                              merged_adapter, request_seeds, vllm_engine_kwargs, vllm_logprobs_match_policy,
-                              vllm_outputs_to_batch, vllm_sampling_kwargs)
+from rlhf_pg.backends import (
+    BACKENDS,
+    VLLM_MISSING,
+    HFBackend,
+    VLLMBackend,
+    hf_weights,
+    make_backend,
+    merged_adapter,
+    request_seeds,
+    vllm_engine_kwargs,
+    vllm_logprobs_match_policy,
+    vllm_outputs_to_batch,
+    vllm_sampling_kwargs,
+)
 from rlhf_pg.batch import Batch
 from rlhf_pg.errors import UserError
 from rlhf_pg.rollout import SamplingParams, attach_rows, generate, sample, stop_cut
@@ -53,6 +64,7 @@ def _assert_same(a: Batch, b: Batch):
 
 # ------------------------------------------------------------------------------------------- hf
 
+
 def test_hf_backend_equals_rollout_generate(tiny_model, tokenizer, one_thread):
     model = EosBias(tiny_model, tokenizer.eos_token_id, bias=4.0)
     prompts, G = _prompts(tokenizer), 3
@@ -78,8 +90,14 @@ def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer
     """rollout.sample (the one sampling path) through HFBackend = rollout.generate + rollout.attach_rows
     on the same dataset rows, sampled inside the backend's sampling_context (the ``context`` factory)."""
     prompts = _prompts(tokenizer, 4)
-    data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(4)], "prompt_ids": prompts,
-                              "prompt_text": tokenizer.batch_decode(prompts), "answer": ["1", "2", "3", "4"]})
+    data = Dataset.from_dict(
+        {
+            "prompt": [f"q{i}" for i in range(4)],
+            "prompt_ids": prompts,
+            "prompt_text": tokenizer.batch_decode(prompts),
+            "answer": ["1", "2", "3", "4"],
+        }
+    )
     params = SamplingParams(max_new_tokens=6, temperature=1.0)
     rows, G = [3, 1], 2
     u = torch.rand(len(rows) * G, 6, generator=torch.Generator().manual_seed(0))
@@ -103,8 +121,12 @@ def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer
     finally:
         hook.remove()
     _assert_same(got, ref)
-    assert (got.prompts, got.prompt_texts, got.completions, got.columns) == \
-        (ref.prompts, ref.prompt_texts, ref.completions, ref.columns)
+    assert (got.prompts, got.prompt_texts, got.completions, got.columns) == (
+        ref.prompts,
+        ref.prompt_texts,
+        ref.completions,
+        ref.columns,
+    )
     assert got.prompts == ["q3", "q3", "q1", "q1"] and got.columns == {"answer": ["4", "4", "2", "2"]}
     assert got.completions == tokenizer.batch_decode(got.completion_lists(), skip_special_tokens=True)
     # the factory was called once per sample() and every forward pass ran inside its context, without grad
@@ -114,6 +136,7 @@ def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer
 
 
 # ------------------------------------------------------------------------------------- registry
+
 
 def test_unknown_backend_is_a_one_line_user_error(tiny_model, tokenizer):
     with pytest.raises(UserError) as e:
@@ -130,11 +153,15 @@ def test_vllm_backend_without_vllm_is_a_one_line_user_error(tiny_model, tokenize
     for make in (lambda: VLLMBackend(tiny_model, tokenizer), lambda: make_backend("vllm", tiny_model, tokenizer)):
         with pytest.raises(UserError) as e:
             make()
-        assert str(e.value) == VLLM_MISSING == \
-            "rollout.backend=vllm needs the vllm package and a CUDA GPU: pip install vllm"
+        assert (
+            str(e.value)
+            == VLLM_MISSING
+            == "rollout.backend=vllm needs the vllm package and a CUDA GPU: pip install vllm"
+        )
 
 
 # --------------------------------------------------------------------- vLLM outputs → Batch
+
 
 def _lp(*pairs):
     """One position's log-probs as vLLM returns them: {token_id: Logprob(logprob=...)}."""
@@ -151,15 +178,21 @@ def test_vllm_conversion_cuts_pads_masks_and_places_logprobs():
     prompts = [[11, 12, 13], [21]]
     lp = lambda b, t: -(b * 10 + t + 1) / 100  # noqa: E731  distinct value per (row, position)
     outs = [
-        SimpleNamespace(prompt_token_ids=[11, 12, 13], outputs=[
-            # listed out of order: .index decides the row
-            _completion(1, [7, 8, 9, 10, 11, 12], [lp(1, t) for t in range(6)], "length"),
-            _completion(0, [5, EOS, 99, 98], [lp(0, t) for t in range(4)]),  # junk after EOS is cut
-        ]),
-        SimpleNamespace(prompt_token_ids=[21], outputs=[
-            _completion(0, [EOS], [lp(2, 0)]),
-            _completion(1, [4, 4, EOS], [lp(3, t) for t in range(3)]),
-        ]),
+        SimpleNamespace(
+            prompt_token_ids=[11, 12, 13],
+            outputs=[
+                # listed out of order: .index decides the row
+                _completion(1, [7, 8, 9, 10, 11, 12], [lp(1, t) for t in range(6)], "length"),
+                _completion(0, [5, EOS, 99, 98], [lp(0, t) for t in range(4)]),  # junk after EOS is cut
+            ],
+        ),
+        SimpleNamespace(
+            prompt_token_ids=[21],
+            outputs=[
+                _completion(0, [EOS], [lp(2, 0)]),
+                _completion(1, [4, 4, EOS], [lp(3, t) for t in range(3)]),
+            ],
+        ),
     ]
     b = vllm_outputs_to_batch(outs, prompts, 2, pad_id=PAD, eos_id=EOS, max_new_tokens=5)
     assert b.group_size == 2 and b.completion_ids.dtype == torch.long and b.completion_mask.dtype == torch.float32
@@ -167,10 +200,12 @@ def test_vllm_conversion_cuts_pads_masks_and_places_logprobs():
     assert b.prompt_ids.tolist() == [[11, 12, 13]] * 2 + [[PAD, PAD, 21]] * 2
     assert b.prompt_mask.tolist() == [[1, 1, 1]] * 2 + [[0, 0, 1]] * 2
     # T = longest kept completion (5 = max_new_tokens cut of row 1); pad id and mask 0 after the end
-    assert b.completion_ids.tolist() == [[5, EOS, PAD, PAD, PAD],
-                                         [7, 8, 9, 10, 11],
-                                         [EOS, PAD, PAD, PAD, PAD],
-                                         [4, 4, EOS, PAD, PAD]]
+    assert b.completion_ids.tolist() == [
+        [5, EOS, PAD, PAD, PAD],
+        [7, 8, 9, 10, 11],
+        [EOS, PAD, PAD, PAD, PAD],
+        [4, 4, EOS, PAD, PAD],
+    ]
     assert b.completion_mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]
     lengths = [2, 5, 1, 3]
     for row, L in enumerate(lengths):
@@ -180,8 +215,10 @@ def test_vllm_conversion_cuts_pads_masks_and_places_logprobs():
 
 
 def test_vllm_conversion_checks_order_and_counts():
-    outs = [SimpleNamespace(prompt_token_ids=[2], outputs=[_completion(0, [5])]),
-            SimpleNamespace(prompt_token_ids=[1], outputs=[_completion(0, [5])])]
+    outs = [
+        SimpleNamespace(prompt_token_ids=[2], outputs=[_completion(0, [5])]),
+        SimpleNamespace(prompt_token_ids=[1], outputs=[_completion(0, [5])]),
+    ]
     with pytest.raises(ValueError, match="out of order"):
         vllm_outputs_to_batch(outs, [[1], [2]], 1, pad_id=0, eos_id=2, max_new_tokens=4)
     with pytest.raises(ValueError, match="expected group_size=2"):
@@ -198,12 +235,19 @@ def test_vllm_conversion_checks_order_and_counts():
 def test_vllm_conversion_stop_string_cut(tokenizer):
     ids = tokenizer("The answer is 42 ### and then more text", add_special_tokens=False)["input_ids"]
     stop = "###"
-    b = vllm_outputs_to_batch([SimpleNamespace(outputs=[_completion(0, ids, [-0.1] * len(ids))])], [[1, 2]], 1,
-                              pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=64,
-                              tokenizer=tokenizer, stop=[stop])
+    b = vllm_outputs_to_batch(
+        [SimpleNamespace(outputs=[_completion(0, ids, [-0.1] * len(ids))])],
+        [[1, 2]],
+        1,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=64,
+        tokenizer=tokenizer,
+        stop=[stop],
+    )
     L = int(b.completion_mask.sum())
     assert L < len(ids)
-    assert stop in tokenizer.decode(ids[:L]) and stop not in tokenizer.decode(ids[:L - 1])
+    assert stop in tokenizer.decode(ids[:L]) and stop not in tokenizer.decode(ids[: L - 1])
     assert b.completion_ids[0].tolist() == ids[:L]
     assert L == stop_cut(tokenizer, ids, [stop])  # the one stop rule (rollout.stop_cut)
 
@@ -217,7 +261,7 @@ def test_vllm_conversion_reproduces_the_hf_sampler(tiny_model, tokenizer, one_th
     with torch.no_grad():  # a stop string from the middle of the longest completion
         free = generate(model, tokenizer, prompts, G, SamplingParams(max_new_tokens=8, temperature=1.0), uniforms=u)
     text = max(tokenizer.batch_decode(free.completion_lists(), skip_special_tokens=True), key=len)
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, stop=[text[len(text) // 2: len(text) // 2 + 3]])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, stop=[text[len(text) // 2 : len(text) // 2 + 3]])
     with torch.no_grad():
         hf = generate(model, tokenizer, prompts, G, params, uniforms=u)
     junk = tokenizer("junk ### tail", add_special_tokens=False)["input_ids"]
@@ -227,11 +271,19 @@ def test_vllm_conversion_reproduces_the_hf_sampler(tiny_model, tokenizer, one_th
         for j in range(G):
             r = i * G + j
             ids = hf.completion_lists()[r]
-            lps = hf.old_logprobs[r, :len(ids)].tolist()
+            lps = hf.old_logprobs[r, : len(ids)].tolist()
             comps.append(_completion(j, ids + junk, lps + [-1.0] * len(junk)))
         outs.append(SimpleNamespace(prompt_token_ids=p, outputs=comps))
-    got = vllm_outputs_to_batch(outs, prompts, G, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                                max_new_tokens=8, tokenizer=tokenizer, stop=params.stop)
+    got = vllm_outputs_to_batch(
+        outs,
+        prompts,
+        G,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=8,
+        tokenizer=tokenizer,
+        stop=params.stop,
+    )
     _assert_same(got, hf)
     ends = [r[-1] == tokenizer.eos_token_id for r in hf.completion_lists()]
     lengths = hf.completion_mask.sum(-1).long().tolist()
@@ -241,16 +293,27 @@ def test_vllm_conversion_reproduces_the_hf_sampler(tiny_model, tokenizer, one_th
 
 # ------------------------------------------------------------------ vLLM arguments and semantics
 
+
 def test_vllm_sampling_and_engine_kwargs():
-    kw = vllm_sampling_kwargs(SamplingParams(max_new_tokens=17, temperature=0.7, top_p=0.9, top_k=0,
-                                             stop=["</a>"]), 4, seed=123)
+    kw = vllm_sampling_kwargs(
+        SamplingParams(max_new_tokens=17, temperature=0.7, top_p=0.9, top_k=0, stop=["</a>"]), 4, seed=123
+    )
     assert kw == dict(n=4, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=17, stop=["</a>"], logprobs=0, seed=123)
     assert vllm_sampling_kwargs(SamplingParams(top_k=20), 2)["top_k"] == 20
     assert vllm_sampling_kwargs(SamplingParams(), 2)["stop"] is None
-    e = vllm_engine_kwargs("/m", supported={"model", "logprobs_mode"}, dtype="bfloat16", max_model_len=512,
-                           extra={"enforce_eager": True})
-    assert e == dict(model="/m", dtype="bfloat16", gpu_memory_utilization=0.3, enable_prefix_caching=True, seed=0,
-                     max_model_len=512, logprobs_mode="processed_logprobs", enforce_eager=True)
+    e = vllm_engine_kwargs(
+        "/m", supported={"model", "logprobs_mode"}, dtype="bfloat16", max_model_len=512, extra={"enforce_eager": True}
+    )
+    assert e == dict(
+        model="/m",
+        dtype="bfloat16",
+        gpu_memory_utilization=0.3,
+        enable_prefix_caching=True,
+        seed=0,
+        max_model_len=512,
+        logprobs_mode="processed_logprobs",
+        enforce_eager=True,
+    )
     assert "logprobs_mode" not in vllm_engine_kwargs("/m", supported=None)
     assert "logprobs_mode" not in vllm_engine_kwargs("/m", supported={"model"})
 
@@ -277,12 +340,16 @@ def test_request_seeds_are_per_prompt_and_process_invariant():
 
 # --------------------------------------------------------------------- VLLMBackend on a fake vllm
 
+
 class FakeLLM:
     def __init__(self, **kwargs):
         self.kwargs, self.calls, self.loaded, self.resets, self.rpcs = kwargs, [], [], 0, []
         engine_model = SimpleNamespace(load_weights=lambda ws: self.loaded.append([(n, t.clone()) for n, t in ws]))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=engine_model))))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=engine_model))
+            )
+        )
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append((prompts, sampling_params))
@@ -324,11 +391,18 @@ def fake_vllm(monkeypatch):
 def test_vllm_backend_generate_on_fake_engine(fake_vllm, tiny_model, tokenizer, monkeypatch):
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     be = make_backend("vllm", tiny_model, tokenizer, allow_cpu=True, dtype="bfloat16", enforce_eager=True)
-    assert be.llm.kwargs == dict(model=tiny_model.config._name_or_path, dtype="bfloat16", gpu_memory_utilization=0.3,
-                                 enable_prefix_caching=True, seed=0, logprobs_mode="processed_logprobs",
-                                 enforce_eager=True)
+    assert be.llm.kwargs == dict(
+        model=tiny_model.config._name_or_path,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.3,
+        enable_prefix_caching=True,
+        seed=0,
+        logprobs_mode="processed_logprobs",
+        enforce_eager=True,
+    )
     assert be.logprobs_mode == "processed_logprobs"
     import os
+
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process engine, reachable for weight sync
     prompts, G = [[5, 6, 7], [8]], 3
     u = torch.rand(len(prompts) * G, 4, generator=torch.Generator().manual_seed(2))
@@ -386,7 +460,7 @@ def test_vllm_sync_weights_in_process_and_by_rpc(fake_vllm, tiny_model, tokenize
     # engine in another process: weights go through collective_rpc to a function run on each worker
     del be.llm.llm_engine
     be.sync_weights(tiny_model)
-    (fn, (weights,)), = be.llm.rpcs
+    ((fn, (weights,)),) = be.llm.rpcs
     got = []
     fn(SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(load_weights=got.extend))), weights)
     assert [n for n, _ in got] == list(sd) and all(t.device.type == "cpu" for _, t in got)
@@ -410,8 +484,10 @@ def test_peft_weights_are_merged_under_base_names(tiny_model, one_thread):
         items = dict(hf_weights(model))  # views: compare while merged (sync_weights loads them here)
         assert list(items) == base_names
         assert torch.allclose(items["model.layers.0.self_attn.q_proj.weight"], W + delta, atol=1e-6)
-        assert torch.equal(items["model.layers.0.self_attn.k_proj.weight"],
-                           model.base_model.model.model.layers[0].self_attn.k_proj.weight)
+        assert torch.equal(
+            items["model.layers.0.self_attn.k_proj.weight"],
+            model.base_model.model.model.layers[0].self_attn.k_proj.weight,
+        )
     with torch.no_grad():
         assert torch.allclose(model(input_ids=x).logits, before, atol=1e-5)  # unmerged again, adapter on
     assert not q.merged

@@ -1,5 +1,5 @@
-"""Benchmark (rlhf_pg/bench.py, ``rlhf-pg bench``, scripts/benchmark.py): the report's structure on the
-tiny model, both paths doing the same work, ours matching the exact fp32 log-probs and gradient, the
+"""Benchmark (rlhf_pg/labs/bench.py, ``rlhf-pg bench``, scripts/benchmark.py): the report's structure on
+the tiny model, both paths doing the same work, ours matching the exact fp32 log-probs and gradient, the
 children's peak RSS being their own, the CLI wiring. No timing assertions."""
 
 import json
@@ -9,13 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg import bench, cli
+from rlhf_pg import cli
+from rlhf_pg.labs import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(model="tiny-random-llama", prompts=2, group_size=2, max_new_tokens=4, micro_batch_size=2, n_train=16,
-            repeats=1, steps=1, threads=1, peak_seconds=0.05)
-TINY_ARGS = ["--model", "tiny-random-llama", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
-             "--micro-batch-size", "2", "--n-train", "16", "--repeats", "1", "--threads", "1"]
+TINY = dict(
+    model="tiny-random-llama",
+    prompts=2,
+    group_size=2,
+    max_new_tokens=4,
+    micro_batch_size=2,
+    n_train=16,
+    repeats=1,
+    steps=1,
+    threads=1,
+    peak_seconds=0.05,
+)
+TINY_ARGS = [
+    "--model",
+    "tiny-random-llama",
+    "--prompts",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--n-train",
+    "16",
+    "--repeats",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def test_report_structure_same_work_and_exact_fp32():
@@ -37,8 +64,11 @@ def test_report_structure_same_work_and_exact_fp32():
             s = r["steps"][0]
             S = s["prompt_tokens"] + s["completion_tokens"]
             assert bench.step_flops(s, r["n_params"], beta) == {
-                "rollout": 2 * r["n_params"] * S, "reference": 2 * r["n_params"] * S if beta else 0,
-                "train": 6 * r["n_params"] * S, "step": (10 if beta else 8) * r["n_params"] * S}
+                "rollout": 2 * r["n_params"] * S,
+                "reference": 2 * r["n_params"] * S if beta else 0,
+                "train": 6 * r["n_params"] * S,
+                "step": (10 if beta else 8) * r["n_params"] * S,
+            }
             assert set(r["mfu"]) == {"rollout", "reference", "train", "step"}
             assert all(r["mfu"][k] > 0 for k in ("rollout", "train", "step"))
             assert (r["mfu"]["reference"] is None) == (beta == 0)
@@ -68,11 +98,21 @@ def test_report_structure_same_work_and_exact_fp32():
     assert q["grad_cosine"] > 0.99 and q["logp_train_vs_exact"]["mean_abs"] > 0
 
     table = bench.format_table(report)
-    for text in ("== GRPO step, beta=0.04 ==", "== GRPO step, beta=0 ==", "x ours-fp32", "x ours-bf16",
-                 "step CPU time (s)", "ref + old logp (s)", "peak RSS (MB)", "MFU train", "MFU reference",
-                 "FLOPs (both paths alike)", "quality"):
+    for text in (
+        "== GRPO step, beta=0.04 ==",
+        "== GRPO step, beta=0 ==",
+        "x ours-fp32",
+        "x ours-bf16",
+        "step CPU time (s)",
+        "ref + old logp (s)",
+        "peak RSS (MB)",
+        "MFU train",
+        "MFU reference",
+        "FLOPs (both paths alike)",
+        "quality",
+    ):
         assert text in table, text
-    beta0 = table[table.index("== GRPO step, beta=0 =="):table.index("== quality")]
+    beta0 = table[table.index("== GRPO step, beta=0 ==") : table.index("== quality")]
     assert "MFU reference" not in beta0  # no reference FLOPs at β = 0
 
 
@@ -94,8 +134,10 @@ def test_cli_bench_options(capsys):
 
 def test_cli_parser_does_not_import_torch():
     """``rlhf-pg --help`` stays fast: building the parser (with bench's options) imports no torch."""
-    code = ("import sys; from rlhf_pg import cli; cli._parser(); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    code = (
+        "import sys; from rlhf_pg import cli; cli._parser(); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -105,19 +147,37 @@ def test_child_peak_rss_is_its_own():
     carries it over fork + exec)."""
     big = bytearray(b"\x01") * (256 << 20)  # written, so resident in this (parent) process
     assert bench.peak_rss_mb() > 256
-    code = "from rlhf_pg.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from rlhf_pg.labs.bench import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     del big
     assert 0 < float(out.stdout) < 128
 
 
 def test_children_run_in_subprocesses(tmp_path):
-    """The real mode: every path in its own process (``python -m rlhf_pg.bench --child``), JSON back to
+    """The real mode: every path in its own process (``python -m rlhf_pg.labs.bench --child``), JSON back to
     the parent, the table on stdout; through ``rlhf-pg bench``."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "rlhf_pg", "bench", *TINY_ARGS, "--beta", "pos", "--precision", "bf16",
-                           "--no-quality", "--peak-seconds", "0", "--json", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_pg",
+            "bench",
+            *TINY_ARGS,
+            "--beta",
+            "pos",
+            "--precision",
+            "bf16",
+            "--no-quality",
+            "--peak-seconds",
+            "0",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== GRPO step, beta=0.04 ==" in proc.stdout and "x ours-bf16" in proc.stdout
     report = json.loads(out.read_text())
@@ -128,6 +188,7 @@ def test_children_run_in_subprocesses(tmp_path):
 
 
 def test_script_is_a_thin_wrapper():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], capture_output=True, text=True, check=True
+    )
     assert "--precision" in proc.stdout and "--json" in proc.stdout

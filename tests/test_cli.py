@@ -19,25 +19,22 @@ def test_config_lists_options(capsys):
     assert "algo.kl_coef" in out and "batch.group_size" in out and "algo.gae.lam" in out
 
 
-def test_train_happy_path(tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "model: {name: tiny-random-llama}\n"
-        "data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 32, n_eval: 8}}\n"
-        "batch: {prompts_per_step: 2, group_size: 2}\n"
-        "rollout: {max_new_tokens: 4}\n"
-        "rewards: {functions: [{name: length_penalty, kwargs: {target: 2, scale: 1}}]}\n"
+def test_train_happy_path(tmp_path, capsys, tiny_recipe):
+    recipe = tiny_recipe(
+        tmp_path, rewards={"functions": [{"name": "length_penalty", "kwargs": {"target": 2, "scale": 1}}]}
     )
     rc = main(["train", str(recipe), f"output_dir={tmp_path / 'out'}", "train.max_steps=1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and str(tmp_path / "out") in out
+    assert "batch plan: 8 completions = 2 prompts × 4" in out  # the plan is printed at start
     assert (tmp_path / "out" / "model" / "config.json").exists()
 
 
 def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rlhf_pg", "train", str(tmp_path / "missing.yaml")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_pg", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "missing.yaml" in proc.stderr and "not found" in proc.stderr

@@ -4,8 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg.config import (PRESETS, RunConfig, build_config, describe_fields, dump_config, load_config,
-                            parse_overrides, read_yaml)
+from rlhf_pg.config import (
+    PRESETS,
+    RunConfig,
+    build_config,
+    describe_fields,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
 from rlhf_pg.errors import UserError
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -25,8 +33,12 @@ def test_there_are_recipes():
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
-    assert parse_overrides(["algo.kl_coef=0.02", "train.max_steps=5", "rollout.stop=[\"\\n\"]", "data.eval=null"]) == {
-        "algo": {"kl_coef": 0.02}, "train": {"max_steps": 5}, "rollout": {"stop": ["\n"]}, "data": {"eval": None}}
+    assert parse_overrides(["algo.kl_coef=0.02", "train.max_steps=5", 'rollout.stop=["\\n"]', "data.eval=null"]) == {
+        "algo": {"kl_coef": 0.02},
+        "train": {"max_steps": 5},
+        "rollout": {"stop": ["\n"]},
+        "data": {"eval": None},
+    }
 
 
 def test_precedence_preset_recipe_override(tmp_path):
@@ -76,14 +88,22 @@ def test_requirements_come_from_registry_metadata():
         load_config(None, ["algo.name=reinforce", "algo.reinforce.baseline=loo", "batch.group_size=1"])
 
 
-@pytest.mark.parametrize("old, new", [
-    ("rollout.group_size=2", "batch.group_size"), ("rollout.prompts_per_step=4", "batch.prompts_per_step"),
-    ("rollout.eval_batch_size=4", "batch.eval_batch_size"), ("train.micro_batch_size=4", "batch.micro_batch_size"),
-    ("algo.epochs=2", "batch.epochs"), ("algo.minibatches=2", "batch.minibatch_size"),
-    ("algo.scale=none", "algo.grpo.scale"), ("algo.lam=0.9", "algo.gae.lam"),
-    ("algo.baseline=loo", "algo.reinforce.baseline"), ("algo.clip_eps_high=0.28", "algo.clip.eps_high"),
-    ("algo.loss_agg_constant=8", "algo.constant.value"),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("rollout.group_size=2", "batch.group_size"),
+        ("rollout.prompts_per_step=4", "batch.prompts_per_step"),
+        ("rollout.eval_batch_size=4", "batch.eval_batch_size"),
+        ("train.micro_batch_size=4", "batch.micro_batch_size"),
+        ("algo.epochs=2", "batch.epochs"),
+        ("algo.minibatches=2", "batch.minibatch_size"),
+        ("algo.scale=none", "algo.grpo.scale"),
+        ("algo.lam=0.9", "algo.gae.lam"),
+        ("algo.baseline=loo", "algo.reinforce.baseline"),
+        ("algo.clip_eps_high=0.28", "algo.clip.eps_high"),
+        ("algo.loss_agg_constant=8", "algo.constant.value"),
+    ],
+)
 def test_renamed_keys_name_the_new_key(old, new):
     with pytest.raises(UserError) as e:
         load_config(None, [old])
@@ -93,12 +113,22 @@ def test_renamed_keys_name_the_new_key(old, new):
 def test_batch_plan_per_process():
     from rlhf_pg.config import batch_plan
 
-    cfg = load_config(None, ["batch.prompts_per_step=8", "batch.group_size=4", "batch.minibatch_size=16",
-                             "batch.epochs=2", "batch.micro_batch_size=8"])
+    cfg = load_config(
+        None,
+        [
+            "batch.prompts_per_step=8",
+            "batch.group_size=4",
+            "batch.minibatch_size=16",
+            "batch.epochs=2",
+            "batch.micro_batch_size=8",
+        ],
+    )
     plan = batch_plan(cfg, world=2)
     assert (plan.rollout, plan.minibatches, plan.optimizer_steps) == (32, 2, 4)
-    assert plan.describe() == ("32 completions = 8 prompts × 4; 2 epochs of 2 minibatches of 16 (8 per process); "
-                               "micro-batches of 8 per process; 4 optimizer steps per RL step")
+    assert plan.describe() == (
+        "32 completions = 8 prompts × 4; 2 epochs of 2 minibatches of 16 (8 per process); "
+        "micro-batches of 8 per process; 4 optimizer steps per RL step"
+    )
     # the review's case: 6 prompts × 2 on 2 processes with 4 minibatches (of 3): a minibatch cannot be
     # split equally over the processes, so the run stops at once instead of taking 3 optimizer steps.
     cfg = load_config(None, ["batch.prompts_per_step=6", "batch.group_size=2", "batch.minibatch_size=3"])
@@ -109,20 +139,23 @@ def test_batch_plan_per_process():
         batch_plan(cfg, world=4)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["algo.kl_cof=0.1"], "unknown config key 'algo.kl_cof' — did you mean 'algo.kl_coef'?"),
-    (["algo.kl_coef=abc"], "config key 'algo.kl_coef'"),
-    (["train.lr=-1"], "greater than 0"),
-    (["batch.group_size=1"], "batch.group_size >= 2"),
-    (["algo.name=ppx"], "did you mean 'ppo'"),
-    (["algo.advantage=gea"], "unknown algo.advantage 'gea'"),
-    (["batch.minibatch_size=3"], "batch.minibatch_size=3 does not divide the rollout of 32"),
-    (["algo.grpo.scal=none"], "did you mean 'algo.grpo.scale'"),
-    (["algo.kl_estimator=k4"], "unknown algo.kl_estimator 'k4'"),
-    (["algo.loss_agg=mean"], "unknown algo.loss_agg 'mean'"),
-    (["algo.kl_target=0.1"], "needs algo.kl_in=reward"),
-    (["bogus"], "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algo.kl_cof=0.1"], "unknown config key 'algo.kl_cof' — did you mean 'algo.kl_coef'?"),
+        (["algo.kl_coef=abc"], "config key 'algo.kl_coef'"),
+        (["train.lr=-1"], "greater than 0"),
+        (["batch.group_size=1"], "batch.group_size >= 2"),
+        (["algo.name=ppx"], "did you mean 'ppo'"),
+        (["algo.advantage=gea"], "unknown algo.advantage 'gea'"),
+        (["batch.minibatch_size=3"], "batch.minibatch_size=3 does not divide the rollout of 32"),
+        (["algo.grpo.scal=none"], "did you mean 'algo.grpo.scale'"),
+        (["algo.kl_estimator=k4"], "unknown algo.kl_estimator 'k4'"),
+        (["algo.loss_agg=mean"], "unknown algo.loss_agg 'mean'"),
+        (["algo.kl_target=0.1"], "needs algo.kl_in=reward"),
+        (["bogus"], "is not key=value"),
+    ],
+)
 def test_bad_config_is_one_clear_line(overrides, expected):
     with pytest.raises(UserError) as e:
         load_config(None, overrides)

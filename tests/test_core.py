@@ -59,8 +59,11 @@ def right_mask(lengths, T):
 
 
 def close(a, b, **kw):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
-                               **({"atol": 1e-5, "rtol": 1e-5} | kw))
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float32),
+        torch.as_tensor(b, dtype=torch.float32),
+        **({"atol": 1e-5, "rtol": 1e-5} | kw),
+    )
 
 
 # -------------------------------------------------------------------------------------- masked ops
@@ -256,16 +259,19 @@ BL_R = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [2.0, 1.0, 0.0]])
 BL_M = right_mask([3, 3, 2], 3)
 
 
-@pytest.mark.parametrize("baseline,expected", [
-    ("none", [[3, 2, 2], [2, 2, 1], [3, 1, 0]]),
-    # per position over the members alive there: t0 (3+2+3)/3 = 8/3; t1 (2+2+1)/3 = 5/3; t2 (2+1)/2 = 3/2
-    ("mean", [[1 / 3, 1 / 3, 0.5], [-2 / 3, 1 / 3, -0.5], [1 / 3, -2 / 3, 0]]),
-    # the others alive at t: a: t0 (2+3)/2, t1 (2+1)/2, t2 (b) 1;  b: t0 (3+3)/2, t1 1.5, t2 (a) 2;
-    #                        c: t0 (3+2)/2, t1 (2+2)/2
-    ("loo", [[0.5, 0.5, 1.0], [-1.0, 0.5, -1.0], [0.5, -1.0, 0]]),
-    # b = the EMA state's value = 1.5 everywhere
-    ("ema", [[1.5, 0.5, 0.5], [0.5, 0.5, -0.5], [1.5, -0.5, 0]]),
-])
+@pytest.mark.parametrize(
+    "baseline,expected",
+    [
+        ("none", [[3, 2, 2], [2, 2, 1], [3, 1, 0]]),
+        # per position over the members alive there: t0 (3+2+3)/3 = 8/3; t1 (2+2+1)/3 = 5/3; t2 (2+1)/2 = 3/2
+        ("mean", [[1 / 3, 1 / 3, 0.5], [-2 / 3, 1 / 3, -0.5], [1 / 3, -2 / 3, 0]]),
+        # the others alive at t: a: t0 (2+3)/2, t1 (2+1)/2, t2 (b) 1;  b: t0 (3+3)/2, t1 1.5, t2 (a) 2;
+        #                        c: t0 (3+2)/2, t1 (2+2)/2
+        ("loo", [[0.5, 0.5, 1.0], [-1.0, 0.5, -1.0], [0.5, -1.0, 0]]),
+        # b = the EMA state's value = 1.5 everywhere
+        ("ema", [[1.5, 0.5, 0.5], [0.5, 0.5, -0.5], [1.5, -0.5, 0]]),
+    ],
+)
 def test_reinforce_baselines(baseline, expected):
     state = ema_state(1.5) if baseline == "ema" else None
     out = adv("reinforce", BL_R, BL_M, 3, state=state, reward_to_go=True, baseline=baseline)
@@ -273,14 +279,17 @@ def test_reinforce_baselines(baseline, expected):
     close(out.returns, [[3, 2, 2], [2, 2, 1], [3, 1, 0]])
 
 
-@pytest.mark.parametrize("baseline,expected", [
-    ("none", [[0, 0, 0], [0, 0, 0], [0, 0, 0]]),
-    # the same per-position means as above: t0 8/3, t1 5/3, t2 3/2 (c is padding at t2)
-    ("mean", [[8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 0]]),
-    # leave-one-out: a: t0 (2+3)/2, t1 (2+1)/2, t2 1;  b: t0 (3+3)/2, t1 (2+1)/2, t2 2;  c: t0 (3+2)/2, t1 (2+2)/2
-    ("loo", [[2.5, 1.5, 1.0], [3.0, 1.5, 2.0], [2.5, 2.0, 0]]),
-    ("ema", [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [1.5, 1.5, 0]]),
-])
+@pytest.mark.parametrize(
+    "baseline,expected",
+    [
+        ("none", [[0, 0, 0], [0, 0, 0], [0, 0, 0]]),
+        # the same per-position means as above: t0 8/3, t1 5/3, t2 3/2 (c is padding at t2)
+        ("mean", [[8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 1.5], [8 / 3, 5 / 3, 0]]),
+        # leave-one-out: a: t0 (2+3)/2, t1 (2+1)/2, t2 1;  b: t0 (3+3)/2, t1 (2+1)/2, t2 2;  c: t0 (3+2)/2, t1 (2+2)/2
+        ("loo", [[2.5, 1.5, 1.0], [3.0, 1.5, 2.0], [2.5, 2.0, 0]]),
+        ("ema", [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [1.5, 1.5, 0]]),
+    ],
+)
 def test_reinforce_baseline_output(baseline, expected):
     state = ema_state(1.5) if baseline == "ema" else None
     out = adv("reinforce", BL_R, BL_M, 3, state=state, reward_to_go=True, baseline=baseline)
@@ -464,21 +473,24 @@ def test_clip_at_ratio_one_equals_pg():
     close(stats["approx_kl"], torch.zeros(4, 5))
 
 
-@pytest.mark.parametrize("ratio,adv,loss,grad,low,high", [
-    # ε_low = 0.2, ε_high = 0.28; loss = −min(ρÂ, clip(ρ, 0.8, 1.28)Â); d loss/d logp = −ρÂ when unclipped
-    (1.10, 1.0, -1.10, -1.10, 0, 0),   # inside the band
-    (1.25, 1.0, -1.25, -1.25, 0, 0),   # inside thanks to ε_high = 0.28 (a symmetric 0.2 would clip)
-    (1.50, 1.0, -1.28, 0.0, 0, 1),     # Â > 0 and ρ > 1 + ε_high: clipped, no gradient
-    (0.70, 1.0, -0.70, -0.70, 0, 0),   # Â > 0, ρ < 1 − ε_low: min picks ρÂ = 0.7 < 0.8 — not clipped
-    (0.70, -1.0, 0.80, 0.0, 1, 0),     # Â < 0, ρ < 1 − ε_low: −min(−0.7, −0.8) = 0.8, clipped
-    (0.78, -1.0, 0.80, 0.0, 1, 0),     # asymmetric: 0.78 < 0.8 is clipped on the low side
-    (0.90, -1.0, 0.90, 0.90, 0, 0),    # inside
-    (1.50, -1.0, 1.50, 1.50, 0, 0),    # Â < 0, ρ > 1 + ε_high: min picks ρÂ = −1.5 — not clipped
-    (2.90, -1.0, 2.90, 2.90, 0, 0),    # below the dual clip c = 3
-    (4.00, -1.0, 3.00, 0.0, 0, 0),     # dual clip: min(4, −cÂ = 3) = 3, no gradient
-    (5.00, -2.0, 6.00, 0.0, 0, 0),     # dual clip: −min(−10, −2.56) = 10 → min(10, −3·(−2) = 6)
-    (5.00, 2.0, -2.56, 0.0, 0, 1),     # dual clip never applies to Â > 0: −1.28·2
-])
+@pytest.mark.parametrize(
+    "ratio,adv,loss,grad,low,high",
+    [
+        # ε_low = 0.2, ε_high = 0.28; loss = −min(ρÂ, clip(ρ, 0.8, 1.28)Â); d loss/d logp = −ρÂ when unclipped
+        (1.10, 1.0, -1.10, -1.10, 0, 0),  # inside the band
+        (1.25, 1.0, -1.25, -1.25, 0, 0),  # inside thanks to ε_high = 0.28 (a symmetric 0.2 would clip)
+        (1.50, 1.0, -1.28, 0.0, 0, 1),  # Â > 0 and ρ > 1 + ε_high: clipped, no gradient
+        (0.70, 1.0, -0.70, -0.70, 0, 0),  # Â > 0, ρ < 1 − ε_low: min picks ρÂ = 0.7 < 0.8 — not clipped
+        (0.70, -1.0, 0.80, 0.0, 1, 0),  # Â < 0, ρ < 1 − ε_low: −min(−0.7, −0.8) = 0.8, clipped
+        (0.78, -1.0, 0.80, 0.0, 1, 0),  # asymmetric: 0.78 < 0.8 is clipped on the low side
+        (0.90, -1.0, 0.90, 0.90, 0, 0),  # inside
+        (1.50, -1.0, 1.50, 1.50, 0, 0),  # Â < 0, ρ > 1 + ε_high: min picks ρÂ = −1.5 — not clipped
+        (2.90, -1.0, 2.90, 2.90, 0, 0),  # below the dual clip c = 3
+        (4.00, -1.0, 3.00, 0.0, 0, 0),  # dual clip: min(4, −cÂ = 3) = 3, no gradient
+        (5.00, -2.0, 6.00, 0.0, 0, 0),  # dual clip: −min(−10, −2.56) = 10 → min(10, −3·(−2) = 6)
+        (5.00, 2.0, -2.56, 0.0, 0, 1),  # dual clip never applies to Â > 0: −1.28·2
+    ],
+)
 def test_clip_branches(ratio, adv, loss, grad, low, high):
     c = core.ClipOptions(eps_low=0.2, eps_high=0.28, dual_clip=3.0)
     l, g, stats = _loss_and_grad("clip", [ratio], [adv], c)

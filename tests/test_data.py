@@ -145,17 +145,13 @@ def test_unknown_task_kwarg_is_a_user_error(tokenizer: PreTrainedTokenizerBase) 
         load_prompt_dataset("arithmetic", "train", tokenizer=tokenizer, task_kwargs={"n": 3})
 
 
-def test_task_kwargs_are_ignored_for_files(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_task_kwargs_are_ignored_for_files(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     dataset = load_file(tmp_path, STANDARD_ROWS, tokenizer, task_kwargs={"n_train": 3})
     assert len(dataset) == len(STANDARD_ROWS)
 
 
 def test_system_prompt_and_limit(tokenizer: PreTrainedTokenizerBase) -> None:
-    dataset = load_prompt_dataset(
-        "arithmetic", "test", tokenizer=tokenizer, system_prompt="Be exact.", limit=5
-    )
+    dataset = load_prompt_dataset("arithmetic", "test", tokenizer=tokenizer, system_prompt="Be exact.", limit=5)
     assert len(dataset) == 5
     assert dataset[0]["prompt_text"].startswith("<|im_start|>system\nBe exact.<|im_end|>")
     assert dataset[0]["prompt"][0]["role"] == "user", "the original prompt is kept"
@@ -167,9 +163,7 @@ def test_system_prompt_and_limit(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
-def test_standard_prompts_from_file(
-    suffix: str, tmp_path: Path, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_standard_prompts_from_file(suffix: str, tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     path = write_rows(tmp_path / f"data{suffix}", STANDARD_ROWS)
     dataset = load_prompt_dataset(str(path), "test", tokenizer=tokenizer, system_prompt="ignored")
     assert dataset.column_names == ["prompt", "prompt_text", "prompt_ids", "answer", "id"]
@@ -179,16 +173,11 @@ def test_standard_prompts_from_file(
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
-def test_conversational_prompts_from_file(
-    suffix: str, tmp_path: Path, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_conversational_prompts_from_file(suffix: str, tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     path = write_rows(tmp_path / f"chat{suffix}", CONVERSATIONAL_ROWS)
     dataset = load_prompt_dataset(str(path), "train", tokenizer=tokenizer, system_prompt="Sys.")
     first, second = dataset["prompt_text"]
-    assert first == (
-        "<|im_start|>system\nSys.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    assert first == ("<|im_start|>system\nSys.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
     assert second.startswith("<|im_start|>system\nBe terse.<|im_end|>"), "existing system kept"
     assert "Sys." not in second
     assert dataset["prompt"][0] == CONVERSATIONAL_ROWS[0]["prompt"]
@@ -203,16 +192,12 @@ def test_prompt_column_is_renamed(tmp_path: Path, tokenizer: PreTrainedTokenizer
     assert dataset["prompt"] == ["Q1"]
 
 
-def test_truncation_keeps_the_last_tokens(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_truncation_keeps_the_last_tokens(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     rows = [{"prompt": "one two three four five six seven eight"}, {"prompt": "short"}]
     path = write_rows(tmp_path / "long.jsonl", rows)
     full_ids = tokenizer(rows[0]["prompt"], add_special_tokens=False).input_ids
     with pytest.warns(UserWarning, match="1 of 2 prompts .* left-truncated"):
-        dataset = load_prompt_dataset(
-            str(path), "train", tokenizer=tokenizer, max_prompt_tokens=3
-        )
+        dataset = load_prompt_dataset(str(path), "train", tokenizer=tokenizer, max_prompt_tokens=3)
     assert dataset["prompt_ids"][0] == full_ids[-3:]
     assert dataset["prompt_text"][0] == " six seven eight"
     assert dataset["prompt"][0] == rows[0]["prompt"]
@@ -285,13 +270,9 @@ def test_bad_rows(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         load_file(tmp_path, [{"prompt": []}], tokenizer)
 
 
-def test_chat_template_failure_names_the_row(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_chat_template_failure_names_the_row(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     broken = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    broken.chat_template = (
-        "{{ raise_exception('no ' + messages[0]['role']) if messages|length > 1 }}"
-    )
+    broken.chat_template = "{{ raise_exception('no ' + messages[0]['role']) if messages|length > 1 }}"
     rows = [
         {"prompt": [{"role": "user", "content": "fine"}]},
         {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -311,9 +292,7 @@ def test_chat_template_failure_names_the_row(
         ({"limit": 0}, "limit=0 is invalid"),
     ],
 )
-def test_invalid_options(
-    kwargs: dict[str, Any], message: str, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_invalid_options(kwargs: dict[str, Any], message: str, tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(UserError, match=message):
         load_prompt_dataset("arithmetic", "train", tokenizer=tokenizer, **kwargs)
 

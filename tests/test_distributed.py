@@ -46,11 +46,15 @@ def _launch_args(path: Path):
     """What ``accelerate launch --config_file PATH -m rlhf_pg train RECIPE`` resolves to, up to the
     environment the training processes get (accelerate's own code; nothing is started)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import (prepare_deepspeed_cmd_env, prepare_multi_gpu_env,
-                                         prepare_simple_launcher_cmd_env)
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(
-        ["--config_file", str(path), "-m", "rlhf_pg", "train", "recipes/grpo_arithmetic.yaml"])
+        ["--config_file", str(path), "-m", "rlhf_pg", "train", "recipes/grpo_arithmetic.yaml"]
+    )
     args, defaults, _ = _validate_launch_command(args)
     with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
         if args.use_deepspeed:  # as accelerate.commands.launch.launch_command does before the launcher
@@ -127,8 +131,9 @@ def test_ddp_configs_through_the_launcher(name):
     if name == "multi_node_ddp.yaml":
         assert (args.nnodes, args.nproc_per_node) == ("2", "8")  # num_processes is the total
         assert args.node_rank == 0
-        endpoint = (f"{args.master_addr}:{args.master_port}" if hasattr(args, "master_addr")
-                    else args.rdzv_endpoint)  # which of the two depends on --same_network
+        endpoint = (
+            f"{args.master_addr}:{args.master_port}" if hasattr(args, "master_addr") else args.rdzv_endpoint
+        )  # which of the two depends on --same_network
         assert endpoint == f"{defaults.main_process_ip}:29500"
 
 
@@ -160,8 +165,16 @@ def test_fsdp2_wrap_policy_picks_the_decoder_layers_of_our_models():
     _, _, env = _launch_args(CONFIG_DIR / "fsdp2_full_shard.yaml")
     with mock.patch.dict(os.environ, env):
         plugin = FullyShardedDataParallelPlugin()
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                      num_attention_heads=2, num_key_value_heads=2))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     for model in (lm, PolicyWithValue(lm)):
         policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
         picked = [m for m in model.modules() if policy(m)]
@@ -301,7 +314,7 @@ def test_zero3_gathers_once_and_suspends_fetch_hooks(fake_deepspeed, new_api):
 
     with gathered_for_generation(_EngineAcc, engine) as gen:
         assert gen is inner
-        (kind, params, modifier_rank), = fake_deepspeed
+        ((kind, params, modifier_rank),) = fake_deepspeed
         assert kind == "enter" and modifier_rank is None
         assert isinstance(params, list) and [id(p) for p in params] == [id(p) for p in engine.parameters()]
         assert all(p.ds_status == "AVAILABLE" for p in inner.parameters())
@@ -366,8 +379,9 @@ class _FakeFSDP1(torch.nn.Module):
 
     @staticmethod
     @contextmanager
-    def summon_full_params(module, recurse=True, writeback=True, rank0_only=False, offload_to_cpu=False,
-                           with_grads=False):
+    def summon_full_params(
+        module, recurse=True, writeback=True, rank0_only=False, offload_to_cpu=False, with_grads=False
+    ):
         _FakeFSDP1.summons.append((module, recurse, writeback, rank0_only))
         _FakeFSDP1.summoned = True
         try:
@@ -520,8 +534,14 @@ def test_fsdp2_unshards_once_per_rollout_on_two_cpu_processes(tmp_path):
     script = tmp_path / "fsdp2_worker.py"
     script.write_text(f"REPO = {str(REPO)!r}\nOUT = {str(tmp_path)!r}\n" + _FSDP2_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in (0, 1)]
     n_tokens = 8
@@ -539,8 +559,13 @@ def test_fsdp2_unshards_once_per_rollout_on_two_cpu_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------- header line
 def _fake_acc(dt, n=1, mp="no", device="cpu", **state):
-    return SimpleNamespace(distributed_type=dt, num_processes=n, mixed_precision=mp, device=torch.device(device),
-                           state=SimpleNamespace(**state))
+    return SimpleNamespace(
+        distributed_type=dt,
+        num_processes=n,
+        mixed_precision=mp,
+        device=torch.device(device),
+        state=SimpleNamespace(**state),
+    )
 
 
 def test_describe_distributed(monkeypatch):
@@ -548,14 +573,24 @@ def test_describe_distributed(monkeypatch):
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert describe_distributed(_fake_acc(D.NO, backend=None)) == "single process · mixed precision no · cpu"
-    assert (describe_distributed(_fake_acc(D.MULTI_CPU, 2, backend="gloo"))
-            == "DDP on CPU · 2 processes (gloo) · mixed precision no · cpu")
-    assert (describe_distributed(_fake_acc(D.DEEPSPEED, 8, "bf16", "cuda:0", backend="nccl",
-                                           deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-            == "DeepSpeed ZeRO-3 · 8 processes (nccl) · mixed precision bf16 · cuda:0")
+    assert (
+        describe_distributed(_fake_acc(D.MULTI_CPU, 2, backend="gloo"))
+        == "DDP on CPU · 2 processes (gloo) · mixed precision no · cpu"
+    )
+    assert (
+        describe_distributed(
+            _fake_acc(D.DEEPSPEED, 8, "bf16", "cuda:0", backend="nccl", deepspeed_plugin=SimpleNamespace(zero_stage=3))
+        )
+        == "DeepSpeed ZeRO-3 · 8 processes (nccl) · mixed precision bf16 · cuda:0"
+    )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert (describe_distributed(_fake_acc(D.FSDP, 16, "bf16", "cuda:0", backend="nccl",
-                                           fsdp_plugin=SimpleNamespace(fsdp_version=2)))
-            == "FSDP2 · 16 processes on 2 machines (nccl) · mixed precision bf16 · cuda:0")
-    assert (describe_distributed(_fake_acc(D.MULTI_GPU, 8, "bf16", "cuda:0", backend="nccl"))
-            == "DDP · 8 processes (nccl) · mixed precision bf16 · cuda:0")  # one machine: no count
+    assert (
+        describe_distributed(
+            _fake_acc(D.FSDP, 16, "bf16", "cuda:0", backend="nccl", fsdp_plugin=SimpleNamespace(fsdp_version=2))
+        )
+        == "FSDP2 · 16 processes on 2 machines (nccl) · mixed precision bf16 · cuda:0"
+    )
+    assert (
+        describe_distributed(_fake_acc(D.MULTI_GPU, 8, "bf16", "cuda:0", backend="nccl"))
+        == "DDP · 8 processes (nccl) · mixed precision bf16 · cuda:0"
+    )  # one machine: no count

@@ -19,7 +19,6 @@ from rlhf_pg.evaluate import evaluate_policy, pass_at_k, pass_ks
 from rlhf_pg.rewards import RewardSet, RewardSpec
 from rlhf_pg.rollout import left_pad
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -55,8 +54,9 @@ class FakeModel(torch.nn.Module):
 
 def _dataset(tokenizer):
     ids = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUESTIONS]
-    return datasets.Dataset.from_dict({"prompt": QUESTIONS, "prompt_text": QUESTIONS, "prompt_ids": ids,
-                                       "answer": ANSWERS})
+    return datasets.Dataset.from_dict(
+        {"prompt": QUESTIONS, "prompt_text": QUESTIONS, "prompt_ids": ids, "answer": ANSWERS}
+    )
 
 
 def _scripted_generate(tokenizer):
@@ -73,10 +73,16 @@ def _scripted_generate(tokenizer):
         ids = torch.full((len(rows), T), tok.pad_token_id)
         mask = torch.zeros(len(rows), T)
         for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
         pids, pmask = left_pad(prompts, tok.pad_token_id)
-        return Batch(pids.repeat_interleave(group_size, 0), pmask.repeat_interleave(group_size, 0), ids, mask,
-                     torch.zeros_like(mask), group_size)
+        return Batch(
+            pids.repeat_interleave(group_size, 0),
+            pmask.repeat_interleave(group_size, 0),
+            ids,
+            mask,
+            torch.zeros_like(mask),
+            group_size,
+        )
 
     fake.modes = []
     return fake
@@ -90,8 +96,17 @@ def test_metrics_match_a_hand_count(tokenizer, monkeypatch):
     fake = _scripted_generate(tokenizer)
     monkeypatch.setattr(rollout, "generate", fake)
     model = FakeModel()  # config.use_cache=False, train mode
-    res = evaluate_policy(model, tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=8,
-                          batch_size=2, k=2, n_samples=4, keep_samples=True)
+    res = evaluate_policy(
+        model,
+        tokenizer,
+        _dataset(tokenizer),
+        _rewards(),
+        max_new_tokens=8,
+        batch_size=2,
+        k=2,
+        n_samples=4,
+        keep_samples=True,
+    )
     # sampled through HFBackend: eval mode with the KV cache on during each call, both restored after
     assert len(fake.modes) == 2 + 3 and set(fake.modes) == {(False, True)}  # greedy: 2 batches; sampled: 3
     assert model.training and model.config.use_cache is False
@@ -133,16 +148,19 @@ def test_shards_add_up_and_reduce_gives_global_means(tokenizer, monkeypatch):
 
 def test_samples_must_cover_k(tokenizer):
     with pytest.raises(UserError, match="samples"):
-        evaluate_policy(FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=4, batch_size=2,
-                        k=4, n_samples=2)
+        evaluate_policy(
+            FakeModel(), tokenizer, _dataset(tokenizer), _rewards(), max_new_tokens=4, batch_size=2, k=4, n_samples=2
+        )
 
 
 # --------------------------------------------------------------------------------- eval command
-RECIPE = ("model: {name: tiny-random-llama}\n"
-          "data: {train: arithmetic, eval_limit: 3, task_kwargs: {n_train: 16, n_eval: 8}}\n"
-          "batch: {prompts_per_step: 2, group_size: 2, eval_batch_size: 4}\n"
-          "rollout: {max_new_tokens: 3}\n"
-          "rewards: {functions: [{name: accuracy}, {name: length_penalty, kwargs: {target: 1, scale: 1}}]}\n")
+RECIPE = (
+    "model: {name: tiny-random-llama}\n"
+    "data: {train: arithmetic, eval_limit: 3, task_kwargs: {n_train: 16, n_eval: 8}}\n"
+    "batch: {prompts_per_step: 2, group_size: 2, eval_batch_size: 4}\n"
+    "rollout: {max_new_tokens: 3}\n"
+    "rewards: {functions: [{name: accuracy}, {name: length_penalty, kwargs: {target: 1, scale: 1}}]}\n"
+)
 
 
 def test_eval_command_on_alias_and_run_dir(tmp_path, tiny_model, tokenizer, capsys):
@@ -160,8 +178,9 @@ def test_eval_command_on_alias_and_run_dir(tmp_path, tiny_model, tokenizer, caps
     run = tmp_path / "run"
     tiny_model.save_pretrained(run / "model")
     tokenizer.save_pretrained(run / "model")
-    (run / "config.yaml").write_text(dump_config(build_config({"model": {"name": "tiny-random-llama"},
-                                                               "data": {"eval_limit": 2}})))
+    (run / "config.yaml").write_text(
+        dump_config(build_config({"model": {"name": "tiny-random-llama"}, "data": {"eval_limit": 2}}))
+    )
     assert main(["eval", str(run), "data.task_kwargs={n_train: 16, n_eval: 8}", "rollout.max_new_tokens=2"]) == 0
     rep2 = json.loads((run / "eval.json").read_text())
     assert rep2["kind"] == "run" and rep2["eval/n"] == 2 and "eval/pass@1" not in rep2
@@ -184,17 +203,27 @@ def test_eval_command_on_training_checkpoint(tmp_path, tiny_model, tokenizer):
     state["value_head.weight"] = torch.zeros(1, 64)
     save_file(state, str(ckpt / "model.safetensors"))
     (ckpt / "trainer.json").write_text("{}")
-    (run / "config.yaml").write_text(dump_config(build_config(
-        {"model": {"name": "tiny-random-llama"}, "rollout": {"max_new_tokens": 3},
-         "data": {"eval_limit": 3, "task_kwargs": {"n_train": 16, "n_eval": 8}}})))
+    (run / "config.yaml").write_text(
+        dump_config(
+            build_config(
+                {
+                    "model": {"name": "tiny-random-llama"},
+                    "rollout": {"max_new_tokens": 3},
+                    "data": {"eval_limit": 3, "task_kwargs": {"n_train": 16, "n_eval": 8}},
+                }
+            )
+        )
+    )
     assert ev.resolve_target(str(run))["kind"] == "run"
     assert ev.resolve_target(str(ckpt))["run_dir"] == run
     assert main(["eval", str(run)]) == 0
     assert main(["eval", str(saved), "--recipe", str(run / "config.yaml"), "--out", str(tmp_path / "s")]) == 0
     a, b = (json.loads((d / "eval.json").read_text()) for d in (run, tmp_path / "s"))
     assert a["kind"] == "run" and b["kind"] == "checkpoint"
-    ga, gb = ([json.loads(x)["completion"] for x in (d / "eval_samples.jsonl").read_text().splitlines()]
-              for d in (run, tmp_path / "s"))
+    ga, gb = (
+        [json.loads(x)["completion"] for x in (d / "eval_samples.jsonl").read_text().splitlines()]
+        for d in (run, tmp_path / "s")
+    )
     assert ga == gb and a["eval/reward"] == b["eval/reward"]
 
 

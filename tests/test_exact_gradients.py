@@ -93,13 +93,8 @@ SEED = 1234
 DENSE_W = torch.tensor([1.5, 0.5, -0.5, 1.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are thousands of tiny ops: intra-op threads only contend (10-100x slower on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# These are thousands of tiny ops: intra-op threads only contend (10-100x slower on a busy CPU).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ the toy
@@ -129,8 +124,8 @@ def enumerate_completions() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), T), EOS)
     mask = torch.zeros(len(seqs), T)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1.0
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1.0
     return ids, mask
 
 
@@ -187,12 +182,12 @@ def grad_of(fn) -> torch.Tensor:
     return g.reshape(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def true_gradient(kind: str) -> torch.Tensor:
     return grad_of(lambda th: objective(th, kind))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def true_state_values(kind: str) -> torch.Tensor:
     """V^π(s) = E[G_t | s_t = s] (γ = 1) for the 13 states, by enumeration."""
     p = seq_prob(THETA)
@@ -267,23 +262,23 @@ SPECS: dict[str, Spec] = {
     "reinforce reward-to-go (dense)": Spec("reinforce", "dense", {"reward_to_go": True}, per_sample=True),
     "reinforce rtg + loo (dense)": Spec("reinforce", "dense", {"reward_to_go": True, "baseline": "loo"}),
     "reinforce full + loo": Spec("reinforce", "seq", {"baseline": "loo"}),
-    "reinforce full + ema (const)": Spec("reinforce", "seq", {"baseline": "ema"}, values="ema",
-                                         per_sample=True),
+    "reinforce full + ema (const)": Spec("reinforce", "seq", {"baseline": "ema"}, values="ema", per_sample=True),
     "rloo": Spec("rloo", "seq"),
     "gae lam=1, arbitrary V (dense)": Spec("gae", "dense", {"lam": 1.0}, values="wrong", per_sample=True),
     "gae lam=0.5, true V (dense)": Spec("gae", "dense", {"lam": 0.5}, values="true", per_sample=True),
-    "ppo clip at ratio 1, rtg+loo (dense)": Spec("reinforce", "dense",
-                                                 {"reward_to_go": True, "baseline": "loo"}, loss="clip"),
+    "ppo clip at ratio 1, rtg+loo (dense)": Spec(
+        "reinforce", "dense", {"reward_to_go": True, "baseline": "loo"}, loss="clip"
+    ),
     # biased, each with a known expectation (see expected_gradient)
     "agg constant (C=T): grad/C": Spec("reinforce", "seq", agg="constant", per_sample=True, unbiased=False),
     "grpo scale=none: (G-1)/G": Spec("grpo", "seq", {"scale": "none"}, unbiased=False),
-    "reinforce rtg + mean (dense)": Spec("reinforce", "dense", {"reward_to_go": True, "baseline": "mean"},
-                                         unbiased=False),
+    "reinforce rtg + mean (dense)": Spec(
+        "reinforce", "dense", {"reward_to_go": True, "baseline": "mean"}, unbiased=False
+    ),
     "grpo scale=group": Spec("grpo", "seq", {"scale": "group"}, unbiased=False),
     "agg token-mean": Spec("reinforce", "seq", agg="token-mean", unbiased=False),
     "agg seq-mean-token-mean": Spec("reinforce", "seq", agg="seq-mean-token-mean", unbiased=False),
-    "gae lam=0.5, wrong V (dense)": Spec("gae", "dense", {"lam": 0.5}, values="wrong", per_sample=True,
-                                         unbiased=False),
+    "gae lam=0.5, wrong V (dense)": Spec("gae", "dense", {"lam": 0.5}, values="wrong", per_sample=True, unbiased=False),
 }
 UNBIASED = [k for k, s in SPECS.items() if s.unbiased]
 BIASED = [k for k, s in SPECS.items() if not s.unbiased]
@@ -301,7 +296,7 @@ def advantages_for(spec: Spec, ids: torch.Tensor, mask: torch.Tensor, group_size
     return core.ADVANTAGES[spec.advantage].fn(x, spec.adv_opts(), spec.adv_state()).advantages
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.Tensor:
     """(k, 52): the gradient estimate ĝ of each of k batches of n completions (n/G groups of G)."""
     spec = SPECS[name]
@@ -311,8 +306,10 @@ def mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.T
     logp = token_logp(theta_k, ids, rows_per_copy=n)
     per_tok, _ = core.POLICY_LOSSES[spec.loss].fn(logp, logp.detach(), adv, mask, spec.loss_opts())
     aggregate, agg_opts = core.AGGREGATIONS[spec.agg].fn, spec.agg_opts()
-    shares = [aggregate(l_b, m_b, core.Normalisers(num_tokens=m_b.sum(), num_seqs=n, max_tokens=T), agg_opts)
-              for l_b, m_b in zip(per_tok.view(k, n, T).unbind(0), mask.view(k, n, T).unbind(0))]
+    shares = [
+        aggregate(l_b, m_b, core.Normalisers(num_tokens=m_b.sum(), num_seqs=n, max_tokens=T), agg_opts)
+        for l_b, m_b in zip(per_tok.view(k, n, T).unbind(0), mask.view(k, n, T).unbind(0))
+    ]
     torch.stack(shares).sum().backward()
     return -theta_k.grad.reshape(k, -1)
 
@@ -364,7 +361,7 @@ def length_distribution() -> torch.Tensor:
     return torch.zeros(T + 1).index_add_(0, ENUM_MASK.sum(-1).long(), seq_prob(THETA).detach())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected_gradient(name: str) -> torch.Tensor:
     """E[ĝ] of each estimator, exactly (γ = 1, batches of N = 16, groups of G = 4).
 
@@ -394,10 +391,10 @@ def expected_gradient(name: str) -> torch.Tensor:
         p_len = length_distribution()
         factor = []
         for t in range(T):
-            q = p_len[t + 1:].sum().item()  # P(alive at t)
-            e_inv = sum(math.comb(G - 1, j) * q ** j * (1 - q) ** (G - 1 - j) / (1 + j) for j in range(G))
+            q = p_len[t + 1 :].sum().item()  # P(alive at t)
+            e_inv = sum(math.comb(G - 1, j) * q**j * (1 - q) ** (G - 1 - j) / (1 + j) for j in range(G))
             factor.append(1.0 - e_inv)
-        return (torch.tensor(factor)[STATE_DEPTH][:, None].expand(NUM_STATES, VOCAB).reshape(-1) * g_true)
+        return torch.tensor(factor)[STATE_DEPTH][:, None].expand(NUM_STATES, VOCAB).reshape(-1) * g_true
     R = token_rewards(spec.rewards, ENUM_IDS, ENUM_MASK).sum(-1)
     if spec.advantage == "grpo" and spec.cfg["scale"] == "group":
         return weighted_score(grpo_group_weight(spec.rewards))
@@ -407,8 +404,7 @@ def expected_gradient(name: str) -> torch.Tensor:
     if spec.agg == "token-mean":
         p_len, rest = length_distribution(), torch.tensor([1.0])
         for _ in range(N - 1):  # pmf of the sum of N − 1 iid lengths
-            rest = torch.nn.functional.conv1d(rest[None, None], p_len.flip(0)[None, None],
-                                              padding=T).reshape(-1)
+            rest = torch.nn.functional.conv1d(rest[None, None], p_len.flip(0)[None, None], padding=T).reshape(-1)
         total = torch.arange(len(rest))
         e_inv = torch.stack([(rest / (length + total).clamp(min=1)).sum() for length in range(T + 1)])
         return weighted_score(R * N * e_inv[L.long()])
@@ -426,8 +422,10 @@ def assert_mean_matches(name: str, g: torch.Tensor, target: torch.Tensor, what: 
     mean, se = mean_se(g)
     z = (mean - target).abs() / (se + ATOL / Z)
     bad = (mean - target).abs() > Z * se + ATOL
-    assert not bad.any(), (f"{name}: mean of {g.shape[0]} batch gradients differs from {what} at "
-                           f"{bad.nonzero().flatten().tolist()} (max z = {z.max():.1f} > {Z})")
+    assert not bad.any(), (
+        f"{name}: mean of {g.shape[0]} batch gradients differs from {what} at "
+        f"{bad.nonzero().flatten().tolist()} (max z = {z.max():.1f} > {Z})"
+    )
     s_mean, s_se = mean_se(g @ target / (target @ target))
     assert abs(s_mean - 1) <= Z * s_se, f"{name}: projection on {what} is {s_mean:.4f} ± {s_se:.4f}, not 1"
 
@@ -478,8 +476,9 @@ def test_spec_options():
     assert SPECS["gae lam=0.5, true V (dense)"].adv_opts() == core.GaeOptions(lam=0.5)
     assert SPECS["rloo"].adv_opts() is None
     assert all(s.gamma == 1.0 for s in SPECS.values())
-    assert SPECS["ppo clip at ratio 1, rtg+loo (dense)"].loss_opts() == core.ClipOptions(eps_low=0.2, eps_high=0.28,
-                                                                                          dual_clip=3.0)
+    assert SPECS["ppo clip at ratio 1, rtg+loo (dense)"].loss_opts() == core.ClipOptions(
+        eps_low=0.2, eps_high=0.28, dual_clip=3.0
+    )
     assert SPECS["rloo"].loss_opts() is None
     assert SPECS["agg constant (C=T): grad/C"].agg_opts() == core.ConstantOptions(value=T)
     assert SPECS["agg token-mean"].agg_opts() is None and SPECS["rloo"].agg_opts() is None
@@ -507,8 +506,7 @@ def test_exact_gradient_matches_finite_differences():
 @pytest.mark.parametrize("name", [k for k in UNBIASED if SPECS[k].per_sample])
 def test_per_sample_estimator_expectation_equals_exact_gradient(name):
     """No sampling noise: E[ĝ] summed over the 40 completions equals ∇J to float precision."""
-    torch.testing.assert_close(expected_gradient(name), true_gradient(SPECS[name].rewards),
-                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(expected_gradient(name), true_gradient(SPECS[name].rewards), atol=2e-6, rtol=1e-5)
 
 
 def test_gae_with_lambda_below_one_is_unbiased_only_with_the_true_values():
@@ -579,16 +577,17 @@ def test_variance_scales_as_one_over_batch_size():
 
 # ---------------------------------------------------------------------------------- the bias table
 def bias_table() -> str:
-    rows = ["estimator                           rel.bias  exact   noise   scale   trCov/|g|^2",
-            "-" * 80]
+    rows = ["estimator                           rel.bias  exact   noise   scale   trCov/|g|^2", "-" * 80]
     for name, spec in SPECS.items():
         g, g_true = mc_gradients(name), true_gradient(spec.rewards)
         mean, se = mean_se(g)
         tr, _ = trace_cov(g)
         exact = rel(expected_gradient(name) - g_true, g_true)
         scale = (mean @ g_true / (g_true @ g_true)).item()
-        rows.append(f"{name:<36}{rel(mean - g_true, g_true):>7.3f} {exact:>7.3f} {rel(se, g_true):>7.3f}"
-                    f" {scale:>7.3f} {tr.item() / (g_true @ g_true).item():>9.2f}")
+        rows.append(
+            f"{name:<36}{rel(mean - g_true, g_true):>7.3f} {exact:>7.3f} {rel(se, g_true):>7.3f}"
+            f" {scale:>7.3f} {tr.item() / (g_true @ g_true).item():>9.2f}"
+        )
     return "\n".join(rows)
 
 

@@ -37,8 +37,12 @@ def _steps(out):
 def lora_run(tmp_path_factory, tiny_config):
     """A short PPO run (value head, KL to the adapter-disabled reference) with LoRA; saved merged too."""
     tmp = tmp_path_factory.mktemp("lora")
-    cfg = tiny_config(tmp, model={"lora": {**LORA, "save_merged": True}}, algo={"name": "ppo", "kl_coef": 0.05},
-                      train={"max_steps": 3, "lr": 1e-2, "save_every": 0})
+    cfg = tiny_config(
+        tmp,
+        model={"lora": {**LORA, "save_merged": True}},
+        algo={"name": "ppo", "kl_coef": 0.05},
+        train={"max_steps": 3, "lr": 1e-2, "save_every": 0},
+    )
     tr = Trainer(cfg)
     before = _params(tr.acc.unwrap_model(tr.model))
     tr.train()
@@ -81,9 +85,12 @@ def test_saved_adapter_and_merged_model_reload(lora_run):
 
 def test_lora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path, tiny_config):
     def cfg(d, **train):
-        return tiny_config(tmp_path / d, model={"lora": LORA}, algo={"kl_coef": 0.05},
-                           train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True,
-                                  **train})
+        return tiny_config(
+            tmp_path / d,
+            model={"lora": LORA},
+            algo={"kl_coef": 0.05},
+            train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True, **train},
+        )
 
     Trainer(cfg("full")).train()
     Trainer(cfg("cut", max_steps=2)).train()
@@ -113,8 +120,9 @@ def test_lora_config_errors(tmp_path, tiny_config):
 
 # ------------------------------------------------------------------------------ separate critic
 def test_separate_critic_trains_and_saves(tmp_path, tiny_config):
-    cfg = tiny_config(tmp_path, model={"critic": "separate"}, algo={"name": "ppo"},
-                      train={"max_steps": 2, "save_every": 0})
+    cfg = tiny_config(
+        tmp_path, model={"critic": "separate"}, algo={"name": "ppo"}, train={"max_steps": 2, "save_every": 0}
+    )
     tr = Trainer(cfg)
     assert isinstance(tr.acc.unwrap_model(tr.critic), ValueModel)
     assert not hasattr(tr.acc.unwrap_model(tr.model), "value_head")  # the policy has no value head
@@ -143,14 +151,17 @@ def test_critic_values_are_its_own(tmp_path, tiny_config):
         v = critic.value_head(h).squeeze(-1)[0]
     P = int(batch.prompt_mask[0].sum())
     n = int(batch.completion_mask[0].sum())
-    torch.testing.assert_close(values[0, :n], v[P - 1:P - 1 + n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[0, :n], v[P - 1 : P - 1 + n], atol=1e-5, rtol=1e-5)
 
 
 def test_critic_resume_is_exact(tmp_path, tiny_config):
     def cfg(d, **train):
-        return tiny_config(tmp_path / d, model={"critic": "separate"}, algo={"name": "ppo"},
-                           train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True,
-                                  **train})
+        return tiny_config(
+            tmp_path / d,
+            model={"critic": "separate"},
+            algo={"name": "ppo"},
+            train={"max_steps": 3, "save_every": 1, "eval_at_start": False, "deterministic": True, **train},
+        )
 
     Trainer(cfg("full")).train()
     Trainer(cfg("cut", max_steps=2)).train()

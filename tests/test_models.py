@@ -83,9 +83,7 @@ def test_tiny_model_shape_and_special_ids(tiny_model: PreTrainedModel) -> None:
     assert tiny_model.lm_head.weight.data_ptr() == tiny_model.model.embed_tokens.weight.data_ptr()
 
 
-def test_tiny_model_generates(
-    tiny_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_tiny_model_generates(tiny_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     batch = tokenizer(["hello", "a longer prompt here"], return_tensors="pt", padding=True)
     out = tiny_model.generate(**batch, do_sample=False, max_new_tokens=4)
     assert out.shape == (2, batch.input_ids.shape[1] + 4)
@@ -99,9 +97,7 @@ def test_tiny_model_is_cached(tiny_model_dir: Path) -> None:
     assert not [p for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_tiny_model_is_deterministic(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_tiny_model_is_deterministic(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RLHF_PG_CACHE", str(tmp_path))
     torch.manual_seed(1234)
     expected_next = torch.rand(1)
@@ -115,9 +111,7 @@ def test_tiny_model_is_deterministic(
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-def test_build_keeps_existing_result_when_it_loses_the_race(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_build_keeps_existing_result_when_it_loses_the_race(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     final = tmp_path / "model"
 
     def build(out: Path) -> None:
@@ -192,8 +186,15 @@ def test_missing_smollm2_package_is_a_user_error(monkeypatch: pytest.MonkeyPatch
 
 def test_models_reexports_the_cache_names() -> None:
     assert model_cache.ALIASES == (SMOLLM2_ALIAS, TINY_ALIAS) == models.ALIASES
-    for name in ("cache_dir", "resolve_model", "smollm2_gguf_path", "tokenizer_from_gguf",
-                 "configure_chatml_tokenizer", "TOKENIZER_ASSET_DIR", "CHATML_END"):
+    for name in (
+        "cache_dir",
+        "resolve_model",
+        "smollm2_gguf_path",
+        "tokenizer_from_gguf",
+        "configure_chatml_tokenizer",
+        "TOKENIZER_ASSET_DIR",
+        "CHATML_END",
+    ):
         assert getattr(models, name) is getattr(model_cache, name)
 
 
@@ -235,9 +236,7 @@ def test_load_model_dtype(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_alias_converts_once_and_answers(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_smollm2_alias_converts_once_and_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RLHF_PG_CACHE", str(tmp_path))
     try:
         _check_smollm2_alias()
@@ -262,12 +261,8 @@ def _check_smollm2_alias() -> None:
     assert model.generation_config.pad_token_id == IM_END_ID
     asset = AutoTokenizer.from_pretrained(TOKENIZER_ASSET_DIR)
     template = dict(tokenize=False, add_generation_prompt=True)
-    assert tokenizer.apply_chat_template(CHAT, **template) == asset.apply_chat_template(
-        CHAT, **template
-    )
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 3?"}], **template
-    )
+    assert tokenizer.apply_chat_template(CHAT, **template) == asset.apply_chat_template(CHAT, **template)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], **template)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, do_sample=False, max_new_tokens=24)

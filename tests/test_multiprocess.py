@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_pg.config import build_config
 from rlhf_pg.trainer import Trainer
 
 WORKER = """
@@ -35,11 +34,6 @@ state = {k: v.detach().clone() for k, v in tr.acc.unwrap_model(tr.model).state_d
 torch.save({"params": state, "grads": grads}, f"{cfg.output_dir}/rank{tr.rank}.pt")
 """
 
-VOWELS = """
-def vowels(prompts, completions, **kwargs):
-    return [sum(ch in "aeiou" for ch in c) / 10 for c in completions]
-"""
-
 
 def record_gradients(tr) -> list[dict]:
     """Capture the gradient that reaches every optimizer step (AdamW is scale-invariant, so
@@ -48,36 +42,44 @@ def record_gradients(tr) -> list[dict]:
     real = tr.optimizer.step
 
     def step(*a, **k):
-        grads.append({n: p.grad.detach().clone() for n, p in tr.acc.unwrap_model(tr.model).named_parameters()
-                      if p.grad is not None})
+        grads.append(
+            {
+                n: p.grad.detach().clone()
+                for n, p in tr.acc.unwrap_model(tr.model).named_parameters()
+                if p.grad is not None
+            }
+        )
         return real(*a, **k)
 
     tr.optimizer.step = step
     return grads
 
+
+# Sections over the shared tiny run (conftest.tiny_tree: the tiny model, vowel-count reward).
+FAST = {"lr": 1.0e-3, "max_steps": 2, "save_every": 0, "samples_every": 0, "deterministic": True}
 RECIPES = {
-    "grpo": """
-seed: 11
-model: {name: tiny-random-llama}
-data: {train: arithmetic, eval_limit: 6, task_kwargs: {n_train: 64, n_eval: 8}}
-batch: {prompts_per_step: 4, group_size: 2, micro_batch_size: 2, eval_batch_size: 2}
-rollout: {max_new_tokens: 6}
-rewards: {functions: [{name: REWARD}]}
-algo: {name: grpo, kl_coef: 0.05, entropy_coef: 0.01}
-train: {max_steps: 2, lr: 1.0e-3, save_every: 0, samples_every: 0, deterministic: true}
-""",
+    "grpo": dict(
+        seed=11,
+        data={"eval_limit": 6},
+        batch={"prompts_per_step": 4, "group_size": 2, "micro_batch_size": 2, "eval_batch_size": 2},
+        algo={"name": "grpo", "kl_coef": 0.05, "entropy_coef": 0.01},
+        train=FAST,
+    ),
     # the PPO preset: value head, GAE, whitening over the global batch, 2 epochs × 2 minibatches (old
     # log-probs differ from current; each minibatch is drawn from GLOBAL rows, half on each process)
-    "ppo": """
-seed: 5
-model: {name: tiny-random-llama}
-data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 64, n_eval: 8}}
-batch: {prompts_per_step: 4, group_size: 2, epochs: 2, minibatch_size: 4, micro_batch_size: 1, eval_batch_size: 2}
-rollout: {max_new_tokens: 6}
-rewards: {functions: [{name: REWARD}]}
-algo: {name: ppo, kl_coef: 0.05, loss_agg: seq-mean-token-mean}
-train: {max_steps: 2, lr: 1.0e-3, save_every: 0, samples_every: 0, deterministic: true}
-""",
+    "ppo": dict(
+        seed=5,
+        batch={
+            "prompts_per_step": 4,
+            "group_size": 2,
+            "epochs": 2,
+            "minibatch_size": 4,
+            "micro_batch_size": 1,
+            "eval_batch_size": 2,
+        },
+        algo={"name": "ppo", "kl_coef": 0.05, "loss_agg": "seq-mean-token-mean"},
+        train=FAST,
+    ),
 }
 
 
@@ -93,26 +95,36 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("algo", sorted(RECIPES))
-def test_two_processes_equal_one_process(tmp_path, algo, one_thread):
-    (tmp_path / "rw.py").write_text(VOWELS)
-    text = RECIPES[algo].replace("REWARD", f"{tmp_path / 'rw.py'}:vowels")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(text)
+def test_two_processes_equal_one_process(tmp_path, algo, one_thread, tiny_recipe, tiny_config):
+    recipe = tiny_recipe(tmp_path, **RECIPES[algo])
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "--dynamo_backend", "no", "--mixed_precision", "no",
-           "--multi_gpu", str(worker), str(Path(__file__).parent), str(recipe), f"output_dir={two}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        "--multi_gpu",
+        str(worker),
+        str(Path(__file__).parent),
+        str(recipe),
+        f"output_dir={two}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    import yaml
-
-    tree = yaml.safe_load(text)
-    tree["output_dir"] = str(tmp_path / "one")
-    tr = Trainer(build_config(tree))
+    tr = Trainer(tiny_config(tmp_path, output_dir=str(tmp_path / "one"), **RECIPES[algo]))
     init = {k: v.detach().clone() for k, v in tr.acc.unwrap_model(tr.model).state_dict().items()}
     grads_one = record_gradients(tr)
     tr.train()

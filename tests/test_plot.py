@@ -13,18 +13,46 @@ from rlhf_pg.plot import PANELS, _labels, _panel_keys, plot_runs, read_metrics, 
 
 def _write_run(path, steps=6, value_head=False, seed=0.0):
     path.mkdir(parents=True)
-    recs = [{"step": 0, "eval/accuracy": 0.1 + seed, "eval/reward": 0.1, "eval/reward/accuracy": 0.1,
-             "eval/completion_len": 9.0, "eval/n": 8}]
+    recs = [
+        {
+            "step": 0,
+            "eval/accuracy": 0.1 + seed,
+            "eval/reward": 0.1,
+            "eval/reward/accuracy": 0.1,
+            "eval/completion_len": 9.0,
+            "eval/n": 8,
+        }
+    ]
     for s in range(1, steps + 1):
-        r = {"step": s, "reward": 0.1 * s + seed, "reward_std": 0.2, "reward/accuracy": 0.1 * s,
-             "reward/format": 0.5, "kl": 0.001 * s, "kl_coef": 0.05, "entropy": 2.0 - 0.1 * s,
-             "completion_len": 10 + s, "completion_len_max": 20 + s, "clip_low": 0.01, "clip_high": 0.02,
-             "grad_norm": 1.0, "loss": 0.1}
+        r = {
+            "step": s,
+            "reward": 0.1 * s + seed,
+            "reward_std": 0.2,
+            "reward/accuracy": 0.1 * s,
+            "reward/format": 0.5,
+            "kl": 0.001 * s,
+            "kl_coef": 0.05,
+            "entropy": 2.0 - 0.1 * s,
+            "completion_len": 10 + s,
+            "completion_len_max": 20 + s,
+            "clip_low": 0.01,
+            "clip_high": 0.02,
+            "grad_norm": 1.0,
+            "loss": 0.1,
+        }
         if value_head:
             r.update(value_loss=1.0 / s, explained_variance=1 - 1.0 / s, kl_ref=0.01 * s)
         recs.append(r)
-    recs.append({"step": steps, "eval/accuracy": 0.5 + seed, "eval/reward": 0.5, "eval/n": 8,
-                 "eval/reward/accuracy": 0.5, "eval/completion_len": 7.0})
+    recs.append(
+        {
+            "step": steps,
+            "eval/accuracy": 0.5 + seed,
+            "eval/reward": 0.5,
+            "eval/n": 8,
+            "eval/reward/accuracy": 0.5,
+            "eval/completion_len": 7.0,
+        }
+    )
     text = "\n".join(json.dumps(r) for r in recs) + '\n{"step": 7, "rew'  # a half-written last line
     (path / "metrics.jsonl").write_text(text)
     return path

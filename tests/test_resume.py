@@ -14,24 +14,33 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from rlhf_pg import checkpoint
-from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
 from rlhf_pg.trainer import Interrupted, Trainer
 
-RECIPE = """
-seed: 7
-model: {name: tiny-random-llama}
-data: {train: arithmetic, eval_limit: 4, task_kwargs: {n_train: 64, n_eval: 8}}
-batch: {prompts_per_step: 2, group_size: 4, epochs: 1, micro_batch_size: 8, eval_batch_size: 4}
-rollout: {max_new_tokens: 6}
-rewards: {functions: [{name: length_penalty, kwargs: {target: 3, scale: 1}}]}
-algo: {name: ppo, kl_coef: 0.05, kl_target: 0.5, kl_horizon: 100}
-train: {max_steps: 8, lr: 1.0e-3, save_every: 1, keep_checkpoints: 2, samples_every: 2, deterministic: true}
-"""
+# The shared tiny run (conftest.tiny_tree) as PPO with an adaptive KL, a checkpoint every step.
+RESUME = dict(
+    seed=7,
+    batch={"epochs": 1, "micro_batch_size": 8},
+    rewards={"functions": [{"name": "length_penalty", "kwargs": {"target": 3, "scale": 1}}]},
+    algo={"name": "ppo", "kl_coef": 0.05, "kl_target": 0.5, "kl_horizon": 100},
+    train={
+        "max_steps": 8,
+        "lr": 1.0e-3,
+        "save_every": 1,
+        "keep_checkpoints": 2,
+        "samples_every": 2,
+        "deterministic": True,
+    },
+)
+
+
+def _sections(**train):
+    return {**RESUME, "train": {**RESUME["train"], **train}}
+
+
 VOLATILE = ("time/", "tokens_per_s")
 
 
@@ -51,14 +60,9 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Bit-identical comparisons between this process and CLI subprocesses need the same thread
-    count on both sides, whatever earlier tests left behind."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Bit-identical comparisons between this process and CLI subprocesses (OMP_NUM_THREADS=1) need the
+# same thread count on both sides, whatever earlier tests left behind.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps_logged(out: Path) -> int:
@@ -82,21 +86,19 @@ def _kill_after_progress(proc, out: Path, steps: int, delay: float, kill) -> boo
     return True
 
 
-def _config(out, **train):
-    tree = yaml.safe_load(RECIPE)
-    tree["output_dir"] = str(out)
-    tree["train"].update(train)
-    return build_config(tree)
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """``config(out, **train)``: the RESUME run writing into ``out``."""
+    return lambda out, **train: tiny_config(out.parent, output_dir=str(out), **_sections(**train))
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, one_thread, tiny_recipe, config):
     """The uninterrupted run, in this process (deterministic algorithms: identical to a subprocess)."""
     base = tmp_path_factory.mktemp("resume")
-    recipe = base / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe = tiny_recipe(base, **RESUME)
     out = base / "uninterrupted"
-    Trainer(_config(out)).train()
+    Trainer(config(out)).train()
     return recipe, out
 
 
@@ -110,8 +112,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, t
         proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < 3:  # kill the first attempts at random points of steps 2-7
             at = 2 * attempt + rng.randint(1, 2)
-            kills += _kill_after_progress(proc, out, at, rng.uniform(0.0, 0.2),
-                                          lambda: proc.send_signal(signal.SIGKILL))
+            kills += _kill_after_progress(
+                proc, out, at, rng.uniform(0.0, 0.2), lambda: proc.send_signal(signal.SIGKILL)
+            )
         rc = proc.wait()
         if rc == 0:
             break
@@ -127,10 +130,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, t
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_sigterm_finishes_the_step_writes_checkpoint_and_resumes_exactly(reference_run, tmp_path, capsys):
+def test_sigterm_finishes_the_step_writes_checkpoint_and_resumes_exactly(reference_run, config, tmp_path):
     _, ref = reference_run
     out = tmp_path / "term"
-    tr = Trainer(_config(out, save_every=0))
+    tr = Trainer(config(out, save_every=0))
     real_step = tr.step
 
     def step_then_signal():
@@ -145,15 +148,14 @@ def test_sigterm_finishes_the_step_writes_checkpoint_and_resumes_exactly(referen
     assert stop.value.step == 3 and stop.value.signum == signal.SIGTERM
     assert checkpoint.latest_checkpoint(out).name == "step_000003"
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
-    Trainer(_config(out, save_every=0, resume=True)).train()
+    Trainer(config(out, save_every=0, resume=True)).train()
     assert _deterministic(out / "metrics.jsonl") == _deterministic(ref / "metrics.jsonl")
 
 
-def test_cli_prints_how_to_resume(monkeypatch, tmp_path, capsys):
+def test_cli_prints_how_to_resume(monkeypatch, tmp_path, capsys, tiny_recipe):
     from rlhf_pg import cli
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe = tiny_recipe(tmp_path, **RESUME)
 
     def interrupted(self):
         raise Interrupted(2, tmp_path / "checkpoints" / "step_000002", signal.SIGINT)
@@ -170,43 +172,49 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path).name == "step_000003"
 
 
-def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
-    cfg = build_config({
-        "output_dir": str(tmp_path / "nan"), "model": {"name": "tiny-random-llama"},
-        "data": {"train": "arithmetic", "eval_limit": 2, "task_kwargs": {"n_train": 16, "n_eval": 4}},
-        "batch": {"prompts_per_step": 2, "group_size": 2},
-        "rollout": {"max_new_tokens": 4},
-        "rewards": {"functions": [{"name": "length_penalty", "kwargs": {"target": 2, "scale": 1}}]},
-        "train": {"max_steps": 5, "max_nonfinite_steps": 2, "eval_at_start": False},
-    })
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch, tiny_config):
+    cfg = tiny_config(
+        tmp_path,
+        output_dir=str(tmp_path / "nan"),
+        train={"max_steps": 5, "max_nonfinite_steps": 2, "eval_at_start": False},
+    )
     tr = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     real = tr.algo.policy_loss.fn
-    monkeypatch.setattr(tr.algo, "policy_loss", dataclasses.replace(
-        tr.algo.policy_loss, fn=lambda *a: (real(*a)[0] * float("nan"), real(*a)[1])))
+    monkeypatch.setattr(
+        tr.algo,
+        "policy_loss",
+        dataclasses.replace(tr.algo.policy_loss, fn=lambda *a: (real(*a)[0] * float("nan"), real(*a)[1])),
+    )
     with pytest.raises(UserError, match="2 consecutive updates with non-finite"):
         tr.train()
     assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())  # no NaN reached weights
     assert checkpoint.latest_checkpoint(tmp_path / "nan") is not None
 
 
-def test_two_processes_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_two_processes_sigkill_then_resume_is_bit_identical(tmp_path, tiny_recipe):
     """Data-parallel on 2 CPU processes (gloo): killed at a random moment and resumed, the run ends
     identical to an uninterrupted 2-process run (each rank restores its own RNG state)."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.replace("max_steps: 8", "max_steps: 5"))
+    recipe = tiny_recipe(tmp_path, **_sections(max_steps=5))
     env = _env()
     env["OMP_NUM_THREADS"] = "1"
 
     def run(out, *extra, kill_at=None):
-        proc = subprocess.Popen(_cli(recipe, out, "--num-processes", "2", *extra), env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _cli(recipe, out, "--num-processes", "2", *extra),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
         def crash():  # a machine crash: the launcher and every rank die at once
             os.killpg(proc.pid, signal.SIGKILL)
             subprocess.run(["pkill", "-9", "-f", str(out)])
 
-        killed = kill_at is not None and _kill_after_progress(proc, out, kill_at, random.Random(1).uniform(0, 0.3), crash)
+        killed = kill_at is not None and _kill_after_progress(
+            proc, out, kill_at, random.Random(1).uniform(0, 0.3), crash
+        )
         _, err = proc.communicate()
         return proc.returncode, err.decode(), killed
 

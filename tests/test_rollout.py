@@ -23,8 +23,12 @@ class EosBias(torch.nn.Module):
 
 
 def _prompts(tokenizer, n=4):
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {i * 3}?"}],
-                                           tokenize=False, add_generation_prompt=True) for i in range(n)]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} + {i * 3}?"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(n)
+    ]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ids[0] = ids[0][-7:]  # prompts of different lengths → real left padding
     return ids
@@ -101,16 +105,22 @@ def test_greedy_matches_hf_generate(tiny_model, tokenizer):
     prompts = _prompts(tokenizer, 3)
     b = generate(tiny_model, tokenizer, prompts, 1, SamplingParams(max_new_tokens=8, temperature=0.0))
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    ref = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    assert torch.equal(b.completion_ids, ref[:, ids.shape[1]:][:, : b.completion_ids.shape[1]])
+    ref = tiny_model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    assert torch.equal(b.completion_ids, ref[:, ids.shape[1] :][:, : b.completion_ids.shape[1]])
 
 
 def test_stop_string_ends_completion(tiny_model, tokenizer):
     prompts = _prompts(tokenizer, 2)
     free = generate(tiny_model, tokenizer, prompts, 1, SamplingParams(max_new_tokens=12, temperature=0.0))
     text = tokenizer.decode(free.completion_ids[0])
-    stop = text[len(text) // 2: len(text) // 2 + 2]  # a string the greedy completion contains
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a string the greedy completion contains
     assert stop.strip()
     b = generate(tiny_model, tokenizer, prompts, 1, SamplingParams(max_new_tokens=12, temperature=0.0, stop=[stop]))
     L = int(b.completion_mask[0].sum())

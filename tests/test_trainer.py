@@ -16,6 +16,7 @@ from rlhf_pg.metrics import GradNoise
 from rlhf_pg.rewards import score_batch
 from rlhf_pg.trainer import Trainer
 
+
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -35,9 +36,26 @@ def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path, tiny_config)
     evals = [r for r in recs if "eval/reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert [r["step"] for r in evals] == [0, 2]
-    for key in ("reward", "reward_std", "reward/vowels", "kl", "entropy", "clip_low", "clip_high", "loss",
-                "grad_norm", "lr", "completion_len", "frac_zero_std_groups", "tokens_per_s", "time/rollout",
-                "time/reference", "time/train", "advantage_mean", "kl_coef"):
+    for key in (
+        "reward",
+        "reward_std",
+        "reward/vowels",
+        "kl",
+        "entropy",
+        "clip_low",
+        "clip_high",
+        "loss",
+        "grad_norm",
+        "lr",
+        "completion_len",
+        "frac_zero_std_groups",
+        "tokens_per_s",
+        "time/rollout",
+        "time/reference",
+        "time/train",
+        "advantage_mean",
+        "kl_coef",
+    ):
         assert key in steps[0], key
     assert "eval/accuracy" in evals[0]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -69,8 +87,12 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg, tiny_confi
     """One minibatch in 1 micro-batch or in 4 (accumulated): the same gradient reaches the optimizer."""
     grads = []
     for mbs in (8, 2):
-        cfg = tiny_config(tmp_path / f"m{mbs}", algo={"loss_agg": agg, "kl_coef": 0.05},
-                          batch={"micro_batch_size": mbs}, train={"max_steps": 1, "eval_at_start": False})
+        cfg = tiny_config(
+            tmp_path / f"m{mbs}",
+            algo={"loss_agg": agg, "kl_coef": 0.05},
+            batch={"micro_batch_size": mbs},
+            train={"max_steps": 1, "eval_at_start": False},
+        )
         tr = Trainer(cfg)
         seen = {}
         real_step = tr.optimizer.step
@@ -119,8 +141,12 @@ def test_shared_prefix_pass_equals_padded_batch(tmp_path, tiny_config):
 
 
 def test_ppo_value_head_trains_and_is_saved(tmp_path, tiny_config):
-    cfg = tiny_config(tmp_path, algo={"name": "ppo", "kl_coef": 0.05},
-                      batch={"micro_batch_size": 2, "minibatch_size": 4}, train={"max_steps": 2, "eval_at_start": False})
+    cfg = tiny_config(
+        tmp_path,
+        algo={"name": "ppo", "kl_coef": 0.05},
+        batch={"micro_batch_size": 2, "minibatch_size": 4},
+        train={"max_steps": 2, "eval_at_start": False},
+    )
     assert cfg.algo.advantage == "gae" and cfg.batch.epochs == 2
     tr = Trainer(cfg)
     assert tr.plan.minibatches == 2 and tr.plan.optimizer_steps == 4
@@ -161,9 +187,12 @@ def third_token_bonus(prompts, completions, completion_ids, **kwargs):
 
 def test_dense_token_rewards_reach_reward_to_go(tmp_path, tiny_config):
     (tmp_path / "dense.py").write_text(DENSE_REWARD_FILE)
-    cfg = tiny_config(tmp_path, algo={"name": "reinforce", "reinforce": {"baseline": "none", "reward_to_go": True}},
-                      rewards={"functions": [{"name": f"{tmp_path / 'dense.py'}:third_token_bonus"}]},
-                      train={"max_steps": 0})
+    cfg = tiny_config(
+        tmp_path,
+        algo={"name": "reinforce", "reinforce": {"baseline": "none", "reward_to_go": True}},
+        rewards={"functions": [{"name": f"{tmp_path / 'dense.py'}:third_token_bonus"}]},
+        train={"max_steps": 0},
+    )
     tr = Trainer(cfg)
     batch = tr.rollout(0)
     score_batch(tr.rewards, batch)
@@ -185,9 +214,12 @@ def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path, tiny_conf
 
 def test_gradient_noise_scale_is_logged_and_consistent(tmp_path, tiny_config):
     """With gradient accumulation the trainer logs the noise-scale estimates (finite numbers)."""
-    cfg = tiny_config(tmp_path, algo={"loss_agg": "seq-mean-token-sum"},
-                      batch={"micro_batch_size": 2},
-                      train={"grad_noise_scale": True, "max_grad_norm": None, "max_steps": 1, "eval_at_start": False})
+    cfg = tiny_config(
+        tmp_path,
+        algo={"loss_agg": "seq-mean-token-sum"},
+        batch={"micro_batch_size": 2},
+        train={"grad_noise_scale": True, "max_grad_norm": None, "max_steps": 1, "eval_at_start": False},
+    )
     tr = Trainer(cfg)
     m = tr.step()
     assert math.isfinite(m["grad_noise_scale"]) and math.isfinite(m["grad_snr"])
@@ -213,10 +245,12 @@ def test_grad_noise_estimator_recovers_known_noise():
 def test_critic_warmup_trains_only_the_value_function(tmp_path, tiny_config):
     """During warm-up the loss is the value loss alone: with a KL term in the loss and an entropy
     bonus (both of which move the policy), the policy stays exactly where it was; the critic learns."""
-    cfg = tiny_config(tmp_path, model={"critic": "separate"},
-                      algo={"name": "ppo", "kl_coef": 0.1, "kl_in": "loss", "entropy_coef": 0.1,
-                            "critic_warmup_steps": 1},
-                      train={"max_steps": 1, "eval_at_start": False})
+    cfg = tiny_config(
+        tmp_path,
+        model={"critic": "separate"},
+        algo={"name": "ppo", "kl_coef": 0.1, "kl_in": "loss", "entropy_coef": 0.1, "critic_warmup_steps": 1},
+        train={"max_steps": 1, "eval_at_start": False},
+    )
     tr = Trainer(cfg)
     policy, critic = _params(tr.model), _params(tr.critic)
     m = tr.step()
@@ -269,3 +303,46 @@ def test_tokenizer_honours_revision_and_remote_code(tmp_path, tiny_config, monke
     with pytest.raises(RuntimeError, match="stop here"):
         Trainer(cfg)
     assert seen == {"revision": "v1.2", "trust_remote_code": True}
+
+
+def test_recipe_imports_register_a_users_estimator(tmp_path, tiny_config, monkeypatch):
+    """`imports:` loads the user's file before validation; its estimator, options section and
+    metadata then work like a built-in's (the example in docs/architecture.md)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    try:
+        with pytest.raises(UserError, match="batch.group_size >= 2"):  # metadata checked at load
+            tiny_config(
+                tmp_path,
+                imports=["examples/my_estimator.py"],
+                batch={"group_size": 1},
+                algo={"advantage": "softmax_group"},
+            )
+        with pytest.raises(UserError, match="algo.softmax_group.temperature"):  # its own options section
+            tiny_config(
+                tmp_path,
+                imports=["examples/my_estimator.py"],
+                algo={"advantage": "softmax_group", "softmax_group": {"temperature": "hot"}},
+            )
+        cfg = tiny_config(
+            tmp_path,
+            imports=["examples/my_estimator.py"],
+            train={"max_steps": 1},
+            algo={"advantage": "softmax_group", "softmax_group": {"temperature": 0.5}},
+        )
+        tr = Trainer(cfg)
+        batch = tr.rollout(0)
+        score_batch(tr.rewards, batch)
+        tr.compute_advantages(batch)
+        R = batch.scores.view(-1, 4)
+        want = torch.softmax(R / 0.5, dim=1) * 4 - 1
+        torch.testing.assert_close(batch.advantages[:, 0], want.reshape(-1))
+        assert "reward" in tr.step()
+    finally:
+        core.ADVANTAGES.unregister("softmax_group")
+        from rlhf_pg import user_code
+
+        user_code._plugins.clear()
+    with pytest.raises(UserError, match="imports entry 'no_such_plugin_xyz'"):
+        tiny_config(tmp_path, imports=["no_such_plugin_xyz"])

@@ -10,11 +10,19 @@ import pytest
 import torch
 
 from rlhf_pg.cli import main
-from rlhf_pg.config import build_config
 from rlhf_pg.errors import UserError
+from rlhf_pg.labs.variance import (
+    ESTIMATORS,
+    CountSketch,
+    Exact,
+    _lab_config,
+    collect,
+    estimator_weights,
+    gradient_stats,
+    loglog_slope,
+    run_variance,
+)
 from rlhf_pg.trainer import Trainer
-from rlhf_pg.variance import (ESTIMATORS, CountSketch, Exact, _lab_config, collect, estimator_weights,
-                              gradient_stats, loglog_slope, run_variance)
 
 REWARDS = '''
 def parity(prompts, completions, completion_ids, **kwargs):
@@ -31,13 +39,18 @@ def dense_parity(prompts, completions, completion_ids, **kwargs):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _recipe(tmp_path, fn="parity", **batch):
-    (tmp_path / "rw.py").write_text(REWARDS)
-    b = {"prompts_per_step": 2, "group_size": 4, **batch}
-    return {"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"name": "tiny-random-llama"},
-            "data": {"train": "arithmetic", "eval_limit": 2, "task_kwargs": {"n_train": 64, "n_eval": 4}},
-            "batch": b, "rollout": {"max_new_tokens": 4},
-            "rewards": {"functions": [{"name": f"{tmp_path / 'rw.py'}:{fn}"}]}}
+def _lab(tmp_path, fn="parity", **batch) -> dict:
+    """Sections over the shared tiny run (conftest's ``tiny_config``/``tiny_recipe``: the tiny model,
+    2 prompts × G = 4) that the assertions depend on: seed 0, at most 4 new tokens and the reward
+    ``fn`` of REWARDS (parity: rewards ≈ 1.5 ± 0.25, so baselines matter). ``batch`` replaces keys of
+    the batch section. The rewards get a file of their own (the shared run's is rw.py)."""
+    (tmp_path / "lab_rewards.py").write_text(REWARDS)
+    return {
+        "seed": 0,
+        "rollout": {"max_new_tokens": 4},
+        "batch": batch,
+        "rewards": {"functions": [{"name": f"{tmp_path / 'lab_rewards.py'}:{fn}"}]},
+    }
 
 
 def test_estimator_weights_hand_numbers():
@@ -96,10 +109,10 @@ class _Both:
         return torch.cat([self.exact(tensors), self.sketch(tensors)])
 
 
-def test_sketch_matches_exact_and_rtg_path(tmp_path):
+def test_sketch_matches_exact_and_rtg_path(tmp_path, tiny_config):
     """On a parameter subset: sketched variances/cosines ≈ exact ones; the per-token (reward-to-go)
     backward pass reproduces v = R·u for a sequence-level reward; dense rewards make rtg ≠ full return."""
-    cfg = build_config(_recipe(tmp_path))
+    cfg = tiny_config(tmp_path, **_lab(tmp_path))
     tr = Trainer(_lab_config(cfg))
     model = tr.acc.unwrap_model(tr.model)
     params = [p for n, p in model.named_parameters() if "layers.1." in n]
@@ -110,29 +123,42 @@ def test_sketch_matches_exact_and_rtg_path(tmp_path):
     m = proj.exact.dim
     exact_sq = (pool.u[..., :m].double() ** 2).sum(-1)
     torch.testing.assert_close(exact_sq, pool.sqnorm, rtol=1e-4, atol=1e-6)
-    from rlhf_pg.variance import batch_gradients
+    from rlhf_pg.labs.variance import batch_gradients
 
     for e, g in batch_gradients(pool, 8, 4).items():
         ex, sk = gradient_stats(g[:, :m]), gradient_stats(g[:, m:])
         assert sk["variance"] == pytest.approx(ex["variance"], rel=0.25), e
         assert sk["norm_of_mean"] == pytest.approx(ex["norm_of_mean"], rel=0.25), e
 
-    dense = build_config(_recipe(tmp_path, fn="dense_parity"))
+    dense = tiny_config(tmp_path, **_lab(tmp_path, fn="dense_parity"))
     rep = run_variance(dense, batch_sizes=[4], repeats=3, proj_dim=64, params=r"layers\.1\.", progress=False)
     v = {r["estimator"]: r["variance"] for r in rep["results"]}
     assert v["reward_to_go"] != pytest.approx(v["reinforce"], rel=1e-3)
     assert not any("reward-to-go equals" in n for n in rep["notes"])
 
 
-def test_baselines_cut_variance_and_variance_follows_one_over_n(tmp_path, capsys):
+def test_baselines_cut_variance_and_variance_follows_one_over_n(tmp_path, capsys, tiny_recipe):
     """K = 12 independent batches per N ∈ {4, 8, 16} (G = 4) on the tiny model."""
-    recipe = tmp_path / "r.yaml"
-    import yaml
-
-    recipe.write_text(yaml.safe_dump(_recipe(tmp_path)))
+    recipe = tiny_recipe(tmp_path, **_lab(tmp_path))
     out = tmp_path / "lab"
-    assert main(["variance", str(recipe), "--batch-sizes", "4,8,16", "--repeats", "12", "--proj-dim", "256",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "variance",
+                str(recipe),
+                f"output_dir={tmp_path / 'run'}",
+                "--batch-sizes",
+                "4,8,16",
+                "--repeats",
+                "12",
+                "--proj-dim",
+                "256",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reinforce" in printed and "1/N law" in printed and "reward-to-go equals the full return" in printed
     rep = json.loads((out / "variance.json").read_text())
@@ -156,12 +182,13 @@ def test_baselines_cut_variance_and_variance_follows_one_over_n(tmp_path, capsys
         assert -1.0 - 1e-9 <= r["cos_to_best"] <= 1.0 + 1e-9 and r["variance"] > 0
 
 
-def test_user_errors(tmp_path):
-    cfg = build_config(_recipe(tmp_path))
+def test_user_errors(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, **_lab(tmp_path))
     with pytest.raises(UserError, match="multiples"):
         run_variance(cfg, batch_sizes=[6], repeats=2, progress=False)
     with pytest.raises(UserError, match="matches no trainable"):
         run_variance(cfg, batch_sizes=[4], repeats=2, params="nope", progress=False)
     with pytest.raises(UserError, match=r"batch\.group_size >= 2"):
-        run_variance(build_config(_recipe(tmp_path, group_size=1) | {"algo": {"name": "reinforce"}}),
-                     repeats=2, progress=False)
+        run_variance(
+            tiny_config(tmp_path, **_lab(tmp_path, group_size=1), algo={"name": "reinforce"}), repeats=2, progress=False
+        )

@@ -2,7 +2,7 @@
 
     rlhf-pg bench                                  # the documented workload (below), table on stdout
     rlhf-pg bench --json bench.json                # the same, and the full report as JSON
-    python -m rlhf_pg.bench ...                    # the same (also: python scripts/benchmark.py ...)
+    python -m rlhf_pg.labs.bench ...               # the same (also: python scripts/benchmark.py ...)
 
 Workload (fixed; every number is a flag):
     SmolLM2-135M-Instruct; the built-in `arithmetic` task (its first 512 training questions);
@@ -20,8 +20,8 @@ recipes' setting, default where the CPU has AVX512-BF16/AMX; fp32). "baseline" i
 (every prompt prefilled G times, finished rows decoded until the longest is done), an "old log-probs"
 forward and a separate reference forward of the full prompt+completion sequences with ``log_softmax``
 over the whole vocabulary at every position, then the training forward+backward the same way
-(whole batch, or ``--baseline-micro-batch-size``), AdamW. Prompts (the trainer's own per-step selection), data, reward and
-optimizer settings come from the same config; the loss math is the same (core.py's GRPO advantage,
+(whole batch, or ``--baseline-micro-batch-size``), AdamW. Prompts (the trainer's own per-step selection), data,
+reward and optimizer settings come from the same config; the loss math is the same (core.py's GRPO advantage,
 clip loss, k3 KL, token-mean).
 
 Phases: rollout (sampling + decoding the texts), rewards, reference (baseline: old log-probs +
@@ -37,7 +37,7 @@ cores are busy with other jobs, N threads on N cores wait for each other at ever
 ``--threads 1`` there (or ``OMP_WAIT_POLICY=PASSIVE``) and say so next to the numbers.
 
 Measurement: the model is resolved (an alias converted into the cache) once in the parent, then every
-run is a separate child process (``python -m rlhf_pg.bench --child JOB``): ``--warmup`` unmeasured
+run is a separate child process (``python -m rlhf_pg.labs.bench --child JOB``): ``--warmup`` unmeasured
 steps, then ``--steps`` measured steps. Peak RSS is the child's own high-water mark, ``VmHWM`` of
 /proc/self/status (not ``getrusage().ru_maxrss``: on Linux that survives fork + exec, so a child would
 report at least the parent's peak). Repetitions interleave ours and the baseline (order alternating
@@ -76,9 +76,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PHASES = ("rollout", "rewards", "reference", "train", "step", "step_cpu")
 """Timed phases (s, wall clock) and the step's process CPU time (less sensitive to other jobs)."""
@@ -179,20 +180,39 @@ def _beta(spec: BenchSpec, which: str) -> float:
 def _config(spec: BenchSpec, beta: float, precision: str, out_dir: str):
     from rlhf_pg.config import build_config
 
-    return build_config({
-        "output_dir": out_dir, "overwrite": True, "seed": spec.seed,
-        "model": {"name": spec.model},
-        "data": {"train": "arithmetic", "eval_limit": 1, "task_kwargs": {"n_train": spec.n_train, "n_eval": 8}},
-        "batch": {"prompts_per_step": spec.prompts, "group_size": spec.group_size, "epochs": 1,
-                  "micro_batch_size": spec.micro_batch_size},
-        "rollout": {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature, "top_p": 1.0, "top_k": 0},
-        "rewards": {"functions": [{"name": "accuracy"}]},
-        "algo": {"name": "grpo", "kl_coef": beta, "kl_estimator": "k3", "kl_in": "loss",
-                 "loss_agg": "token-mean"},
-        "train": {"max_steps": 10_000, "lr": spec.lr,
-                  "mixed_precision": "bf16" if precision == "bf16" else "no", "max_grad_norm": 1.0,
-                  "samples_every": 0, "save_every": 0, "eval_at_start": False, "save_model": False},
-    })
+    return build_config(
+        {
+            "output_dir": out_dir,
+            "overwrite": True,
+            "seed": spec.seed,
+            "model": {"name": spec.model},
+            "data": {"train": "arithmetic", "eval_limit": 1, "task_kwargs": {"n_train": spec.n_train, "n_eval": 8}},
+            "batch": {
+                "prompts_per_step": spec.prompts,
+                "group_size": spec.group_size,
+                "epochs": 1,
+                "micro_batch_size": spec.micro_batch_size,
+            },
+            "rollout": {
+                "max_new_tokens": spec.max_new_tokens,
+                "temperature": spec.temperature,
+                "top_p": 1.0,
+                "top_k": 0,
+            },
+            "rewards": {"functions": [{"name": "accuracy"}]},
+            "algo": {"name": "grpo", "kl_coef": beta, "kl_estimator": "k3", "kl_in": "loss", "loss_agg": "token-mean"},
+            "train": {
+                "max_steps": 10_000,
+                "lr": spec.lr,
+                "mixed_precision": "bf16" if precision == "bf16" else "no",
+                "max_grad_norm": 1.0,
+                "samples_every": 0,
+                "save_every": 0,
+                "eval_at_start": False,
+                "save_model": False,
+            },
+        }
+    )
 
 
 def _n_params(model) -> int:
@@ -221,12 +241,21 @@ def _child_ours(spec: BenchSpec, which: str, precision: str) -> dict:
             if i < spec.warmup:
                 continue
             gen = round(m["completion_len"] * B)
-            steps.append({
-                "rollout": m["time/rollout"], "rewards": m["time/rewards"], "reference": m["time/reference"],
-                "train": m["time/train"], "step": wall, "step_cpu": cpu, "completion_tokens": gen,
-                "completion_len_max": m["completion_len_max"], "prompt_tokens": prompt_tokens,
-                "seq_tokens": G * prompt_tokens + gen, "reward": m["reward"],
-            })
+            steps.append(
+                {
+                    "rollout": m["time/rollout"],
+                    "rewards": m["time/rewards"],
+                    "reference": m["time/reference"],
+                    "train": m["time/train"],
+                    "step": wall,
+                    "step_cpu": cpu,
+                    "completion_tokens": gen,
+                    "completion_len_max": m["completion_len_max"],
+                    "prompt_tokens": prompt_tokens,
+                    "seq_tokens": G * prompt_tokens + gen,
+                    "reward": m["reward"],
+                }
+            )
         return {"steps": steps, "n_params": _n_params(trainer.policy), "rss_after_load_mb": rss_load}
 
 
@@ -261,10 +290,11 @@ class _Baseline:
         """log π(a_t|s_t) of every completion token: full-vocabulary log_softmax at all positions."""
         import torch
 
-        logits = model(input_ids=seqs, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=False).logits  # (b, P+T, V)
+        logits = model(
+            input_ids=seqs, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), use_cache=False
+        ).logits  # (b, P+T, V)
         logp_all = torch.log_softmax(logits[:, :-1].float() / self.spec.temperature, dim=-1)  # (b, P+T−1, V)
-        return logp_all.gather(-1, seqs[:, 1:, None]).squeeze(-1)[:, P - 1:]  # (b, T)
+        return logp_all.gather(-1, seqs[:, 1:, None]).squeeze(-1)[:, P - 1 :]  # (b, T)
 
     def step(self) -> dict:
         import torch
@@ -282,9 +312,18 @@ class _Baseline:
         P = ids.shape[1]
         self.policy.eval()
         with torch.no_grad():
-            seqs = self.policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, num_return_sequences=G,
-                                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0,
-                                        top_k=0, pad_token_id=pad, eos_token_id=eos)
+            seqs = self.policy.generate(
+                input_ids=ids,
+                attention_mask=pmask,
+                do_sample=True,
+                num_return_sequences=G,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
         comp = seqs[:, P:]  # (B, T)
         is_eos = (comp == eos).long()
         cmask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # 1 up to and including the first EOS
@@ -308,13 +347,19 @@ class _Baseline:
         chunks = [slice(i, min(i + mbs, B)) for i in range(0, B, mbs)]
         with torch.no_grad():
             old = torch.cat([self.logprobs(self.policy, seqs[c], attn[c], P) for c in chunks])
-            ref = (torch.cat([self.logprobs(self.ref, seqs[c], attn[c], P) for c in chunks])
-                   if self.ref is not None else None)
+            ref = (
+                torch.cat([self.logprobs(self.ref, seqs[c], attn[c], P) for c in chunks])
+                if self.ref is not None
+                else None
+            )
         times["reference"] = time.perf_counter() - t0
 
         a = self.cfg.algo  # grpo advantage, clip loss, k3 KL in the loss, token-mean (see _config)
-        adv = core.ADVANTAGES[a.advantage].fn(core.AdvantageInputs(token_rewards, cmask, G), a.options(a.advantage),
-                                              None).advantages
+        adv = (
+            core.ADVANTAGES[a.advantage]
+            .fn(core.AdvantageInputs(token_rewards, cmask, G), a.options(a.advantage), None)
+            .advantages
+        )
 
         # ---- train: forward + backward per micro-batch on the full padded sequences, AdamW
         t0 = time.perf_counter()
@@ -335,9 +380,14 @@ class _Baseline:
         times["step_cpu"] = time.process_time() - c_step
         self.step_idx += 1
         gen, prompt_tokens = int(cmask.sum().item()), int(pmask.sum().item())
-        return {**times, "completion_tokens": gen, "completion_len_max": int(cmask.sum(-1).max().item()),
-                "prompt_tokens": prompt_tokens, "seq_tokens": G * prompt_tokens + gen,
-                "reward": out.scores.mean().item()}
+        return {
+            **times,
+            "completion_tokens": gen,
+            "completion_len_max": int(cmask.sum(-1).max().item()),
+            "prompt_tokens": prompt_tokens,
+            "seq_tokens": G * prompt_tokens + gen,
+            "reward": out.scores.mean().item(),
+        }
 
 
 def _child_baseline(spec: BenchSpec, which: str) -> dict:
@@ -346,7 +396,7 @@ def _child_baseline(spec: BenchSpec, which: str) -> dict:
     torch.set_num_threads(spec.threads)
     b = _Baseline(spec, _beta(spec, which))
     rss_load = _rss_mb()
-    steps = [b.step() for _ in range(spec.warmup + spec.steps)][spec.warmup:]
+    steps = [b.step() for _ in range(spec.warmup + spec.steps)][spec.warmup :]
     return {"steps": steps, "n_params": _n_params(b.policy), "rss_after_load_mb": rss_load}
 
 
@@ -403,7 +453,8 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
             return {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
 
         return {
-            "precision": precision, "tokens": int(n_tok),
+            "precision": precision,
+            "tokens": int(n_tok),
             "logp_rollout_vs_exact": diff(batch.old_logprobs),
             "logp_train_vs_exact": diff(lp_ours),
             "logp_reference_vs_exact": diff(lp_ref_path) if lp_ref_path is not None else None,
@@ -442,14 +493,18 @@ def _launch(job: dict, in_process: bool) -> dict:
     # A fresh interpreter running this very package: a source checkout's root goes first on the path
     # (an installed package is found by the child as by the parent).
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # rlhf_pg/labs/bench.py → the tree holding rlhf_pg
     if root.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)
-    proc = subprocess.run([sys.executable, "-m", "rlhf_pg.bench", "--child", json.dumps(job)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_pg.labs.bench", "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
+            return json.loads(line[len(_MARK) :])
     raise RuntimeError(f"benchmark child {job['kind']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -470,7 +525,7 @@ def matmul_peak(seconds: float, threads: int) -> dict[str, float]:
                 t0 = time.perf_counter()
                 a @ b
                 best = min(best, time.perf_counter() - t0)
-            out[name] = 2 * n ** 3 / best
+            out[name] = 2 * n**3 / best
     finally:
         torch.set_num_threads(old)
     return out
@@ -497,9 +552,16 @@ def _machine(spec: BenchSpec) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": spec.threads, "loadavg_at_start": load,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "bf16_native": default_precision() == "bf16"}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": spec.threads,
+        "loadavg_at_start": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bf16_native": default_precision() == "bf16",
+    }
 
 
 FLOP_FORMULA = {
@@ -516,42 +578,117 @@ FLOP_FORMULA = {
 def step_flops(step: dict, n_params: int, beta: float) -> dict[str, float]:
     """FLOPs of one measured step (:data:`FLOP_FORMULA`) from its token counts."""
     S = step["prompt_tokens"] + step["completion_tokens"]
-    fl = {"rollout": 2 * n_params * S, "reference": 2 * n_params * S if beta > 0 else 0,
-          "train": 6 * n_params * S}
+    fl = {"rollout": 2 * n_params * S, "reference": 2 * n_params * S if beta > 0 else 0, "train": 6 * n_params * S}
     fl["step"] = fl["rollout"] + fl["reference"] + fl["train"]
     return fl
 
 
-def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole benchmark and return the report (see :func:`format_table`)."""
+def _check_spec(spec: BenchSpec) -> None:
+    """Reject a spec the benchmark cannot measure (a :class:`~rlhf_pg.errors.UserError`)."""
     from rlhf_pg.errors import UserError
 
     if spec.repeats < 1 or spec.steps < 1 or spec.warmup < 0 or spec.threads < 1:
-        raise UserError(f"bench needs --repeats >= 1, --steps >= 1, --warmup >= 0 and --threads >= 1 "
-                        f"(got {spec.repeats}, {spec.steps}, {spec.warmup}, {spec.threads})")
+        raise UserError(
+            f"bench needs --repeats >= 1, --steps >= 1, --warmup >= 0 and --threads >= 1 "
+            f"(got {spec.repeats}, {spec.steps}, {spec.warmup}, {spec.threads})"
+        )
     if not spec.precisions or not spec.betas:
         raise UserError("bench needs at least one precision and one beta run")
-    paths = [f"ours-{p}" for p in spec.precisions] + ["baseline"]
+
+
+def _measure(spec: BenchSpec, paths: list[str], log: Callable[[str], None]) -> dict[str, dict[str, list[dict]]]:
+    """All repetitions: per β run and path, one child each, the paths' order alternating per
+    repetition. Returns β run → path → the children's results (in repetition order)."""
     runs: dict[str, dict[str, list[dict]]] = {b: {p: [] for p in paths} for b in spec.betas}
+    for rep in range(spec.repeats):
+        for which in spec.betas:
+            order = paths if rep % 2 == 0 else paths[::-1]
+            for path in order:
+                job = {
+                    "kind": "baseline" if path == "baseline" else "ours",
+                    "beta": which,
+                    "precision": path.removeprefix("ours-"),
+                    "spec": asdict(spec),
+                }
+                t0 = time.perf_counter()
+                res = _launch(job, spec.in_process)
+                res["repetition"] = rep
+                runs[which][path].append(res)
+                log(
+                    f"[bench] rep {rep + 1}/{spec.repeats} β={_beta(spec, which):g} {path:>10}: step "
+                    f"{_median([s['step'] for s in res['steps']]):.2f} s, peak RSS {res['peak_rss_mb']:.0f} MB "
+                    f"(child {time.perf_counter() - t0:.0f} s)"
+                )
+    return runs
+
+
+def _path_result(children: list[dict], path: str, beta: float, peak: dict[str, float]) -> dict[str, Any]:
+    """One path's summary at one β over all its children's measured steps: phase medians, rollout
+    tokens/s, RSS, FLOPs and FLOP/s (per step, then the median) and, with a matmul peak, MFU."""
+    steps = [s for c in children for s in c["steps"]]
+    n_params = children[0]["n_params"]
+    prec = "fp32" if path == "baseline" else path.removeprefix("ours-")
+    flops = [step_flops(s, n_params, beta) for s in steps]
+    r = {
+        "median": {k: _median([s[k] for s in steps]) for k in steps[0]},
+        "tokens_per_s": _median([s["completion_tokens"] / s["rollout"] for s in steps]),
+        "peak_rss_mb": _median([c["peak_rss_mb"] for c in children]),
+        "rss_after_load_mb": _median([c["rss_after_load_mb"] for c in children]),
+        "n_params": n_params,
+        "flops": {k: _median([f[k] for f in flops]) for k in flops[0]},
+        # per step, then the median (None: a phase with no FLOPs, e.g. the reference at β = 0)
+        "flop_per_s": {
+            k: _median([f[k] / s[k] if f[k] > 0 and s[k] > 0 else None for f, s in zip(flops, steps)]) for k in flops[0]
+        },
+        "precision": prec,
+        "steps": steps,
+    }
+    if peak:
+        r["mfu"] = {k: (v / peak[prec] if v is not None else None) for k, v in r["flop_per_s"].items()}
+    return r
+
+
+def _speedups(ours: list[dict], base: list[dict], res_ours: dict, res_base: dict) -> dict[str, float | None]:
+    """Baseline / ours per phase: the ratio of the two paths' medians within each repetition, then
+    the median over repetitions (None where ours skips the phase); rollout tokens/s ours / baseline;
+    peak RSS ours / baseline."""
+    per_rep: dict[str, list[float]] = {k: [] for k in PHASES}
+    for c_ours, c_base in zip(ours, base):
+        for k in PHASES:
+            o = _median([s[k] for s in c_ours["steps"]])
+            b = _median([s[k] for s in c_base["steps"]])
+            per_rep[k].append(b / o if o > 1e-3 else None)  # ours skips the phase (β = 0 reference)
+    rr = {k: _median(v) for k, v in per_rep.items()}
+    rr["rollout_tokens_per_s"] = res_ours["tokens_per_s"] / res_base["tokens_per_s"]
+    rr["peak_rss"] = res_ours["peak_rss_mb"] / res_base["peak_rss_mb"]
+    return rr
+
+
+def _quality_runs(spec: BenchSpec, log: Callable[[str], None]) -> dict[str, dict]:
+    """The quality child of every precision of ours (empty with ``quality`` off)."""
+    quality = {}
+    if spec.quality:
+        for p in spec.precisions:
+            quality[f"ours-{p}"] = _launch({"kind": "quality", "precision": p, "spec": asdict(spec)}, spec.in_process)
+            q = quality[f"ours-{p}"]
+            log(
+                f"[bench] quality ours-{p}: grad cosine {q['grad_cosine']:.5f}, "
+                f"mean |Δlogp| train {q['logp_train_vs_exact']['mean_abs']:.2e}"
+            )
+    return quality
+
+
+def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole benchmark and return the report (see :func:`format_table`)."""
+    _check_spec(spec)
+    paths = [f"ours-{p}" for p in spec.precisions] + ["baseline"]
     started = time.perf_counter()
     machine = _machine(spec)
     from rlhf_pg.models import resolve_model
 
     # An alias is converted into the cache here, once, not inside the first child (its RSS and time).
     log(f"[bench] model {spec.model}: {resolve_model(spec.model)}")
-    for rep in range(spec.repeats):
-        for which in spec.betas:
-            order = paths if rep % 2 == 0 else paths[::-1]
-            for path in order:
-                job = {"kind": "baseline" if path == "baseline" else "ours", "beta": which,
-                       "precision": path.removeprefix("ours-"), "spec": asdict(spec)}
-                t0 = time.perf_counter()
-                res = _launch(job, spec.in_process)
-                res["repetition"] = rep
-                runs[which][path].append(res)
-                log(f"[bench] rep {rep + 1}/{spec.repeats} β={_beta(spec, which):g} {path:>10}: step "
-                    f"{_median([s['step'] for s in res['steps']]):.2f} s, peak RSS {res['peak_rss_mb']:.0f} MB "
-                    f"(child {time.perf_counter() - t0:.0f} s)")
+    runs = _measure(spec, paths, log)
     peak = matmul_peak(spec.peak_seconds, spec.threads) if spec.peak_seconds > 0 else {}
     if peak:
         log("[bench] matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
@@ -561,50 +698,13 @@ def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[s
     for which in spec.betas:
         beta = _beta(spec, which)
         key = f"beta={beta:g}"
-        results[key], ratios[key] = {}, {}
-        for path in paths:
-            children = runs[which][path]
-            steps = [s for c in children for s in c["steps"]]
-            med = {k: _median([s[k] for s in steps]) for k in steps[0]}
-            n_params = children[0]["n_params"]
-            prec = "fp32" if path == "baseline" else path.removeprefix("ours-")
-            flops = [step_flops(s, n_params, beta) for s in steps]
-            r = {
-                "median": med,
-                "tokens_per_s": _median([s["completion_tokens"] / s["rollout"] for s in steps]),
-                "peak_rss_mb": _median([c["peak_rss_mb"] for c in children]),
-                "rss_after_load_mb": _median([c["rss_after_load_mb"] for c in children]),
-                "n_params": n_params,
-                "flops": {k: _median([f[k] for f in flops]) for k in flops[0]},
-                # per step, then the median (None: a phase with no FLOPs, e.g. the reference at β = 0)
-                "flop_per_s": {k: _median([f[k] / s[k] if f[k] > 0 and s[k] > 0 else None
-                                           for f, s in zip(flops, steps)]) for k in flops[0]},
-                "precision": prec,
-                "steps": steps,
-            }
-            if peak:
-                r["mfu"] = {k: (v / peak[prec] if v is not None else None) for k, v in r["flop_per_s"].items()}
-            results[key][path] = r
-        base = runs[which]["baseline"]
-        for path in paths[:-1]:
-            per_rep: dict[str, list[float]] = {k: [] for k in PHASES}
-            for c_ours, c_base in zip(runs[which][path], base):
-                for k in PHASES:
-                    o = _median([s[k] for s in c_ours["steps"]])
-                    b = _median([s[k] for s in c_base["steps"]])
-                    per_rep[k].append(b / o if o > 1e-3 else None)  # ours skips the phase (β = 0 reference)
-            rr = {k: _median(v) for k, v in per_rep.items()}
-            rr["rollout_tokens_per_s"] = results[key][path]["tokens_per_s"] / results[key]["baseline"]["tokens_per_s"]
-            rr["peak_rss"] = results[key][path]["peak_rss_mb"] / results[key]["baseline"]["peak_rss_mb"]
-            ratios[key][path] = rr
+        results[key] = {path: _path_result(runs[which][path], path, beta, peak) for path in paths}
+        ratios[key] = {
+            path: _speedups(runs[which][path], runs[which]["baseline"], results[key][path], results[key]["baseline"])
+            for path in paths[:-1]
+        }
 
-    quality = {}
-    if spec.quality:
-        for p in spec.precisions:
-            quality[f"ours-{p}"] = _launch({"kind": "quality", "precision": p, "spec": asdict(spec)}, spec.in_process)
-            q = quality[f"ours-{p}"]
-            log(f"[bench] quality ours-{p}: grad cosine {q['grad_cosine']:.5f}, "
-                f"mean |Δlogp| train {q['logp_train_vs_exact']['mean_abs']:.2e}")
+    quality = _quality_runs(spec, log)
     return {
         "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
         "machine": machine,
@@ -623,9 +723,11 @@ def format_table(report: dict) -> str:
     lines = []
     w = report["workload"]
     m = report["machine"]
-    lines.append(f"workload: {w['model']}, {w['prompts']} prompts x {w['group_size']} samples, "
-                 f"<= {w['max_new_tokens']} new tokens, T={w['temperature']:g}, micro-batch {w['micro_batch_size']}; "
-                 f"{w['repeats']} repetitions x {w['steps']} step(s) after {w['warmup']} warm-up; medians")
+    lines.append(
+        f"workload: {w['model']}, {w['prompts']} prompts x {w['group_size']} samples, "
+        f"<= {w['max_new_tokens']} new tokens, T={w['temperature']:g}, micro-batch {w['micro_batch_size']}; "
+        f"{w['repeats']} repetitions x {w['steps']} step(s) after {w['warmup']} warm-up; medians"
+    )
     load = m["loadavg_at_start"]
     load = "/".join(f"{x:.2f}" for x in load) if load else "?"
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load average at start {load}")
@@ -633,8 +735,10 @@ def format_table(report: dict) -> str:
     if peak:
         lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
         f = report["flop_formula"]
-        lines.append(f"FLOPs (both paths alike): rollout {f['rollout']}, reference {f['reference']}, train {f['train']}; "
-                     f"S = {f['S']}; N = {f['N']}")
+        lines.append(
+            f"FLOPs (both paths alike): rollout {f['rollout']}, reference {f['reference']}, train {f['train']}; "
+            f"S = {f['S']}; N = {f['N']}"
+        )
     for key, res in report["results"].items():
         paths = list(res)
         lines.append("")
@@ -652,31 +756,59 @@ def format_table(report: dict) -> str:
         lines.append(f"{'precision':<22}" + "".join(f"{res[p]['precision']:>14}" for p in paths))
         labels = {"reference": "ref + old logp (s)", "step_cpu": "step CPU time (s)"}
         for ph in PHASES:
-            lines.append(row(labels.get(ph, f"{ph} (s)"), [res[p]["median"][ph] for p in paths],
-                             [sp[p][ph] for p in paths[:-1]], "{:.3f}"))
-        lines.append(row("rollout tokens/s", [res[p]["tokens_per_s"] for p in paths],
-                         [sp[p]["rollout_tokens_per_s"] for p in paths[:-1]], "{:.1f}"))
+            lines.append(
+                row(
+                    labels.get(ph, f"{ph} (s)"),
+                    [res[p]["median"][ph] for p in paths],
+                    [sp[p][ph] for p in paths[:-1]],
+                    "{:.3f}",
+                )
+            )
+        lines.append(
+            row(
+                "rollout tokens/s",
+                [res[p]["tokens_per_s"] for p in paths],
+                [sp[p]["rollout_tokens_per_s"] for p in paths[:-1]],
+                "{:.1f}",
+            )
+        )
         lines.append(row("completion tokens", [res[p]["median"]["completion_tokens"] for p in paths], fmt="{:.0f}"))
-        lines.append(row("peak RSS (MB)", [res[p]["peak_rss_mb"] for p in paths],
-                         [sp[p]["peak_rss"] for p in paths[:-1]], "{:.0f}"))
+        lines.append(
+            row(
+                "peak RSS (MB)",
+                [res[p]["peak_rss_mb"] for p in paths],
+                [sp[p]["peak_rss"] for p in paths[:-1]],
+                "{:.0f}",
+            )
+        )
         lines.append(row("RSS after load (MB)", [res[p]["rss_after_load_mb"] for p in paths], fmt="{:.0f}"))
         if "mfu" in res[paths[0]]:
             for ph in ("rollout", "reference", "train", "step"):
                 vals = [res[p]["mfu"][ph] for p in paths]
                 if any(v is not None for v in vals):
                     lines.append(row(f"MFU {ph}", [100 * v if v is not None else None for v in vals], fmt="{:.1f}%"))
-        lines.append("  (x columns: baseline / ours, median over repetitions, for times and tokens/s; for peak RSS "
-                     "ours / baseline. 'ref + old logp': ours runs the reference only (none at beta=0), the "
-                     "baseline an old-log-prob pass and the reference)")
+        lines.append(
+            "  (x columns: baseline / ours, median over repetitions, for times and tokens/s; for peak RSS "
+            "ours / baseline. 'ref + old logp': ours runs the reference only (none at beta=0), the "
+            "baseline an old-log-prob pass and the reference)"
+        )
     if report["quality"]:
         lines.append("")
         lines.append("== quality: ours vs exact fp32 full log-softmax, same sampled batch ==")
         for p, q in report["quality"].items():
-            diffs = ", ".join(f"{name} {q[k]['mean_abs']:.1e}/{q[k]['max_abs']:.1e}" for name, k in
-                              (("train", "logp_train_vs_exact"), ("reference", "logp_reference_vs_exact"),
-                               ("rollout", "logp_rollout_vs_exact")) if q[k] is not None)
-            lines.append(f"{p}: grad cosine {q['grad_cosine']:.5f}, grad rel. err {q['grad_rel_err']:.2e}; "
-                         f"|Δ log p| mean/max: {diffs}")
+            diffs = ", ".join(
+                f"{name} {q[k]['mean_abs']:.1e}/{q[k]['max_abs']:.1e}"
+                for name, k in (
+                    ("train", "logp_train_vs_exact"),
+                    ("reference", "logp_reference_vs_exact"),
+                    ("rollout", "logp_rollout_vs_exact"),
+                )
+                if q[k] is not None
+            )
+            lines.append(
+                f"{p}: grad cosine {q['grad_cosine']:.5f}, grad rel. err {q['grad_rel_err']:.2e}; "
+                f"|Δ log p| mean/max: {diffs}"
+            )
     return "\n".join(lines)
 
 
@@ -690,22 +822,40 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default {d.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature:g})")
     p.add_argument("--kl-coef", type=float, default=d.kl_coef, help=f"β of the β>0 run (default {d.kl_coef:g})")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help=f"ours (default {d.micro_batch_size})")
-    p.add_argument("--baseline-micro-batch-size", type=int, default=d.baseline_micro_batch_size,
-                   help="baseline; 0 = the whole batch in one forward/backward, the plain loop (default 0)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=d.micro_batch_size, help=f"ours (default {d.micro_batch_size})"
+    )
+    p.add_argument(
+        "--baseline-micro-batch-size",
+        type=int,
+        default=d.baseline_micro_batch_size,
+        help="baseline; 0 = the whole batch in one forward/backward, the plain loop (default 0)",
+    )
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    p.add_argument("--n-train", type=int, default=d.n_train,
-                   help=f"arithmetic training questions the prompts are drawn from (default {d.n_train})")
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=d.n_train,
+        help=f"arithmetic training questions the prompts are drawn from (default {d.n_train})",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
-    p.add_argument("--precision", choices=["bf16", "fp32", "both"], default=None,
-                   help=f"precision of ours (default on this CPU: {default_precision()}); the baseline is fp32")
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp32", "both"],
+        default=None,
+        help=f"precision of ours (default on this CPU: {default_precision()}); the baseline is fp32",
+    )
     p.add_argument("--beta", choices=["pos", "zero", "both"], default="both", help="which runs (default both)")
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"repetitions (default {d.repeats})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"measured steps per child, after the warm-up (default {d.steps})")
+    p.add_argument(
+        "--steps", type=int, default=d.steps, help=f"measured steps per child, after the warm-up (default {d.steps})"
+    )
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"unmeasured steps per child (default {d.warmup})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: cores = {d.threads})")
     p.add_argument("--no-quality", action="store_true", help="skip the log-prob / gradient comparison")
-    p.add_argument("--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)")
+    p.add_argument(
+        "--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)"
+    )
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the full report here")
     return p
 
@@ -713,13 +863,27 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def spec_from_args(args) -> BenchSpec:
     prec = {"both": ["bf16", "fp32"], None: [default_precision()]}.get(args.precision, [args.precision])
     betas = {"both": ["pos", "zero"]}.get(args.beta, [args.beta])
-    return BenchSpec(model=args.model, prompts=args.prompts, group_size=args.group_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, kl_coef=args.kl_coef,
-                     micro_batch_size=args.micro_batch_size,
-                     baseline_micro_batch_size=args.baseline_micro_batch_size, lr=args.lr, n_train=args.n_train, seed=args.seed,
-                     precisions=prec, betas=betas, repeats=args.repeats,
-                     steps=args.steps, warmup=args.warmup, threads=args.threads, quality=not args.no_quality,
-                     peak_seconds=args.peak_seconds)
+    return BenchSpec(
+        model=args.model,
+        prompts=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        kl_coef=args.kl_coef,
+        micro_batch_size=args.micro_batch_size,
+        baseline_micro_batch_size=args.baseline_micro_batch_size,
+        lr=args.lr,
+        n_train=args.n_train,
+        seed=args.seed,
+        precisions=prec,
+        betas=betas,
+        repeats=args.repeats,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        quality=not args.no_quality,
+        peak_seconds=args.peak_seconds,
+    )
 
 
 def run_from_args(args) -> dict:

@@ -71,11 +71,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import core
-from .errors import UserError
-from .forward import forward
-from .rewards import score_batch
-from .rollout import sample
+from .. import core
+from ..errors import UserError
+from ..forward import forward
+from ..rewards import score_batch
+from ..rollout import sample
 
 ESTIMATORS = ("reinforce", "reward_to_go", "rtg_batch_mean", "rloo", "grpo", "optimal_baseline")
 _MAX_EXACT_FLOATS = 200_000_000  # proj_dim=0: at most this many stored gradient floats (~800 MB)
@@ -100,7 +100,7 @@ class CountSketch:
         z = torch.zeros(2 * self.dim, dtype=torch.float32)
         for idx, t in zip(self.index, tensors):
             z.index_add_(0, idx, t.detach().reshape(-1).float().cpu())
-        return z[: self.dim] - z[self.dim:]
+        return z[: self.dim] - z[self.dim :]
 
 
 class Exact:
@@ -114,7 +114,9 @@ class Exact:
 
 
 # ----------------------------------------------------------------------------------- estimators
-def estimator_weights(R: torch.Tensor, sqnorm: torch.Tensor, group_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def estimator_weights(
+    R: torch.Tensor, sqnorm: torch.Tensor, group_size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(α, β) per estimator for one batch: ĝ_i = α_i v_i + β_i u_i (see the module docstring).
 
     R: (N,) returns G_{i,0}; sqnorm: (N,) exact ‖u_i‖²; rows i·G … i·G+G−1 share a prompt.
@@ -149,8 +151,17 @@ class Pool:
     sequence_level: bool  # G_{i,t} = R_i on every token of every sample
 
 
-def collect(tr, model, params: list[torch.nn.Parameter], sketch, repeats: int, prompts: int, rng: np.random.Generator,
-            bar=None, always_backprop_rtg: bool = False) -> Pool:
+def collect(
+    tr,
+    model,
+    params: list[torch.nn.Parameter],
+    sketch,
+    repeats: int,
+    prompts: int,
+    rng: np.random.Generator,
+    bar=None,
+    always_backprop_rtg: bool = False,
+) -> Pool:
     """Sample ``repeats`` pools of ``prompts`` × G completions (prompts drawn i.i.d. from the train
     split) with the trainer's rollout and rewards, and sketch every completion's u_i and v_i."""
     G, gamma = tr.cfg.batch.group_size, tr.cfg.algo.gamma
@@ -185,8 +196,14 @@ def collect(tr, model, params: list[torch.nn.Parameter], sketch, repeats: int, p
         Rs.append(R.cpu())
         lens.append(mask.sum(-1).cpu())
     K, B = repeats, prompts * G
-    return Pool(torch.stack(U).view(K, B, -1), torch.stack(V).view(K, B, -1), torch.stack(Rs).double(),
-                torch.tensor(sq, dtype=torch.float64).view(K, B), torch.stack(lens), seq_level)
+    return Pool(
+        torch.stack(U).view(K, B, -1),
+        torch.stack(V).view(K, B, -1),
+        torch.stack(Rs).double(),
+        torch.tensor(sq, dtype=torch.float64).view(K, B),
+        torch.stack(lens),
+        seq_level,
+    )
 
 
 def batch_gradients(pool: Pool, N: int, group_size: int) -> dict[str, torch.Tensor]:
@@ -206,8 +223,13 @@ def gradient_stats(g: torch.Tensor) -> dict[str, float]:
     var = float(((g - mean) ** 2).sum() / (K - 1))
     sq_mean = float(mean @ mean)
     signal = max(sq_mean - var / K, 0.0)
-    return {"variance": var, "norm_of_mean": math.sqrt(sq_mean), "mean_norm": float(g.norm(dim=1).mean()),
-            "signal": signal, "snr": signal / var if var > 0 else math.inf}
+    return {
+        "variance": var,
+        "norm_of_mean": math.sqrt(sq_mean),
+        "mean_norm": float(g.norm(dim=1).mean()),
+        "signal": signal,
+        "snr": signal / var if var > 0 else math.inf,
+    }
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -250,96 +272,194 @@ def select_params(model, pattern: str | None) -> list[tuple[str, torch.nn.Parame
     return named
 
 
-def run_variance(cfg, *, batch_sizes: list[int] | None = None, repeats: int = 8, proj_dim: int = 512,
-                 params: str | None = None, sketch_seed: int = 0, progress: bool = True,
-                 always_backprop_rtg: bool = False) -> dict[str, Any]:
-    """Run the lab for a :class:`~rlhf_pg.config.RunConfig`; returns the report (``variance.json``)."""
-    from .trainer import Trainer
-
-    G = cfg.batch.group_size
+def _batch_sizes(G: int, batch_sizes: list[int] | None, repeats: int, proj_dim: int) -> list[int]:
+    """The sorted distinct batch sizes N (default G, 2G, 4G), after checking the lab's arguments."""
     if G < 2:
-        raise UserError("the variance lab compares samples of the same prompt (RLOO, GRPO, b*): "
-                        "set batch.group_size >= 2")
+        raise UserError(
+            "the variance lab compares samples of the same prompt (RLOO, GRPO, b*): set batch.group_size >= 2"
+        )
     sizes = sorted(set(batch_sizes or [G, 2 * G, 4 * G]))
     bad = [n for n in sizes if n < G or n % G]
     if bad:
-        raise UserError(f"--batch-sizes {bad} must be multiples of batch.group_size={G} (N completions = "
-                        f"prompts × G)")
+        raise UserError(f"--batch-sizes {bad} must be multiples of batch.group_size={G} (N completions = prompts × G)")
     if repeats < 2:
         raise UserError("--repeats must be >= 2 to estimate a variance")
     if proj_dim < 0:
         raise UserError("--proj-dim must be >= 0 (0 = exact gradients)")
+    return sizes
 
-    t0 = time.perf_counter()
-    tr = Trainer(_lab_config(cfg))
-    model = tr.acc.unwrap_model(tr.model)
-    chosen = select_params(model, params)
+
+def _make_sketch(numels: list[int], proj_dim: int, sketch_seed: int, completions: int):
+    """The gradient sketch: a CountSketch of ``proj_dim`` buckets, or (``proj_dim=0``) the exact
+    flattened gradient if ``completions`` × 2 of them fit in :data:`_MAX_EXACT_FLOATS`."""
+    if proj_dim == 0:
+        n_floats = 2 * completions * sum(numels)
+        if n_floats > _MAX_EXACT_FLOATS:
+            raise UserError(
+                f"--proj-dim 0 would store {n_floats:,} floats: use a sketch "
+                "(--proj-dim 512) or fewer parameters (--params REGEX)"
+            )
+        return Exact(numels)
+    return CountSketch(numels, proj_dim, seed=sketch_seed)
+
+
+def _collect_chosen(
+    tr,
+    model,
+    chosen: list[tuple[str, torch.nn.Parameter]],
+    sketch,
+    repeats: int,
+    prompts: int,
+    rng: np.random.Generator,
+    progress: bool,
+    always_backprop_rtg: bool,
+) -> tuple[Pool, float]:
+    """:func:`collect` with only the ``chosen`` parameters requiring grad (so the backward pass stops
+    below them; restored afterwards) and an optional progress bar. Returns (pool, seconds)."""
     chosen_ids = {id(p) for _, p in chosen}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for _, p in model.named_parameters():  # backward stops below the chosen parameters
+    for _, p in model.named_parameters():
         p.requires_grad_(id(p) in chosen_ids)
-    numels = [p.numel() for _, p in chosen]
-    n_params = sum(numels)
-    prompts = sizes[-1] // G
-    if proj_dim == 0:
-        if 2 * repeats * prompts * G * n_params > _MAX_EXACT_FLOATS:
-            raise UserError(f"--proj-dim 0 would store {2 * repeats * prompts * G * n_params:,} floats: use a sketch "
-                            "(--proj-dim 512) or fewer parameters (--params REGEX)")
-        sketch: Any = Exact(numels)
-    else:
-        sketch = CountSketch(numels, proj_dim, seed=sketch_seed)
-    rng = np.random.default_rng(cfg.seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=repeats * prompts * G, desc="variance lab", unit="completion", dynamic_ncols=True)
+        bar = tqdm(
+            total=repeats * prompts * tr.cfg.batch.group_size,
+            desc="variance lab",
+            unit="completion",
+            dynamic_ncols=True,
+        )
     try:
         t1 = time.perf_counter()
-        pool = collect(tr, model, [p for _, p in chosen], sketch, repeats, prompts, rng, bar,
-                       always_backprop_rtg=always_backprop_rtg)
-        t_collect = time.perf_counter() - t1
+        pool = collect(
+            tr,
+            model,
+            [p for _, p in chosen],
+            sketch,
+            repeats,
+            prompts,
+            rng,
+            bar,
+            always_backprop_rtg=always_backprop_rtg,
+        )
+        return pool, time.perf_counter() - t1
     finally:
         if bar is not None:
             bar.close()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
 
-    results, means = [], {}
+
+def _estimator_results(pool: Pool, sizes: list[int], G: int) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """Per N and estimator: :func:`gradient_stats`, variance relative to reinforce and the cosine to the
+    lowest-variance estimator at that N; then each estimator's log-log slope of variance against N."""
+    results = []
     for N in sizes:
         grads = batch_gradients(pool, N, G)
         stats = {e: gradient_stats(g) for e, g in grads.items()}
         best = min(ESTIMATORS, key=lambda e: stats[e]["variance"])
         ref = stats["reinforce"]["variance"]
         for e in ESTIMATORS:
-            means[(e, N)] = grads[e].mean(0)
-            results.append({"estimator": e, "N": N, "prompts": N // G, **stats[e],
-                            "var_vs_reinforce": stats[e]["variance"] / ref if ref > 0 else math.nan,
-                            "cos_to_best": _cos(grads[e].mean(0), grads[best].mean(0)), "best": best})
+            results.append(
+                {
+                    "estimator": e,
+                    "N": N,
+                    "prompts": N // G,
+                    **stats[e],
+                    "var_vs_reinforce": stats[e]["variance"] / ref if ref > 0 else math.nan,
+                    "cos_to_best": _cos(grads[e].mean(0), grads[best].mean(0)),
+                    "best": best,
+                }
+            )
     slopes = {e: loglog_slope(sizes, [r["variance"] for r in results if r["estimator"] == e]) for e in ESTIMATORS}
+    return results, slopes
 
+
+def _notes(pool: Pool, gamma: float) -> list[str]:
+    """The report's caveats (first: reward-to-go equals the full return, for a sequence-level reward and γ = 1)."""
+    notes = [
+        "the lab measures the gradient of E[R] only (KL and entropy terms off, no reference model)",
+        "ppo/gae: skipped (needs a value function fitted at this policy)",
+        "grpo divides by each group's reward std: a different scale and a biased direction (Dr. GRPO); "
+        "compare SNR and cosine rather than variance",
+        "rtg_batch_mean includes the sample in its own baseline: its mean is shrunk by (N-1)/N",
+    ]
+    if pool.sequence_level and gamma == 1.0:
+        notes.insert(
+            0,
+            "sequence-level reward with gamma=1: reward-to-go equals the full return, so "
+            "reward_to_go is identical to reinforce; the baselines show their effect",
+        )
+    return notes
+
+
+def _reward_summary(pool: Pool, repeats: int, G: int) -> dict[str, float]:
+    """Mean and std of the sampled returns, the fraction of prompt groups with no reward spread and
+    the mean completion length."""
     R, zero_std = pool.R, (pool.R.view(repeats, -1, G).std(-1) < 1e-8).double().mean()
-    notes = ["the lab measures the gradient of E[R] only (KL and entropy terms off, no reference model)",
-             "ppo/gae: skipped (needs a value function fitted at this policy)",
-             "grpo divides by each group's reward std: a different scale and a biased direction (Dr. GRPO); "
-             "compare SNR and cosine rather than variance",
-             "rtg_batch_mean includes the sample in its own baseline: its mean is shrunk by (N-1)/N"]
-    if pool.sequence_level and cfg.algo.gamma == 1.0:
-        notes.insert(0, "sequence-level reward with gamma=1: reward-to-go equals the full return, so "
-                        "reward_to_go is identical to reinforce; the baselines show their effect")
-    settings = {
-        "model": cfg.model.name, "data": cfg.data.train, "rewards": [f.name for f in cfg.rewards.functions],
-        "group_size": G, "batch_sizes": sizes, "repeats": repeats, "completions_sampled": repeats * prompts * G,
-        "temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens,
-        "gamma": cfg.algo.gamma, "mixed_precision": cfg.train.mixed_precision,
-        "params": params or "all trainable", "n_params": n_params,
-        "projection": "exact" if proj_dim == 0 else f"CountSketch D={proj_dim} (seed {sketch_seed})",
-        "seed": cfg.seed, "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - t0, 1), "seconds_sampling_and_gradients": round(t_collect, 1),
+    return {
+        "mean": float(R.mean()),
+        "std": float(R.std()),
+        "frac_zero_std_groups": float(zero_std),
+        "completion_len": float(pool.lengths.float().mean()),
     }
-    reward = {"mean": float(R.mean()), "std": float(R.std()), "frac_zero_std_groups": float(zero_std),
-              "completion_len": float(pool.lengths.float().mean())}
-    return {"settings": settings, "reward": reward, "notes": notes, "results": results, "slopes": slopes}
+
+
+def run_variance(
+    cfg,
+    *,
+    batch_sizes: list[int] | None = None,
+    repeats: int = 8,
+    proj_dim: int = 512,
+    params: str | None = None,
+    sketch_seed: int = 0,
+    progress: bool = True,
+    always_backprop_rtg: bool = False,
+) -> dict[str, Any]:
+    """Run the lab for a :class:`~rlhf_pg.config.RunConfig`; returns the report (``variance.json``)."""
+    from ..trainer import Trainer
+
+    G = cfg.batch.group_size
+    sizes = _batch_sizes(G, batch_sizes, repeats, proj_dim)
+    t0 = time.perf_counter()
+    tr = Trainer(_lab_config(cfg))
+    model = tr.acc.unwrap_model(tr.model)
+    chosen = select_params(model, params)
+    numels = [p.numel() for _, p in chosen]
+    prompts = sizes[-1] // G
+    sketch = _make_sketch(numels, proj_dim, sketch_seed, repeats * prompts * G)
+    pool, t_collect = _collect_chosen(
+        tr, model, chosen, sketch, repeats, prompts, np.random.default_rng(cfg.seed), progress, always_backprop_rtg
+    )
+    results, slopes = _estimator_results(pool, sizes, G)
+    settings = {
+        "model": cfg.model.name,
+        "data": cfg.data.train,
+        "rewards": [f.name for f in cfg.rewards.functions],
+        "group_size": G,
+        "batch_sizes": sizes,
+        "repeats": repeats,
+        "completions_sampled": repeats * prompts * G,
+        "temperature": cfg.rollout.temperature,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "gamma": cfg.algo.gamma,
+        "mixed_precision": cfg.train.mixed_precision,
+        "params": params or "all trainable",
+        "n_params": sum(numels),
+        "projection": "exact" if proj_dim == 0 else f"CountSketch D={proj_dim} (seed {sketch_seed})",
+        "seed": cfg.seed,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds_sampling_and_gradients": round(t_collect, 1),
+    }
+    return {
+        "settings": settings,
+        "reward": _reward_summary(pool, repeats, G),
+        "notes": _notes(pool, cfg.algo.gamma),
+        "results": results,
+        "slopes": slopes,
+    }
 
 
 # -------------------------------------------------------------------------------------- output
@@ -364,10 +484,15 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("")
         prev = r["N"]
         star = "*" if r["estimator"] == r["best"] else " "
-        lines.append(f"{r['estimator']:<17} {r['N']:>4} {r['variance']:>11.4g} {r['var_vs_reinforce']:>10.3f} "
-                     f"{r['norm_of_mean']:>10.4g} {r['mean_norm']:>10.4g} {r['snr']:>8.3f} {r['cos_to_best']:>8.3f}{star}")
-    lines += ["", "1/N law — slope of log variance vs log N (expect -1): " + ", ".join(
-        f"{e} {v:+.2f}" if v is not None else f"{e} n/a" for e, v in report["slopes"].items())]
+        lines.append(
+            f"{r['estimator']:<17} {r['N']:>4} {r['variance']:>11.4g} {r['var_vs_reinforce']:>10.3f} "
+            f"{r['norm_of_mean']:>10.4g} {r['mean_norm']:>10.4g} {r['snr']:>8.3f} {r['cos_to_best']:>8.3f}{star}"
+        )
+    lines += [
+        "",
+        "1/N law — slope of log variance vs log N (expect -1): "
+        + ", ".join(f"{e} {v:+.2f}" if v is not None else f"{e} n/a" for e, v in report["slopes"].items()),
+    ]
     lines += ["", "* lowest variance at that N (the cosine reference)."]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -399,9 +524,10 @@ def plot_variance(report: dict[str, Any], path: str | Path) -> Path:
         n0, v0 = ref[0]["N"], ref[0]["variance"]
         ns = [r["N"] for r in ref]
         ax1.plot(ns, [v0 * n0 / n for n in ns], ":", color="0.5", label="∝ 1/N")
-    for ax, title, ylabel in ((ax1, "variance of the batch gradient", "tr Cov[ĝ]  (sketched)"),
-                              (ax2, "signal-to-noise ratio (points with SNR ≤ 0 omitted)",
-                               "(‖ḡ‖² − tr Σ̂/K) / tr Σ̂")):
+    for ax, title, ylabel in (
+        (ax1, "variance of the batch gradient", "tr Cov[ĝ]  (sketched)"),
+        (ax2, "signal-to-noise ratio (points with SNR ≤ 0 omitted)", "(‖ḡ‖² − tr Σ̂/K) / tr Σ̂"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(report["settings"]["batch_sizes"])
@@ -432,10 +558,19 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def run_variance_cli(recipe: str, overrides: list[str], *, batch_sizes: str | None, repeats: int, proj_dim: int,
-                     params: str | None, threads: int | None, out: str | None) -> dict[str, Any]:
+def run_variance_cli(
+    recipe: str,
+    overrides: list[str],
+    *,
+    batch_sizes: str | None,
+    repeats: int,
+    proj_dim: int,
+    params: str | None,
+    threads: int | None,
+    out: str | None,
+) -> dict[str, Any]:
     """``rlhf-pg variance``: run the lab, print the table, write variance.json/.txt/.png into ``out``."""
-    from .config import load_config
+    from ..config import load_config
 
     if threads is not None:
         torch.set_num_threads(max(1, threads))
@@ -447,11 +582,13 @@ def run_variance_cli(recipe: str, overrides: list[str], *, batch_sizes: str | No
             raise UserError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 8,16,32") from None
     cfg = load_config(recipe, list(overrides))
     report = run_variance(cfg, batch_sizes=sizes, repeats=repeats, proj_dim=proj_dim, params=params)
-    report["settings"]["command"] = " ".join(["rlhf-pg", "variance", recipe, *overrides]
-                                             + ([f"--batch-sizes {batch_sizes}"] if batch_sizes else [])
-                                             + [f"--repeats {repeats}", f"--proj-dim {proj_dim}"]
-                                             + ([f"--params '{params}'"] if params else [])
-                                             + ([f"--threads {threads}"] if threads else []))
+    report["settings"]["command"] = " ".join(
+        ["rlhf-pg", "variance", recipe, *overrides]
+        + ([f"--batch-sizes {batch_sizes}"] if batch_sizes else [])
+        + [f"--repeats {repeats}", f"--proj-dim {proj_dim}"]
+        + ([f"--params '{params}'"] if params else [])
+        + ([f"--threads {threads}"] if threads else [])
+    )
     out_dir = Path(out) if out else Path(cfg.output_dir) / "variance"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

@@ -1,0 +1,82 @@
+"""Loading the user's own Python: reward functions, and plugins that register registry entries.
+
+A reference is a module name (``package.module``, imported with :func:`importlib.import_module`, so it
+must be installed or on ``PYTHONPATH``) or a file path (``path/to/file.py``, relative to the current
+directory or absolute). Every failure is a one-line :class:`~rlhf_pg.errors.UserError` naming what
+the code was loaded for and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .errors import UserError, one_line
+
+_ids = itertools.count()
+_plugins: dict[str, ModuleType] = {}
+
+
+def is_file_ref(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def import_module(name: str, what: str) -> ModuleType:
+    """Import ``name`` for ``what`` (e.g. "reward function 'm:f'")."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(
+            f"cannot import module {name!r} for {what}: {one_line(exc)} — install it, "
+            "add its folder to PYTHONPATH, or give a file path (path/to/file.py)"
+        ) from exc
+    except Exception as exc:
+        raise UserError(
+            f"importing module {name!r} for {what} raised {type(exc).__name__}: {one_line(exc)} — fix the module"
+        ) from exc
+
+
+def load_file(where: str, what: str, fix_path: str) -> ModuleType:
+    """Execute the file ``where`` as a fresh module (a unique name each call) for ``what``;
+    ``fix_path`` says where the path came from (in the 'not found' message)."""
+    path = Path(where).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(
+            f"{what}: file {where!r} not found (looked for {path}; relative paths start at the "
+            f"current directory {Path.cwd()}) — {fix_path}"
+        )
+    stem = re.sub(r"\W", "_", path.stem)
+    module_name = f"_rlhf_pg_user_{next(_ids)}_{stem}"  # unique: each load is a fresh module
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot load {where!r} as Python code for {what} — give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses, pickling and typing look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise UserError(
+            f"loading {where!r} for {what} raised {type(exc).__name__}: {one_line(exc)} — fix the file"
+        ) from exc
+    return module
+
+
+def import_plugins(refs: list[str]) -> None:
+    """Import the recipe's ``imports`` (modules or files) once per process, before the config is
+    validated: they register their own advantage estimators, losses, KL estimators or aggregations."""
+    for ref in refs:
+        key = str(Path(ref).expanduser().resolve()) if is_file_ref(ref) else ref
+        if key in _plugins:
+            continue
+        what = f"imports entry {ref!r}"
+        _plugins[key] = (
+            load_file(ref, what, "fix the path in the recipe's `imports`")
+            if is_file_ref(ref)
+            else import_module(ref, what)
+        )
