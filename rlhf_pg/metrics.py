@@ -123,6 +123,12 @@ def sample_rows(batch: Batch, step: int) -> list[dict[str, Any]]:
     return rows
 
 
+def format_eval(metrics: dict[str, Any]) -> str:
+    """One line for an eval record: accuracy, reward and length with the number of prompts."""
+    keys = [k for k in ("eval/accuracy", "eval/reward", "eval/completion_len") if k in metrics]
+    return ", ".join(f"{k.removeprefix('eval/')}={metrics[k]:.3f}" for k in keys) + f" (n={metrics['eval/n']})"
+
+
 class GradNoise:
     """Gradient noise scale from the micro-batches of one minibatch (McCandlish et al. 2018, App. A).
 

@@ -92,19 +92,7 @@ def generate(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
-    # Prefill once per prompt, then share the cache across the G samples.
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids(prompt_mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.past_key_values
-    logits = out.logits[:, -1]
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-        logits = logits.repeat_interleave(G, 0)
+    cache, logits = _prefill(model, prompt_ids, prompt_mask, G)
     B = P * G
     attn = prompt_mask.repeat_interleave(G, 0)  # (B_active, P + t)
     next_pos = attn.sum(-1, keepdim=True)  # (B_active, 1): position of the next token
@@ -140,10 +128,30 @@ def generate(
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
 
-    # Trim to the longest completion; mask = 1 up to and including EOS / the stop token.
+    return _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G, pad_id)
+
+
+def _prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int):
+    """Run each prompt once; repeat its KV cache and last logits for its G samples: ((B, ...), (B, V))."""
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)
+    return cache, logits
+
+
+def _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G: int, pad_id: int) -> Batch:
+    """Trim to the longest completion; mask = 1 up to and including EOS / the stop token."""
     T_used = int(lengths.max().item())
     tokens, logps = tokens[:, :T_used], logps[:, :T_used]
-    mask = (torch.arange(T_used, device=device)[None, :] < lengths[:, None]).float()
+    mask = (torch.arange(T_used, device=tokens.device)[None, :] < lengths[:, None]).float()  # (B, T)
     tokens = tokens.masked_fill(mask == 0, pad_id)
     return Batch(
         prompt_ids=prompt_ids.repeat_interleave(G, 0),

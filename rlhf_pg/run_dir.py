@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -56,6 +57,21 @@ class RunDir:
             with open(self.out / name, "a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int):
+        """A progress bar over the run's steps (main process only); ``bar.show(metrics)`` after a step."""
+        bar = tqdm(total=total, initial=initial, desc="train", disable=not self.acc.is_main_process, dynamic_ncols=True)
+
+        def show(m: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}", len=f"{m['completion_len']:.0f}")
+
+        bar.show = show
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def logged_eval(self, step: int) -> dict | None:
         """The eval record of ``step`` already in metrics.jsonl (a resumed run does not re-evaluate)."""

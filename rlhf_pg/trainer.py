@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from . import core, order, setup
 from .batch import Batch
@@ -40,7 +39,7 @@ from .distributed import gathered_for_generation
 from .errors import UserError
 from .forward import forward, forward_no_grad
 from .memory import release_memory
-from .metrics import GradNoise, MetricSums, Reducer, rollout_metrics, sample_rows
+from .metrics import GradNoise, MetricSums, Reducer, format_eval, rollout_metrics, sample_rows
 from .rewards import score_batch
 from .rollout import SamplingParams, sample
 from .run_dir import Interrupted, RunDir, StopSignals
@@ -81,6 +80,10 @@ class Trainer:
     def kl_coef(self) -> float:
         return self.algo.kl_ctl.value if self.algo.kl_ctl else self.cfg.algo.kl_coef
 
+    def _due(self, every: int) -> bool:
+        """Whether a job done every ``every`` steps (0 = never) is due after the current step."""
+        return bool(every) and self.step_idx % every == 0
+
     # ---------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
@@ -92,43 +95,26 @@ class Trainer:
         if self.step_idx == 0 and cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()
             run.write_jsonl("metrics.jsonl", [ev])
-            run.print("eval at step 0: " + _fmt(ev))
+            run.print("eval at step 0: " + format_eval(ev))
         elif self.step_idx > 0:
             history["eval_start"] = run.logged_eval(step=0)
-        bar = tqdm(
-            total=cfg.train.max_steps,
-            initial=self.step_idx,
-            desc="train",
-            disable=not self.acc.is_main_process,
-            dynamic_ncols=True,
-        )
-        with StopSignals(run.print) as stop:
-            try:
-                while self.step_idx < cfg.train.max_steps:
-                    stop.step = self.step_idx
-                    m = self.step()
-                    run.write_jsonl("metrics.jsonl", [m])
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}", len=f"{m['completion_len']:.0f}"
-                    )
-                    if (
-                        cfg.train.eval_every
-                        and self.step_idx % cfg.train.eval_every == 0
-                        and self.step_idx < cfg.train.max_steps
-                    ):
-                        run.write_jsonl("metrics.jsonl", [self.evaluate()])
-                    if self.reduce.any(bool(stop.received)):
-                        raise Interrupted(self.step_idx, self.save_checkpoint(), stop.received[0])
-                    if cfg.train.save_every and self.step_idx % cfg.train.save_every == 0:
-                        self.save_checkpoint()
-            finally:
-                bar.close()
-        if self.step_idx > 0 and (not cfg.train.save_every or self.step_idx % cfg.train.save_every):
+        with StopSignals(run.print) as stop, run.progress(cfg.train.max_steps, self.step_idx) as bar:
+            while self.step_idx < cfg.train.max_steps:
+                stop.step = self.step_idx
+                m = self.step()
+                run.write_jsonl("metrics.jsonl", [m])
+                bar.show(m)
+                if self._due(cfg.train.eval_every) and self.step_idx < cfg.train.max_steps:
+                    run.write_jsonl("metrics.jsonl", [self.evaluate()])
+                if self.reduce.any(bool(stop.received)):
+                    raise Interrupted(self.step_idx, self.save_checkpoint(), stop.received[0])
+                if self._due(cfg.train.save_every):
+                    self.save_checkpoint()
+        if self.step_idx > 0 and not self._due(cfg.train.save_every):
             self.save_checkpoint()  # the final state, before the (repeatable) end-of-run eval
         history["eval_end"] = ev = self.evaluate()
         run.write_jsonl("metrics.jsonl", [ev])
-        run.print(f"eval at step {self.step_idx}: " + _fmt(ev))
+        run.print(f"eval at step {self.step_idx}: " + format_eval(ev))
         if cfg.train.save_model:
             run.save_model(run.out / "model")
         return history
@@ -409,8 +395,3 @@ class Trainer:
     def save(self, path: Path) -> None:
         """Save the trained policy (and value head / critic) with save_pretrained (see run_dir.py)."""
         self.run.save_model(Path(path))
-
-
-def _fmt(metrics: dict[str, Any]) -> str:
-    keys = [k for k in ("eval/accuracy", "eval/reward", "eval/completion_len") if k in metrics]
-    return ", ".join(f"{k.removeprefix('eval/')}={metrics[k]:.3f}" for k in keys) + f" (n={metrics['eval/n']})"
