@@ -16,13 +16,24 @@ EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``rlhf-pg`` parser: one subcommand per ``_add_*`` helper below."""
     p = argparse.ArgumentParser(
         prog="rlhf-pg",
         description="Policy-gradient RL fine-tuning (REINFORCE, RLOO, GRPO, PPO) for Hugging Face causal LMs.",
         epilog="Run 'rlhf-pg COMMAND --help' for a command's options. Recipes live in recipes/.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_config(sub)
+    _add_eval(sub)
+    _add_plot(sub)
+    _add_variance(sub)
+    _add_bench(sub)
+    return p
 
+
+def _add_train(sub) -> None:
+    """``rlhf-pg train RECIPE [key=value ...] [--resume] [--num-processes N]``."""
     t = sub.add_parser(
         "train",
         help="train a policy from a YAML recipe",
@@ -45,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         "else CPU processes over gloo). For other setups call 'accelerate launch -m rlhf_pg train ...'",
     )
 
+
+def _add_config(sub) -> None:
+    """``rlhf-pg config [RECIPE] [key=value ...]``."""
     c = sub.add_parser(
         "config",
         help="list every option with its default and meaning, or print a resolved recipe",
@@ -53,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", nargs="?", help="recipe to resolve (optional)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
 
+
+def _add_eval(sub) -> None:
+    """``rlhf-pg eval MODEL_OR_RUN [key=value ...] [--recipe] [--k] [--samples] [--out]``."""
     e = sub.add_parser(
         "eval",
         help="evaluate a model, run directory or checkpoint on a recipe's eval split",
@@ -80,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="output directory (default: the run directory, else ./eval_<name>)")
 
+
+def _add_plot(sub) -> None:
+    """``rlhf-pg plot RUN_DIR [RUN_DIR ...] [--out PNG]``."""
     pl = sub.add_parser(
         "plot",
         help="PNG dashboard of one or more runs' metrics.jsonl",
@@ -90,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     pl.add_argument("--out", help="PNG path (default: FIRST_RUN_DIR/dashboard.png)")
 
+
+def _add_variance(sub) -> None:
+    """``rlhf-pg variance RECIPE [key=value ...]`` and the gradient-variance lab's options."""
     v = sub.add_parser(
         "variance",
         help="gradient-variance lab: compare policy-gradient estimators at a policy",
@@ -123,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--out", default=None, help="output directory (default: output_dir of the recipe + '/variance')")
 
+
+def _add_bench(sub) -> None:
+    """``rlhf-pg bench``: its options are the benchmark's own (:func:`rlhf_pg.labs.bench.build_parser`)."""
     bm = sub.add_parser(
         "bench",
         help="benchmark one GRPO step (rlhf-pg vs plain transformers): times, RSS, MFU",
@@ -134,7 +160,6 @@ def _parser() -> argparse.ArgumentParser:
     from .labs import bench  # standard library only at import time: --help stays fast
 
     bench.build_parser(bm)
-    return p
 
 
 def _launch(args) -> int:

@@ -297,38 +297,18 @@ class _Baseline:
         return logp_all.gather(-1, seqs[:, 1:, None]).squeeze(-1)[:, P - 1 :]  # (b, T)
 
     def step(self) -> dict:
+        """One GRPO step, timed per phase: rollout, rewards, old + reference log-probs, train."""
         import torch
 
         from rlhf_pg import core
-        from rlhf_pg.rollout import left_pad
 
-        s, G, tok = self.spec, self.spec.group_size, self.tok
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+        G = self.spec.group_size
         sub = self.data.select(self.rows(self.step_idx))
         times: dict[str, float] = {}
         c_step, t_step, t0 = time.process_time(), time.perf_counter(), time.perf_counter()
         # ---- rollout: generate with num_return_sequences, fp32, no autocast
-        ids, pmask = left_pad(list(sub["prompt_ids"]), pad)
-        P = ids.shape[1]
-        self.policy.eval()
-        with torch.no_grad():
-            seqs = self.policy.generate(
-                input_ids=ids,
-                attention_mask=pmask,
-                do_sample=True,
-                num_return_sequences=G,
-                max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature,
-                top_p=1.0,
-                top_k=0,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-        comp = seqs[:, P:]  # (B, T)
-        is_eos = (comp == eos).long()
-        cmask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # 1 up to and including the first EOS
-        comp_lists = [row[m.bool()].tolist() for row, m in zip(comp, cmask)]
-        texts = tok.batch_decode(comp_lists, skip_special_tokens=True)
+        seqs, pmask, cmask, comp_lists, texts = self._rollout(sub)
+        P = pmask.shape[1]
         times["rollout"] = time.perf_counter() - t0
 
         # ---- rewards
@@ -343,15 +323,9 @@ class _Baseline:
         t0 = time.perf_counter()
         attn = torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1)
         B = seqs.shape[0]
-        mbs = s.baseline_micro_batch_size or B
+        mbs = self.spec.baseline_micro_batch_size or B
         chunks = [slice(i, min(i + mbs, B)) for i in range(0, B, mbs)]
-        with torch.no_grad():
-            old = torch.cat([self.logprobs(self.policy, seqs[c], attn[c], P) for c in chunks])
-            ref = (
-                torch.cat([self.logprobs(self.ref, seqs[c], attn[c], P) for c in chunks])
-                if self.ref is not None
-                else None
-            )
+        old, ref = self._old_and_ref_logprobs(seqs, attn, P, chunks)
         times["reference"] = time.perf_counter() - t0
 
         a = self.cfg.algo  # grpo advantage, clip loss, k3 KL in the loss, token-mean (see _config)
@@ -363,18 +337,7 @@ class _Baseline:
 
         # ---- train: forward + backward per micro-batch on the full padded sequences, AdamW
         t0 = time.perf_counter()
-        self.policy.train()
-        n = core.Normalisers(num_tokens=cmask.sum().item(), num_seqs=B, max_tokens=s.max_new_tokens)
-        for c in chunks:
-            logp = self.logprobs(self.policy, seqs[c], attn[c], P)
-            per_tok, _ = core.POLICY_LOSSES[a.policy_loss].fn(logp, old[c], adv[c], cmask[c], a.options(a.policy_loss))
-            if ref is not None:
-                per_tok = per_tok + self.beta * core.KL_ESTIMATORS[a.kl_estimator].fn(logp, ref[c])
-            loss = core.AGGREGATIONS[a.loss_agg].fn(per_tok, cmask[c], n, a.options(a.loss_agg))
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._train(seqs, attn, P, chunks, old, ref, adv, cmask)
         times["train"] = time.perf_counter() - t0
         times["step"] = time.perf_counter() - t_step
         times["step_cpu"] = time.process_time() - c_step
@@ -389,6 +352,71 @@ class _Baseline:
             "reward": out.scores.mean().item(),
         }
 
+    def _rollout(self, sub):
+        """Sample G completions per prompt with ``generate``; return the sequences, the prompt mask,
+        the completion mask (up to and including the first EOS), the completion token lists and texts."""
+        import torch
+
+        from rlhf_pg.rollout import left_pad
+
+        s, tok = self.spec, self.tok
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        ids, pmask = left_pad(list(sub["prompt_ids"]), pad)
+        P = ids.shape[1]
+        self.policy.eval()
+        with torch.no_grad():
+            seqs = self.policy.generate(
+                input_ids=ids,
+                attention_mask=pmask,
+                do_sample=True,
+                num_return_sequences=s.group_size,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+        comp = seqs[:, P:]  # (B, T)
+        is_eos = (comp == eos).long()
+        cmask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # 1 up to and including the first EOS
+        comp_lists = [row[m.bool()].tolist() for row, m in zip(comp, cmask)]
+        texts = tok.batch_decode(comp_lists, skip_special_tokens=True)
+        return seqs, pmask, cmask, comp_lists, texts
+
+    def _old_and_ref_logprobs(self, seqs, attn, P: int, chunks):
+        """The "old" policy log-probs and the reference log-probs (None at β = 0): two no-grad passes."""
+        import torch
+
+        with torch.no_grad():
+            old = torch.cat([self.logprobs(self.policy, seqs[c], attn[c], P) for c in chunks])
+            ref = (
+                torch.cat([self.logprobs(self.ref, seqs[c], attn[c], P) for c in chunks])
+                if self.ref is not None
+                else None
+            )
+        return old, ref
+
+    def _train(self, seqs, attn, P: int, chunks, old, ref, adv, cmask) -> None:
+        """Forward + backward of the clipped GRPO loss (+ β·k3 KL) per micro-batch, then clip and AdamW."""
+        import torch
+
+        from rlhf_pg import core
+
+        a = self.cfg.algo
+        self.policy.train()
+        n = core.Normalisers(num_tokens=cmask.sum().item(), num_seqs=seqs.shape[0], max_tokens=self.spec.max_new_tokens)
+        for c in chunks:
+            logp = self.logprobs(self.policy, seqs[c], attn[c], P)
+            per_tok, _ = core.POLICY_LOSSES[a.policy_loss].fn(logp, old[c], adv[c], cmask[c], a.options(a.policy_loss))
+            if ref is not None:
+                per_tok = per_tok + self.beta * core.KL_ESTIMATORS[a.kl_estimator].fn(logp, ref[c])
+            loss = core.AGGREGATIONS[a.loss_agg].fn(per_tok, cmask[c], n, a.options(a.loss_agg))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
 
 def _child_baseline(spec: BenchSpec, which: str) -> dict:
     import torch
@@ -398,6 +426,12 @@ def _child_baseline(spec: BenchSpec, which: str) -> dict:
     rss_load = _rss_mb()
     steps = [b.step() for _ in range(spec.warmup + spec.steps)][spec.warmup :]
     return {"steps": steps, "n_params": _n_params(b.policy), "rss_after_load_mb": rss_load}
+
+
+def _abs_diff(x, exact, mask) -> dict:
+    """Mean and max of |x − exact| over the completion tokens (``mask``)."""
+    d = (x - exact).abs()[mask.bool()]
+    return {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
 
 
 def _child_quality(spec: BenchSpec, precision: str) -> dict:
@@ -448,16 +482,12 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
         with torch.no_grad():  # the reference pass (same weights as the policy before any update)
             lp_ref_path = tr.logprobs(tr.ref, batch) if tr.ref is not None else None
 
-        def diff(x: torch.Tensor) -> dict:
-            d = (x - lp_exact).abs()[mask.bool()]
-            return {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
-
         return {
             "precision": precision,
             "tokens": int(n_tok),
-            "logp_rollout_vs_exact": diff(batch.old_logprobs),
-            "logp_train_vs_exact": diff(lp_ours),
-            "logp_reference_vs_exact": diff(lp_ref_path) if lp_ref_path is not None else None,
+            "logp_rollout_vs_exact": _abs_diff(batch.old_logprobs, lp_exact, mask),
+            "logp_train_vs_exact": _abs_diff(lp_ours, lp_exact, mask),
+            "logp_reference_vs_exact": _abs_diff(lp_ref_path, lp_exact, mask) if lp_ref_path is not None else None,
             "grad_cosine": torch.nn.functional.cosine_similarity(g_ours.double(), g_exact.double(), dim=0).item(),
             "grad_rel_err": ((g_ours.double() - g_exact.double()).norm() / g_exact.double().norm()).item(),
         }
@@ -720,6 +750,20 @@ def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[s
 
 def format_table(report: dict) -> str:
     """Plain-text tables: per β, phase medians (s) of each path and the speed-up baseline / ours."""
+    lines = _table_header(report)
+    for key, res in report["results"].items():
+        lines.append("")
+        lines.append(f"== GRPO step, {key} ==")
+        lines.extend(_table_rows(res, report["speedup"][key]))
+    if report["quality"]:
+        lines.append("")
+        lines.append("== quality: ours vs exact fp32 full log-softmax, same sampled batch ==")
+        lines.extend(_quality_lines(report["quality"]))
+    return "\n".join(lines)
+
+
+def _table_header(report: dict) -> list[str]:
+    """The lines above the tables: workload, machine and, with a matmul peak, the peak and FLOP formula."""
     lines = []
     w = report["workload"]
     m = report["machine"]
@@ -739,77 +783,73 @@ def format_table(report: dict) -> str:
             f"FLOPs (both paths alike): rollout {f['rollout']}, reference {f['reference']}, train {f['train']}; "
             f"S = {f['S']}; N = {f['N']}"
         )
-    for key, res in report["results"].items():
-        paths = list(res)
-        lines.append("")
-        lines.append(f"== GRPO step, {key} ==")
-        head = f"{'':<22}" + "".join(f"{p:>14}" for p in paths) + "".join(f"{'x ' + p:>16}" for p in paths[:-1])
-        lines.append(head)
-        sp = report["speedup"][key]
+    return lines
 
-        def row(label, vals, ratios=None, fmt="{:.2f}"):
-            s = f"{label:<22}" + "".join(f"{(fmt.format(v) if v is not None else '-'):>14}" for v in vals)
-            if ratios is not None:
-                s += "".join(f"{(f'{r:.2f}x' if r is not None else '-'):>16}" for r in ratios)
-            return s
 
-        lines.append(f"{'precision':<22}" + "".join(f"{res[p]['precision']:>14}" for p in paths))
-        labels = {"reference": "ref + old logp (s)", "step_cpu": "step CPU time (s)"}
-        for ph in PHASES:
-            lines.append(
-                row(
-                    labels.get(ph, f"{ph} (s)"),
-                    [res[p]["median"][ph] for p in paths],
-                    [sp[p][ph] for p in paths[:-1]],
-                    "{:.3f}",
-                )
-            )
+def _table_row(label: str, vals: list, ratios: list | None = None, fmt: str = "{:.2f}") -> str:
+    """One table row: the label, a value per path ('-' for None) and, optionally, the speed-up columns."""
+    s = f"{label:<22}" + "".join(f"{(fmt.format(v) if v is not None else '-'):>14}" for v in vals)
+    if ratios is not None:
+        s += "".join(f"{(f'{r:.2f}x' if r is not None else '-'):>16}" for r in ratios)
+    return s
+
+
+def _table_rows(res: dict, sp: dict) -> list[str]:
+    """One β's table: the column heads, a row per phase and per size (tokens, RSS, MFU), the footnote."""
+    paths = list(res)
+    ours = paths[:-1]  # the last path is the baseline
+    row = _table_row
+    lines = [f"{'':<22}" + "".join(f"{p:>14}" for p in paths) + "".join(f"{'x ' + p:>16}" for p in ours)]
+    lines.append(f"{'precision':<22}" + "".join(f"{res[p]['precision']:>14}" for p in paths))
+    labels = {"reference": "ref + old logp (s)", "step_cpu": "step CPU time (s)"}
+    for ph in PHASES:
         lines.append(
-            row(
-                "rollout tokens/s",
-                [res[p]["tokens_per_s"] for p in paths],
-                [sp[p]["rollout_tokens_per_s"] for p in paths[:-1]],
-                "{:.1f}",
-            )
+            row(labels.get(ph, f"{ph} (s)"), [res[p]["median"][ph] for p in paths], [sp[p][ph] for p in ours], "{:.3f}")
         )
-        lines.append(row("completion tokens", [res[p]["median"]["completion_tokens"] for p in paths], fmt="{:.0f}"))
+    lines.append(
+        row(
+            "rollout tokens/s",
+            [res[p]["tokens_per_s"] for p in paths],
+            [sp[p]["rollout_tokens_per_s"] for p in ours],
+            "{:.1f}",
+        )
+    )
+    lines.append(row("completion tokens", [res[p]["median"]["completion_tokens"] for p in paths], fmt="{:.0f}"))
+    lines.append(
+        row("peak RSS (MB)", [res[p]["peak_rss_mb"] for p in paths], [sp[p]["peak_rss"] for p in ours], "{:.0f}")
+    )
+    lines.append(row("RSS after load (MB)", [res[p]["rss_after_load_mb"] for p in paths], fmt="{:.0f}"))
+    if "mfu" in res[paths[0]]:
+        for ph in ("rollout", "reference", "train", "step"):
+            vals = [res[p]["mfu"][ph] for p in paths]
+            if any(v is not None for v in vals):
+                lines.append(row(f"MFU {ph}", [100 * v if v is not None else None for v in vals], fmt="{:.1f}%"))
+    lines.append(
+        "  (x columns: baseline / ours, median over repetitions, for times and tokens/s; for peak RSS "
+        "ours / baseline. 'ref + old logp': ours runs the reference only (none at beta=0), the "
+        "baseline an old-log-prob pass and the reference)"
+    )
+    return lines
+
+
+def _quality_lines(quality: dict) -> list[str]:
+    """A line per precision of ours: gradient cosine and relative error, mean/max |Δ log p| per pass."""
+    lines = []
+    for p, q in quality.items():
+        diffs = ", ".join(
+            f"{name} {q[k]['mean_abs']:.1e}/{q[k]['max_abs']:.1e}"
+            for name, k in (
+                ("train", "logp_train_vs_exact"),
+                ("reference", "logp_reference_vs_exact"),
+                ("rollout", "logp_rollout_vs_exact"),
+            )
+            if q[k] is not None
+        )
         lines.append(
-            row(
-                "peak RSS (MB)",
-                [res[p]["peak_rss_mb"] for p in paths],
-                [sp[p]["peak_rss"] for p in paths[:-1]],
-                "{:.0f}",
-            )
+            f"{p}: grad cosine {q['grad_cosine']:.5f}, grad rel. err {q['grad_rel_err']:.2e}; "
+            f"|Δ log p| mean/max: {diffs}"
         )
-        lines.append(row("RSS after load (MB)", [res[p]["rss_after_load_mb"] for p in paths], fmt="{:.0f}"))
-        if "mfu" in res[paths[0]]:
-            for ph in ("rollout", "reference", "train", "step"):
-                vals = [res[p]["mfu"][ph] for p in paths]
-                if any(v is not None for v in vals):
-                    lines.append(row(f"MFU {ph}", [100 * v if v is not None else None for v in vals], fmt="{:.1f}%"))
-        lines.append(
-            "  (x columns: baseline / ours, median over repetitions, for times and tokens/s; for peak RSS "
-            "ours / baseline. 'ref + old logp': ours runs the reference only (none at beta=0), the "
-            "baseline an old-log-prob pass and the reference)"
-        )
-    if report["quality"]:
-        lines.append("")
-        lines.append("== quality: ours vs exact fp32 full log-softmax, same sampled batch ==")
-        for p, q in report["quality"].items():
-            diffs = ", ".join(
-                f"{name} {q[k]['mean_abs']:.1e}/{q[k]['max_abs']:.1e}"
-                for name, k in (
-                    ("train", "logp_train_vs_exact"),
-                    ("reference", "logp_reference_vs_exact"),
-                    ("rollout", "logp_rollout_vs_exact"),
-                )
-                if q[k] is not None
-            )
-            lines.append(
-                f"{p}: grad cosine {q['grad_cosine']:.5f}, grad rel. err {q['grad_rel_err']:.2e}; "
-                f"|Δ log p| mean/max: {diffs}"
-            )
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
