@@ -1,15 +1,18 @@
 """Example custom reward functions: copy this file, edit it, and name its functions in a recipe.
 
-A reward function has TRL's signature, so functions written for TRL work here unchanged::
+Reward functions are called as TRL calls them — by keyword — so functions written for TRL work here
+unchanged::
 
-    fn(prompts: list, completions: list[str], **kwargs) -> list[float | None]
+    fn(*, prompts, completions, completion_ids, trainer_state, log_extra, log_metric, **columns) -> list
 
-* ``prompts``: the dataset's prompts (a string, or a list of chat messages, per sample);
-  ``completions``: the generated texts, one per sample.
-* Keyword arguments: every other dataset column (e.g. ``answer``), plus ``completion_ids`` (each
-  completion's token ids), ``prompt_text`` (each prompt as the model saw it) and, when the trainer
-  has a tokenizer, ``completion_tokens`` (each completion token decoded on its own). Take the ones you
-  need as named parameters and swallow the rest with ``**kwargs``.
+* ``prompts``: the dataset's prompts; ``completions``: the generated completions, one per sample. For
+  text data both are strings; for conversational data (prompts are lists of chat messages) each
+  completion is ``[{"role": "assistant", "content": text}]``, as in TRL.
+* Every other dataset column (e.g. ``answer``), ``completion_ids`` (each completion's token ids),
+  ``trainer_state`` (``.global_step``: RL steps done), ``log_extra(column, values)`` and
+  ``log_metric(name, value)``; ours besides: ``prompt_text`` (each prompt as the model saw it) and,
+  when the trainer has a tokenizer, ``completion_tokens`` (each completion token decoded on its own).
+  Take the ones you need as named parameters and swallow the rest with ``**kwargs``.
 * Return one entry per completion: a float, ``None`` when the reward does not apply to that sample
   (it then counts as 0 in the sum and is left out of the function's logged mean), or a list with
   one float per completion token (a dense reward, as ``repeated_token_penalty`` below).
@@ -53,13 +56,18 @@ def tagged_answer(
         raise ValueError("tagged_answer needs an 'answer' column in the dataset")
     pattern = re.compile(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", re.DOTALL)
     scores: list[float | None] = []
-    for completion, expected in zip(completions, answer):
+    for completion, expected in zip(_texts(completions), answer):
         if expected is None:
             scores.append(None)
             continue
         found = pattern.findall(completion)
         scores.append(1.0 if found and found[-1].strip() == str(expected).strip() else 0.0)
     return scores
+
+
+def _texts(completions: list) -> list[str]:
+    """Text data gives strings; conversational data gives [{"role": "assistant", "content": ...}]."""
+    return [c if isinstance(c, str) else c[0]["content"] for c in completions]
 
 
 def repeated_token_penalty(

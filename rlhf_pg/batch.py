@@ -44,6 +44,8 @@ class Batch:
     """(B,) float. Weighted sequence reward R(x, y) from the reward functions."""
     reward_per_function: dict[str, torch.Tensor] = field(default_factory=dict)
     """name → (B,) float. Each reward function's own sequence value (unweighted), NaN where it returned None."""
+    reward_extra: dict[str, list] = field(default_factory=dict)
+    """column → one value per row: what reward functions logged with ``log_extra`` (written to samples.jsonl)."""
     token_rewards: torch.Tensor | None = None
     """(B, T) float. r_t: per-token reward (scores on the last token, dense rewards, − β·KL if kl_in=reward)."""
     ref_logprobs: torch.Tensor | None = None

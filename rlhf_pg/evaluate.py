@@ -143,7 +143,7 @@ class _Sums:
 
 def _accuracy(batch) -> torch.Tensor:
     """Per completion: the built-in ``accuracy`` rule as float64, NaN where it gave None."""
-    raw = REWARD_REGISTRY["accuracy"](batch.prompts, batch.completions, **batch.columns)
+    raw = REWARD_REGISTRY["accuracy"](prompts=batch.prompts, completions=batch.completions, **batch.columns)
     return torch.tensor([math.nan if x is None else float(x) for x in raw], dtype=torch.float64)
 
 
@@ -211,6 +211,7 @@ def _run_phase(
     k: int,
     generator: torch.Generator | None,
     keep_samples: bool,
+    trainer_state: Any,
     bar=None,
 ) -> list[dict[str, Any]]:
     """Generate, score and accumulate ``phase`` over this shard's ``rows`` in batches of
@@ -219,7 +220,7 @@ def _run_phase(
     for s in range(0, len(rows), phase.per_batch):
         chunk = rows[s : s + phase.per_batch]
         batch = sample(backend, tokenizer, dataset, chunk, phase.group, phase.params, generator=generator)
-        score_batch(rewards, batch)
+        score_batch(rewards, batch, trainer_state)
         lengths = batch.completion_mask.sum(-1).float().cpu()
         acc = _add_batch_metrics(sums, phase, batch, chunk, lengths, has_answer, k)
         if keep_samples:
@@ -264,6 +265,7 @@ def evaluate_policy(
     prefix: str = "eval/",
     keep_samples: bool = False,
     progress: bool = False,
+    trainer_state: Any = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` (rows with ``prompt_ids``, ``prompt``, ``prompt_text`` and
     the reward columns, as :func:`rlhf_pg.data.load_prompt_dataset` returns them).
@@ -289,6 +291,10 @@ def evaluate_policy(
     device = next(model.parameters()).device
     rows = list(range(rank, len(dataset), world))
     backend = HFBackend(model, tokenizer)
+    if trainer_state is None:  # reward functions written for TRL may read it (e.g. trainer_state.global_step)
+        from transformers import TrainerState
+
+        trainer_state = TrainerState()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -308,6 +314,7 @@ def evaluate_policy(
             k=k,
             generator=generator,
             keep_samples=keep_samples,
+            trainer_state=trainer_state,
             bar=bar,
         )
     if bar is not None:

@@ -48,6 +48,14 @@ class Reducer:
 
         return gather_object(rows)
 
+    def mean_of_logged(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """name → mean of every value logged under it on any process (names may differ by process)."""
+        merged: dict[str, list[float]] = {}
+        for part in self.gather_objects([logged]):
+            for name, values in part.items():
+                merged.setdefault(name, []).extend(values)
+        return {name: float(np.mean(values)) for name, values in merged.items() if values}
+
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any."""
         return bool(self.sum(torch.tensor(float(flag), device=self.acc.device)).item() > 0)
@@ -118,6 +126,7 @@ def sample_rows(batch: Batch, step: int) -> list[dict[str, Any]]:
                     for k, v in batch.reward_per_function.items()
                 },
                 "advantage": first_adv[i],
+                **{k: v[i] for k, v in batch.reward_extra.items()},
             }
         )
     return rows

@@ -1,19 +1,26 @@
 """Reward functions: the contract, the built-ins, loading user functions, and batched scoring.
 
-The contract is TRL's, so reward functions written for TRL work unchanged::
+The contract is TRL's: every function is called by keyword, so reward functions written for TRL work
+unchanged::
 
-    def my_reward(prompts: list, completions: list[str], **kwargs) -> list[float | None]:
+    def my_reward(completions, **kwargs) -> list[float | None]:
         ...
 
+    fn(prompts=..., completions=..., completion_ids=..., **dataset_columns,
+       trainer_state=..., log_extra=..., log_metric=..., prompt_text=..., completion_tokens=...)
+
 * ``prompts`` are the dataset's original prompts (a string or a list of chat messages each);
-  ``completions`` are the generated texts, one per prompt (a prompt sampled ``group_size`` times
-  appears ``group_size`` times).
-* Every other dataset column (e.g. ``answer``) arrives as a keyword list of the same length.
-  So do ``completion_ids`` (``list[list[int]]``: each completion's token ids, without padding),
-  ``prompt_text`` (``list[str]``: each prompt as the text the model saw, chat template applied) and,
-  when the :class:`RewardSet` was built with a ``tokenizer``, ``completion_tokens``
-  (``list[list[str]]``: each completion token decoded on its own). A function must accept
-  ``**kwargs`` for the keywords it does not use.
+  ``completions`` the generated completions, one per sample (a prompt sampled ``group_size`` times
+  appears ``group_size`` times): strings for text data, ``[{"role": "assistant", "content": text}]``
+  for conversational data (prompts given as messages), as TRL passes them.
+* Every other dataset column (e.g. ``answer``) arrives as a keyword list of the same length, and so
+  do ``completion_ids`` (each completion's token ids, without padding). ``trainer_state`` is a
+  ``transformers.TrainerState`` (``global_step``: RL steps done); ``log_extra(column, values)`` adds
+  per-sample values to samples.jsonl and ``log_metric(name, value)`` a scalar to metrics.jsonl. Ours
+  besides: ``prompt_text`` (each prompt as the model saw it, chat template applied) and, when the
+  :class:`RewardSet` has a ``tokenizer``, ``completion_tokens`` (each completion token decoded alone).
+* A function takes what it needs and ``**kwargs`` for the rest; one without ``**kwargs`` gets only the
+  keywords it names. ``async def`` functions are awaited (concurrently).
 * It returns one entry per completion: a number (a sequence-level reward), ``None`` ("does not
   apply to this sample"), or a list of numbers aligned with that completion's tokens (a dense,
   per-token reward; its sequence-level value is the sum).
@@ -30,6 +37,8 @@ and returns weighted sequence scores, per-function values for logging, and per-t
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import difflib
 import functools
 import inspect
@@ -55,8 +64,17 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 REWARD_REGISTRY: dict[str, Callable[..., Any]] = {}
 """Built-in reward functions (and factories) by name; add entries with :func:`register_reward`."""
 
-RESERVED_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_text", "completion_tokens")
-"""Keywords the toolkit passes itself; a dataset column may not use these names."""
+RESERVED_KEYWORDS = (
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "prompt_text",
+    "completion_tokens",
+)
+"""Keywords the toolkit passes itself (TRL's, then ours); a dataset column may not use these names."""
 
 _FACTORY_ATTR = "_rlhf_pg_reward_factory"
 
@@ -166,6 +184,10 @@ class RewardOutput:
     scores: torch.Tensor
     per_function: dict[str, torch.Tensor]
     token_rewards: torch.Tensor | None
+    extra_columns: dict[str, list] = field(default_factory=dict)
+    """Per-sample values the functions logged with ``log_extra(column, values)`` (written to samples.jsonl)."""
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)
+    """Scalars the functions logged with ``log_metric(name, value)`` (their mean goes to metrics.jsonl)."""
 
 
 Value = float | list[float] | None
@@ -230,11 +252,15 @@ class RewardSet:
         completion_ids: list[list[int]],
         columns: dict[str, list],
         prompt_text: list[str] | None = None,
+        trainer_state: Any = None,
     ) -> RewardOutput:
-        """Score a batch. ``columns`` holds the extra dataset columns (each a list of length ``B``).
+        """Score a batch: call every function by keyword, as TRL does (see the module docstring).
 
-        ``prompt_text`` is each prompt as rendered for the model; it defaults to ``prompts`` when
-        these are all strings and must be given for chat prompts.
+        ``completions`` are the decoded texts; for conversational prompts (lists of messages) the
+        functions receive each as ``[{"role": "assistant", "content": text}]``. ``columns`` holds the
+        extra dataset columns (each a list of length ``B``). ``prompt_text`` is each prompt as rendered
+        for the model; it defaults to ``prompts`` when these are all strings and must be given for chat
+        prompts. ``trainer_state`` (a ``transformers.TrainerState``) reaches functions that ask for it.
         """
         n = len(completions)
         if len(prompts) != n or len(completion_ids) != n:
@@ -250,22 +276,43 @@ class RewardSet:
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompt_text is required when prompts are chat messages")
             prompt_text = list(prompts)
-        keywords: dict[str, list] = dict(columns, completion_ids=completion_ids, prompt_text=prompt_text)
+        log = _Log(n)
+        chat = bool(prompts) and not isinstance(prompts[0], str)
+        keywords: dict[str, Any] = dict(
+            prompts=prompts,
+            completions=[[{"role": "assistant", "content": c}] for c in completions] if chat else completions,
+            completion_ids=completion_ids,
+            **columns,
+            trainer_state=trainer_state,
+            log_extra=log.extra,
+            log_metric=log.metric,
+            prompt_text=prompt_text,
+        )
         if self.tokenizer is not None:
             keywords["completion_tokens"] = self._decode_tokens(completion_ids)
-
+        raws = [self._invoke(name, fn, keywords, n) for name, fn in zip(self.names, self.functions)]
+        pending = [i for i, raw in enumerate(raws) if inspect.isawaitable(raw)]
+        for i, raw in zip(pending, _run_coroutines([raws[i] for i in pending])):  # async functions run together
+            raws[i] = self._failed(self.names[i], raw, n) if isinstance(raw, BaseException) else raw
         lengths = [len(ids) for ids in completion_ids]
-        results = [
-            self._call_one(name, fn, prompts, completions, keywords, lengths)
-            for name, fn in zip(self.names, self.functions)
-        ]
+        results = [self._checked(name, raw, lengths) for name, raw in zip(self.names, raws)]
         for i in range(n):
             if all(values[i] is None for values in results) and self.on_all_none == "raise":
                 raise UserError(
                     f"every reward function returned None for sample {i} (prompt {_preview(prompts[i])}) — make "
                     "at least one reward apply to every sample, or set rewards.on_all_none=zero"
                 )
-        return self._combine(results, lengths)
+        out = self._combine(results, lengths)
+        out.extra_columns, out.logged_metrics = log.columns, log.metrics
+        return out
+
+    def check_keywords(self, columns: Sequence[str]) -> None:
+        """Fail fast (before any sampling) when a function needs a keyword the data will not provide."""
+        names = [*RESERVED_KEYWORDS[:6], *columns, *RESERVED_KEYWORDS[6:]]
+        if self.tokenizer is None:
+            names.remove("completion_tokens")
+        for name, fn in zip(self.names, self.functions):
+            _keywords_for(name, fn, dict.fromkeys(names))
 
     def _decode_tokens(self, completion_ids: list[list[int]]) -> list[list[str]]:
         flat = self.tokenizer.batch_decode([[t] for ids in completion_ids for t in ids])
@@ -275,36 +322,38 @@ class RewardSet:
             start += len(ids)
         return out
 
-    def _call_one(
-        self,
-        name: str,
-        fn: RewardFn,
-        prompts: list,
-        completions: list[str],
-        keywords: dict[str, list],
-        lengths: list[int],
-    ) -> list[Value]:
-        n = len(completions)
+    def _invoke(self, name: str, fn: RewardFn, keywords: dict[str, Any], n: int) -> Any:
+        """Call ``fn`` by keyword with what it accepts: its result, an awaitable (async), or Nones."""
+        kw = _keywords_for(name, fn, keywords)
         try:
-            raw = fn(prompts, completions, **keywords)
+            return fn(**kw)
         except UserError:
             raise
         except Exception as exc:
-            if self.on_error == "raise":
-                raise UserError(
-                    f"reward function {name!r} raised {type(exc).__name__} on a batch of {n} samples: "
-                    f"{one_line(exc)} — fix the function or set rewards.on_error=zero"
-                ) from exc
-            if name not in self._warned:
-                self._warned.add(name)
-                logger.warning(
-                    "reward function %r raised %s: %s; its values count as None for this batch "
-                    "(rewards.on_error=zero; later errors of this function are not logged)",
-                    name,
-                    type(exc).__name__,
-                    one_line(exc),
-                )
-            return [None] * n
+            return self._failed(name, exc, n)
+
+    def _failed(self, name: str, exc: BaseException, n: int) -> list[None]:
+        """A function raised: stop with one line, or (``on_error=zero``) its values count as None."""
+        if isinstance(exc, UserError):
+            raise exc
+        if self.on_error == "raise":
+            raise UserError(
+                f"reward function {name!r} raised {type(exc).__name__} on a batch of {n} samples: "
+                f"{one_line(exc)} — fix the function or set rewards.on_error=zero"
+            ) from exc
+        if name not in self._warned:
+            self._warned.add(name)
+            logger.warning(
+                "reward function %r raised %s: %s; its values count as None for this batch "
+                "(rewards.on_error=zero; later errors of this function are not logged)",
+                name,
+                type(exc).__name__,
+                one_line(exc),
+            )
+        return [None] * n
+
+    def _checked(self, name: str, raw: Any, lengths: list[int]) -> list[Value]:
+        n = len(lengths)
         if hasattr(raw, "tolist"):  # a tensor or an array
             raw = raw.tolist()
         if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
@@ -375,6 +424,68 @@ class RewardSet:
         )
 
 
+class _Log:
+    """What TRL's ``log_extra`` / ``log_metric`` keywords collect during one batch."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.columns, self.metrics = n, {}, {}
+
+    def extra(self, column: str, values: list) -> None:
+        if len(values) != self.n:
+            raise UserError(f"log_extra({column!r}, ...) got {len(values)} values for {self.n} completions")
+        self.columns[str(column)] = list(values)
+
+    def metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+
+def _run_coroutines(coros: list) -> list:
+    """Await the async reward functions' results together; exceptions are returned, not raised."""
+    if not coros:
+        return []
+
+    async def gather() -> list:
+        return await asyncio.gather(*coros, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop already runs in this thread (a notebook)
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def _keywords_for(name: str, fn: Callable[..., Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    """The keywords to call ``fn`` with: all of them if it takes ``**kwargs`` (TRL's contract), else those
+    it names. A parameter it requires that is not available is a one-line error listing what is."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (some C callables): pass everything
+        return keywords
+    missing = [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and (p.name not in keywords or p.kind is inspect.Parameter.POSITIONAL_ONLY)
+    ]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(keywords), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(
+            f"reward function {name!r} needs keyword {missing[0]!r}{hint}, which it is not given; reward functions "
+            f"are called by keyword with: {', '.join(keywords)} — rename the parameter, or take **kwargs"
+        )
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return keywords
+    return {p.name: keywords[p.name] for p in params if p.name in keywords}
+
+
+def completion_texts(completions: list) -> list[str]:
+    """Each completion as text, for plain (strings) and conversational (lists of messages) data alike."""
+    return [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
+
+
 def token_reward_tensor(out: RewardOutput, mask: torch.Tensor) -> torch.Tensor:
     """The (B, T) token rewards r_t of a batch with action mask ``mask``: the one place where sequence
     scores and dense rewards become the tensor the advantage estimators read. A sequence score sits on
@@ -388,16 +499,22 @@ def token_reward_tensor(out: RewardOutput, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(tr, (0, max(0, T - tr.shape[1])))[:, :T] * mask
 
 
-def score_batch(rewards: RewardSet, batch) -> None:
+def score_batch(rewards: RewardSet, batch, trainer_state: Any = None) -> RewardOutput:
     """Score a rollout :class:`~rlhf_pg.batch.Batch` in place: ``scores``, ``token_rewards`` and
-    ``reward_per_function``."""
+    ``reward_per_function``; returns the :class:`RewardOutput` (with what the functions logged)."""
     out = rewards(
-        batch.prompts, batch.completions, batch.completion_lists(), batch.columns, prompt_text=batch.prompt_texts
+        batch.prompts,
+        batch.completions,
+        batch.completion_lists(),
+        batch.columns,
+        prompt_text=batch.prompt_texts,
+        trainer_state=trainer_state,
     )
     dev = batch.completion_mask.device
     batch.scores = out.scores.to(dev)
     batch.token_rewards = token_reward_tensor(out, batch.completion_mask)
     batch.reward_per_function = {k: v.to(dev) for k, v in out.per_function.items()}
+    return out
 
 
 def _build(spec: RewardSpec) -> RewardFn:
@@ -481,7 +598,7 @@ def accuracy(prompts: list, completions: list[str], answer: list | None = None, 
             "reward function 'accuracy' needs an 'answer' column in the dataset — add one, or use another reward"
         )
     out: list[float | None] = []
-    for i, (completion, ans) in enumerate(zip(completions, answer)):
+    for i, (completion, ans) in enumerate(zip(completion_texts(completions), answer)):
         if ans is None or (isinstance(ans, float) and math.isnan(ans)) or (isinstance(ans, str) and not ans.strip()):
             out.append(None)
             continue
@@ -514,7 +631,7 @@ def format_reward(
         raise UserError(
             f"reward function 'format': invalid regex pattern {pattern!r}: {exc} — fix kwargs.pattern"
         ) from None
-    return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
+    return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completion_texts(completions)]
 
 
 @register_reward("length_penalty")
@@ -551,7 +668,7 @@ def _vader() -> Any:
 def sentiment(prompts: list, completions: list[str], **kwargs: Any) -> list[float]:
     """VADER compound sentiment of the completion, in [-1, 1] (positive text scores high)."""
     analyzer = _vader()
-    return [float(analyzer.polarity_scores(c)["compound"]) for c in completions]
+    return [float(analyzer.polarity_scores(c)["compound"]) for c in completion_texts(completions)]
 
 
 @register_reward("banned_word_penalty")
@@ -617,7 +734,7 @@ class RewardModelScorer:
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list[str], *, prompt_text: list[str], **kwargs: Any) -> list[float]:
         """The model's score of each ``prompt_text[i] + completions[i]``."""
-        texts = [p + c for p, c in zip(prompt_text, completions)]
+        texts = [p + c for p, c in zip(prompt_text, completion_texts(completions))]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(

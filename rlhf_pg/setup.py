@@ -26,6 +26,7 @@ from .errors import UserError
 from .forward import PassSettings
 from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
 from .rewards import RewardSet, RewardSpec
+from .rollout import NON_REWARD_COLUMNS
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -205,6 +206,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     tokenizer, module, critic, ref = build_policy(cfg, acc, needs_values)
     rewards = build_rewards(cfg, tokenizer)
     train_data, eval_data = build_datasets(cfg, tokenizer)
+    rewards.check_keywords([c for c in train_data.column_names if c not in NON_REWARD_COLUMNS])  # before sampling
     optimizer, scheduler = build_optimizer(
         cfg, [m for m in (module, critic) if m is not None], cfg.train.max_steps * plan.optimizer_steps
     )

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from transformers import TrainerState
 
 from . import core, order, setup
 from .batch import Batch
@@ -79,6 +80,10 @@ class Trainer:
     @property
     def kl_coef(self) -> float:
         return self.algo.kl_ctl.value if self.algo.kl_ctl else self.cfg.algo.kl_coef
+
+    def trainer_state(self) -> TrainerState:
+        """What reward functions get as ``trainer_state`` (TRL's keyword): RL steps done and planned."""
+        return TrainerState(global_step=self.step_idx, max_steps=self.cfg.train.max_steps)
 
     def _due(self, every: int) -> bool:
         """Whether a job done every ``every`` steps (0 = never) is due after the current step."""
@@ -131,11 +136,12 @@ class Trainer:
         times["rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        score_batch(self.rewards, batch)  # scores, (B, T) token rewards, per-function values
+        out = score_batch(self.rewards, batch, self.trainer_state())  # scores, (B, T) token rewards, per function
+        batch.reward_extra = out.extra_columns  # what the functions logged with log_extra(...)
         times["rewards"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = self.reduce.mean_of_logged(out.logged_metrics)  # log_metric(...)
         if self.use_ref:
             batch.ref_logprobs = self.reference_logprobs(batch)
             release_memory()
@@ -370,6 +376,7 @@ class Trainer:
                 stop=list(r.stop),
                 shard=(self.rank, self.world),
                 reduce=self.reduce.sum,
+                trainer_state=self.trainer_state(),
             )
         return {**res.metrics, "step": self.step_idx}
 

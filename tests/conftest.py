@@ -84,9 +84,11 @@ def one_thread():
 
 
 VOWELS_REWARD = '''
-def vowels(prompts, completions, **kwargs):
-    """A reward that varies across random completions: vowel count / 10."""
-    return [sum(ch in "aeiou" for ch in c) / 10 for c in completions]
+def vowels(completions, **kwargs):
+    """A reward that varies across random completions: vowel count / 10 (TRL style: a conversational
+    completion is a list of messages)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [sum(ch in "aeiou" for ch in t) / 10 for t in texts]
 '''
 """The tiny runs' reward (a file, loaded as users load theirs: `path/to/file.py:function`)."""
 

@@ -242,11 +242,14 @@ def test_every_function_gets_columns_and_toolkit_keywords(fn_registry) -> None:
     chat = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]
     rewards = RewardSet([RewardSpec("record")])
     rewards(chat, ["a", "b c"], [[5], [6, 7]], {"answer": ["1", "2"]}, prompt_text=["<u>hi", "<u>yo"])
-    assert seen == {
+    log_extra, log_metric = seen.pop("log_extra"), seen.pop("log_metric")
+    assert callable(log_extra) and callable(log_metric)
+    assert seen == {  # TRL's keywords (conversational data: completions as assistant messages), then ours
         "prompts": chat,
-        "completions": ["a", "b c"],
+        "completions": [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b c"}]],
         "answer": ["1", "2"],
         "completion_ids": [[5], [6, 7]],
+        "trainer_state": None,
         "prompt_text": ["<u>hi", "<u>yo"],
     }
 
