@@ -295,10 +295,23 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; a subcommand's flags and ``key=value`` overrides may come in any order
+    (``train recipe.yaml --resume train.max_steps=2``), as people type them."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in subcommands:
+        return parser.parse_args(argv)  # no subcommand: the top-level help (or an error naming the choices)
+    args = subcommands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command is None:
+        parser = _parser()
         parser.print_help()
         return 0
     handlers = {

@@ -108,7 +108,7 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
     values = pre["value_preds"][:, -1][inv][:, None] if has_v else None  # (B, 1) V(s_0)
     if cids.shape[1] == 1:
         return logits, values
-    cache = pre.past_key_values
+    cache = pre.cache
     cache.batch_select_indices(inv)  # (U, ...) → (B, ...)
     prompt_len = pmask.sum(-1, keepdim=True)  # (B, 1)
     steps = cids.shape[1] - 1
@@ -117,7 +117,7 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
         input_ids=cids[:, :steps],
         attention_mask=torch.cat([pmask, cmask[:, :steps]], 1),
         position_ids=pos,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     )
     if has_logits:

@@ -191,7 +191,7 @@ class PolicyWithValue(_WithValueHead):
 class ValueModel(_WithValueHead):
     """A separate critic: a transformer backbone (a causal LM without its LM head) plus a scalar head.
     Same calling convention as :class:`PolicyWithValue` (``"value_preds"`` in the output,
-    ``past_key_values`` when ``use_cache``), with ``logits`` None: no vocabulary matmul.
+    ``cache`` when ``use_cache``), with ``logits`` None: no vocabulary matmul.
     """
 
     _body = "backbone"
@@ -214,7 +214,7 @@ class ValueModel(_WithValueHead):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
-        res = CausalLMOutputWithPast(logits=None, past_key_values=out.past_key_values)
+        res = CausalLMOutputWithPast(logits=None, cache=out.cache)
         res["value_preds"] = values
         return res
 

@@ -122,10 +122,8 @@ def generate(
         if t == T - 1:
             break
         attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-        out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
         next_pos = next_pos + 1
 
     return _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G, pad_id)
@@ -140,7 +138,7 @@ def _prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int)
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.cache, out.logits[:, -1]
     if G > 1:
         cache.batch_repeat_interleave(G)
         logits = logits.repeat_interleave(G, 0)

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from rlhf_pg.cli import main
 
 
@@ -44,3 +46,33 @@ def test_bad_override_exit_2(capsys):
     assert main(["config", "recipes/grpo_arithmetic.yaml", "algo.kl_cof=1"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'algo.kl_coef'" in err
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (
+            ["train", "r.yaml", "--resume", "train.max_steps=2", "--num-processes", "1", "algo.kl_coef=0.1"],
+            {"recipe": "r.yaml", "overrides": ["train.max_steps=2", "algo.kl_coef=0.1"], "resume": True},
+        ),
+        (["config", "r.yaml", "algo.name=rloo"], {"recipe": "r.yaml", "overrides": ["algo.name=rloo"]}),
+        (
+            ["eval", "runs/x", "--k", "4", "data.eval_limit=50", "--samples", "8"],
+            {"target": "runs/x", "overrides": ["data.eval_limit=50"], "k": 4, "samples": 8},
+        ),
+        (["plot", "runs/a", "--out", "d.png", "runs/b"], {"runs": ["runs/a", "runs/b"], "out": "d.png"}),
+        (
+            ["variance", "r.yaml", "--repeats", "3", "model.name=x", "--out", "v"],
+            {"recipe": "r.yaml", "overrides": ["model.name=x"], "repeats": 3, "out": "v"},
+        ),
+        (["bench", "--steps", "2", "--precision", "fp32"], {"steps": 2, "precision": "fp32"}),
+    ],
+)
+def test_flags_and_overrides_in_any_order(argv, want):
+    """What people type: flags before, between and after the key=value overrides, for every subcommand."""
+    from rlhf_pg.cli import parse_args
+
+    args = parse_args(argv)
+    assert args.command == argv[0]
+    for key, value in want.items():
+        assert getattr(args, key) == value, key

@@ -235,7 +235,6 @@ def test_load_model_dtype(tiny_model_dir: Path) -> None:
     assert load_model(TINY_ALIAS, dtype="bfloat16").dtype == torch.bfloat16
 
 
-@pytest.mark.slow
 def test_smollm2_alias_converts_once_and_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RLHF_PG_CACHE", str(tmp_path))
     try:
@@ -250,10 +249,8 @@ def _check_smollm2_alias() -> None:
     assert model_dir.name.startswith(f"{SMOLLM2_ALIAS}-")
     assert "quantization_config" not in (model_dir / "config.json").read_text()
     mtime = (model_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     assert resolve_model(SMOLLM2_ALIAS) == str(model_dir)
-    assert time.perf_counter() - start < 2.0, "second resolve must reuse the cache"
-    assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime, "a second resolve must reuse the cache"
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     model = load_model(SMOLLM2_ALIAS).eval()
