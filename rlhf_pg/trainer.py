@@ -45,8 +45,6 @@ from .rewards import score_batch
 from .rollout import SamplingParams, sample
 from .run_dir import Interrupted, RunDir, StopSignals
 
-__all__ = ["Interrupted", "Trainer"]
-
 
 class Trainer:
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
@@ -141,7 +139,7 @@ class Trainer:
         times["rewards"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics: dict[str, float] = self.reduce.mean_of_logged(out.logged_metrics)  # log_metric(...)
+        metrics: dict[str, float] = {}
         if self.use_ref:
             batch.ref_logprobs = self.reference_logprobs(batch)
             release_memory()
@@ -162,14 +160,13 @@ class Trainer:
             self.algo.kl_ctl.update(metrics["kl_ref"], self.plan.rollout)
 
         metrics.update(rollout_metrics(batch, self.reduce, self.tokenizer.eos_token_id))
-        metrics.update({f"time/{k}": v for k, v in times.items()})
-        metrics["time/step"] = sum(times.values())
+        metrics.update({f"time/{k}": v for k, v in times.items()}, **{"time/step": sum(times.values())})
         metrics["tokens_per_s"] = self.reduce.sum(mask.sum()).item() / max(times["rollout"], 1e-9)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["kl_coef"] = self.kl_coef
+        metrics.update(lr=self.scheduler.get_last_lr()[0], kl_coef=self.kl_coef, step=self.step_idx + 1)
+        logged = self.reduce.mean_of_logged(out.logged_metrics)  # the functions' log_metric(name, value)
+        metrics.update({k if k not in metrics else f"user/{k}": v for k, v in logged.items()})
         self.step_idx += 1
-        metrics["step"] = self.step_idx
-        if cfg.train.samples_every and self.step_idx % cfg.train.samples_every == 0:
+        if self._due(cfg.train.samples_every):
             self.run.write_jsonl("samples.jsonl", self.reduce.gather_objects(sample_rows(batch, self.step_idx)))
         return metrics
 
