@@ -29,7 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_variance(sub)
     _add_bench(sub)
+    _add_push(sub)
     return p
+
+
+def _add_push(sub) -> None:
+    """``rlhf-pg push RUN_DIR REPO``."""
+    pu = sub.add_parser(
+        "push",
+        help="upload a trained model (or adapter), its card and config to the Hub",
+        description="Upload RUN_DIR/model (or a model directory) to the Hub model repo REPO.",
+    )
+    pu.add_argument("run", metavar="RUN_DIR", help="a run directory (its model/) or a saved model directory")
+    pu.add_argument("repo", metavar="REPO", help="Hub model repo, e.g. user/my-grpo-model")
 
 
 def _add_train(sub) -> None:
@@ -308,6 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _cmd_push(args) -> int:
+    from .model_card import push
+
+    print(f"pushed to {push(args.run, args.repo)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command is None:
@@ -321,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _cmd_plot,
         "variance": _cmd_variance,
         "bench": _cmd_bench,
+        "push": _cmd_push,
     }
     try:
         return handlers[args.command](args)

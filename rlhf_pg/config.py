@@ -283,7 +283,11 @@ class TrainConfig(_Section):
     """Training/reference passes run each prompt once and let its G completions attend to that one
     copy (same gradients as the padded batch, fewer FLOPs). Off under gradient checkpointing."""
     save_model: bool = True
-    """Save the final policy with save_pretrained into output_dir/model."""
+    """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
+    config.yaml."""
+    push_to_hub: str | None = None
+    """Hub model repo (`user/name`) to upload output_dir/model to at the end (needs a token; checked at start).
+    `rlhf-pg push RUN_DIR REPO` does the same later."""
 
 
 class RunConfig(_Section):
@@ -313,6 +317,8 @@ class RunConfig(_Section):
             raise ValueError(
                 "with model.lora the reference is the base model with the adapter disabled: remove model.ref_name"
             )
+        if self.train.push_to_hub and not self.train.save_model:
+            raise ValueError("train.push_to_hub uploads output_dir/model: set train.save_model=true")
         if a.kl_target is not None and a.kl_in != "reward":
             raise ValueError("algo.kl_target (adaptive KL) needs algo.kl_in=reward")
         if a.kl_target is not None and a.kl_coef == 0:

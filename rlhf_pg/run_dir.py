@@ -30,6 +30,7 @@ from . import checkpoint
 from .config import RunConfig, dump_config
 from .distributed import sharding_kind
 from .errors import UserError
+from .model_card import push, write_model_card
 from .setup import Components, bare_policy
 
 
@@ -169,7 +170,7 @@ class RunDir:
         return torch.nn.ModuleDict({"policy": model, "critic": self.acc.unwrap_model(self.c.critic)})
 
     # ---------------------------------------------------------------------------------- final save
-    def save_model(self, path: Path) -> None:
+    def save_model(self, path: Path, history: dict | None = None, steps: int = 0) -> None:
         """The policy with save_pretrained (under LoRA: the adapter, loadable with peft, and with
         ``model.lora.save_merged`` the merged model in ``path/merged``), its tokenizer, the value
         head (``value_head.safetensors``) or the separate critic (``path/critic``)."""
@@ -194,7 +195,11 @@ class RunDir:
             policy.config.use_cache = False
             if c.critic is not None:
                 acc.unwrap_model(c.critic).save_pretrained(path / "critic", state_dict=critic_full)
+            (path / "config.yaml").write_text(dump_config(self.cfg))
+            write_model_card(path, self.cfg, steps, history or {}, self.out)
         acc.wait_for_everyone()
+        if self.cfg.train.push_to_hub and acc.is_main_process:
+            self.print(f"pushed to {push(path, self.cfg.train.push_to_hub)}")
 
 
 class StopSignals:

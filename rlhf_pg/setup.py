@@ -196,6 +196,10 @@ class Components:
 def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     acc = accelerator or make_accelerator(cfg)
     plan = batch_plan(cfg, acc.num_processes)  # before anything expensive
+    if cfg.train.push_to_hub and cfg.train.save_model:
+        from .model_card import check_hub_access
+
+        check_hub_access(cfg.train.push_to_hub)
     if cfg.rollout.backend != "hf" and acc.num_processes > 1:
         raise UserError(
             f"rollout.backend={cfg.rollout.backend} runs one engine in one process: launch one process "

@@ -119,7 +119,7 @@ class Trainer:
         run.write_jsonl("metrics.jsonl", [ev])
         run.print(f"eval at step {self.step_idx}: " + format_eval(ev))
         if cfg.train.save_model:
-            run.save_model(run.out / "model")
+            run.save_model(run.out / "model", history, self.step_idx)
         return history
 
     # ----------------------------------------------------------------------------------- step

@@ -62,6 +62,15 @@ def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path, tiny_config)
     assert len(samples) == 2 * 8 and {"prompt", "completion", "reward", "advantage"} <= samples[0].keys()
     assert (out / "config.yaml").exists()
 
+    # the model card: Hub metadata, the effective settings, the final held-out metrics, the command, versions
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.library_name == "transformers" and {"rlhf-pg", "grpo"} <= set(card.data.tags)
+    assert f"rlhf-pg train {out / 'config.yaml'}" in card.text and (out / "model" / "config.yaml").is_file()
+    assert f"| `eval/reward` | {evals[0]['eval/reward']:.4f} | {evals[-1]['eval/reward']:.4f} |" in card.text
+    assert "kl_coef: 0.05" in card.text and "- transformers " in card.text and "for 2 RL steps" in card.text
+
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -346,3 +355,30 @@ def test_recipe_imports_register_a_users_estimator(tmp_path, tiny_config, monkey
         user_code._plugins.clear()
     with pytest.raises(UserError, match="imports entry 'no_such_plugin_xyz'"):
         tiny_config(tmp_path, imports=["no_such_plugin_xyz"])
+
+
+def test_push_to_hub_offline_stops_before_training(tmp_path, tiny_config, monkeypatch):
+    """Offline (the test session sets HF_HUB_OFFLINE=1) a push cannot work: one line at start."""
+    from rlhf_pg import setup
+
+    monkeypatch.setattr(setup, "build_policy", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    with pytest.raises(UserError, match="train.push_to_hub='me/model' but HF_HUB_OFFLINE is set"):
+        Trainer(tiny_config(tmp_path, train={"push_to_hub": "me/model"}))
+    with pytest.raises(UserError, match="set train.save_model=true"):
+        tiny_config(tmp_path, train={"push_to_hub": "me/model", "save_model": False})
+
+
+def test_push_command_fails_in_one_line_and_keeps_the_model(tmp_path, tiny_model, tokenizer, capsys, monkeypatch):
+    from rlhf_pg.cli import main
+
+    model_dir = tmp_path / "run" / "model"
+    tiny_model.save_pretrained(model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # drop save_pretrained's progress output
+    assert main(["push", str(tmp_path / "run"), "me/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "could not push" in err and "the local model is intact" in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+    assert main(["push", str(tmp_path), "me/model"]) == 2  # no model there
+    assert "holds no saved model" in capsys.readouterr().err
