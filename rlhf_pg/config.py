@@ -84,10 +84,14 @@ class DataConfig(_Section):
     """Prompt source: a built-in task (`arithmetic`), a local .jsonl/.json/.csv/.parquet file, or a hub dataset name."""
     train_split: str = "train"
     """Split of `train` used for training."""
+    train_config: str | None = None
+    """Configuration (subset) name of a hub dataset or dataset folder, e.g. `main` for gsm8k; null = its default."""
     eval: str | None = None
     """Held-out prompt source (same forms as `train`); default: the same source as `train`."""
     eval_split: str = "test"
     """Split of the eval source."""
+    eval_config: str | None = None
+    """Configuration name of the eval source; default: `train_config` when eval is the train source, else null."""
     eval_limit: int | None = Field(200, ge=1)
     """Use at most this many eval prompts (the first ones); null = all."""
     prompt_column: str = "prompt"

@@ -142,6 +142,7 @@ def load_prompt_dataset(
     task_kwargs: dict[str, Any] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    config: str | None = None,
 ) -> datasets.Dataset:
     """Load prompts from a built-in task, a local file or a hub dataset and tokenize them.
 
@@ -171,7 +172,7 @@ def load_prompt_dataset(
     if limit is not None and limit < 1:
         raise UserError(f"data limit={limit} is invalid: use a positive number of rows or none")
 
-    raw = _load_raw(source, split, task_kwargs or {}, seed)
+    raw = _load_raw(source, split, task_kwargs or {}, seed, config)
     if len(raw) == 0:
         raise UserError(f"dataset '{source}' (split '{split}') has no rows: use a dataset with prompts")
     raw = _with_prompt_column(raw, source, prompt_column)
@@ -202,8 +203,11 @@ def _is_test_question(expression: str, seed: int) -> bool:
     return int.from_bytes(digest, "big") % _TEST_BUCKETS == 0
 
 
-def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -> datasets.Dataset:
-    """Load the source's rows as they are (``task_kwargs`` only reach built-in tasks)."""
+def _load_raw(
+    source: str, split: str, task_kwargs: dict[str, Any], seed: int, config: str | None = None
+) -> datasets.Dataset:
+    """Load the source's rows as they are (``task_kwargs`` only reach built-in tasks; ``config``, a dataset
+    configuration name, only hub datasets and dataset folders)."""
     if source in TASKS:
         kwargs = {"seed": seed, **task_kwargs}
         try:
@@ -211,9 +215,11 @@ def _load_raw(source: str, split: str, task_kwargs: dict[str, Any], seed: int) -
         except TypeError as err:
             raise UserError(f"invalid task_kwargs for task '{source}' ({err}): use only the task's options") from err
     path = Path(source).expanduser()
+    if path.is_dir():  # a dataset folder laid out as a hub repo (data files, README configs)
+        return _load_hub(str(path), split, config)
     if path.suffix.lower() in FILE_BUILDERS or path.exists() or looks_like_path(source):
         return _load_file(path)
-    return _load_hub(source, split)
+    return _load_hub(source, split, config)
 
 
 def _load_file(path: Path) -> datasets.Dataset:
@@ -249,11 +255,11 @@ def _has_rows(path: Path, builder: str) -> bool:
         return first not in (b"", b"[]")
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
-    """Load one split of a hub dataset."""
+def _load_hub(name: str, split: str, config: str | None = None) -> datasets.Dataset:
+    """Load one split (of configuration ``config``) of a hub dataset or a dataset folder."""
     try:
         with _quiet_datasets():
-            return datasets.load_dataset(name, split=split)
+            return datasets.load_dataset(name, config, split=split)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         raise UserError(
             f"dataset '{name}' is not a built-in task ({', '.join(TASKS)}) or local file and could "
@@ -261,7 +267,8 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
         ) from err
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as err:
         raise UserError(
-            f"could not load split '{split}' of dataset '{name}' ({one_line(err)}): check the dataset name and split"
+            f"could not load split '{split}'{f' of configuration {config!r}' if config else ''} of dataset '{name}' "
+            f"({one_line(err)}): check the dataset name, data.train_config / data.eval_config and the split"
         ) from err
 
 

@@ -100,8 +100,9 @@ def build_datasets(cfg: RunConfig, tokenizer, train: bool = True):
         task_kwargs=d.task_kwargs,
         seed=cfg.seed,
     )
-    train_data = load_prompt_dataset(d.train, d.train_split, **common) if train else None
-    eval_data = load_prompt_dataset(d.eval or d.train, d.eval_split, limit=d.eval_limit, **common)
+    eval_config = d.eval_config if d.eval_config is not None or d.eval else d.train_config
+    train_data = load_prompt_dataset(d.train, d.train_split, config=d.train_config, **common) if train else None
+    eval_data = load_prompt_dataset(d.eval or d.train, d.eval_split, limit=d.eval_limit, config=eval_config, **common)
     return train_data, eval_data
 
 

@@ -300,3 +300,43 @@ def test_invalid_options(kwargs: dict[str, Any], message: str, tokenizer: PreTra
 def test_hub_dataset_offline(tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(UserError, match=r"could not be downloaded \(offline\?\): use a local"):
         load_prompt_dataset("no-such-org/no-such-dataset", "train", tokenizer=tokenizer)
+
+
+def _dataset_folder(root: Path) -> Path:
+    """A dataset laid out as a hub repo (two configurations, train/test splits), as a clone of one is."""
+    card = (
+        "---\nconfigs:\n"
+        "- config_name: easy\n  data_files:\n  - {split: train, path: easy/train.jsonl}\n"
+        "  - {split: test, path: easy/test.jsonl}\n"
+        "- config_name: hard\n  data_files:\n  - {split: train, path: hard/train.jsonl}\n"
+        "  - {split: test, path: hard/test.jsonl}\n---\n"
+    )
+    root.mkdir()
+    (root / "README.md").write_text(card)
+    for config in ("easy", "hard"):
+        (root / config).mkdir()
+        for split, n in (("train", 3), ("test", 2)):
+            rows = [{"prompt": f"{config} {split} {i}", "answer": str(i)} for i in range(n)]
+            (root / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_dataset_configuration_and_split(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A hub-style dataset with configurations: the chosen configuration and split load."""
+    folder = _dataset_folder(tmp_path / "ds")
+    hard = load_prompt_dataset(str(folder), "test", tokenizer=tokenizer, config="hard")
+    assert hard["prompt"] == ["hard test 0", "hard test 1"] and hard["answer"] == ["0", "1"]
+    easy = load_prompt_dataset(str(folder), "train", tokenizer=tokenizer, config="easy")
+    assert easy["prompt"] == ["easy train 0", "easy train 1", "easy train 2"]
+    with pytest.raises(UserError, match="configuration 'medium'.*data.train_config"):
+        load_prompt_dataset(str(folder), "train", tokenizer=tokenizer, config="medium")
+
+
+def test_recipe_dataset_configuration(tmp_path: Path, tiny_config) -> None:
+    from rlhf_pg.models import load_tokenizer
+    from rlhf_pg.setup import build_datasets
+
+    folder = _dataset_folder(tmp_path / "ds")
+    cfg = tiny_config(tmp_path, data={"train": str(folder), "train_config": "hard", "eval_split": "test"})
+    train, held_out = build_datasets(cfg, load_tokenizer("tiny-random-llama"))
+    assert train["prompt"][0] == "hard train 0" and held_out["prompt"][0] == "hard test 0"  # eval follows train
