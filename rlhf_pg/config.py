@@ -289,6 +289,9 @@ class TrainConfig(_Section):
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
     config.yaml."""
+    report_to: list[str] = Field(default_factory=list)
+    """Experiment trackers through Accelerate (`tensorboard`, `wandb`, `trackio`, `mlflow`, ...): every metrics.jsonl
+    record and the resolved config as hyper-parameters; files under output_dir. W&B without a key runs offline."""
     push_to_hub: str | None = None
     """Hub model repo (`user/name`) to upload output_dir/model to at the end (needs a token; checked at start).
     `rlhf-pg push RUN_DIR REPO` does the same later."""

@@ -32,6 +32,7 @@ from .distributed import sharding_kind
 from .errors import UserError
 from .model_card import push, write_model_card
 from .setup import Components, bare_policy
+from .trackers import hyperparameters, scalars
 
 
 class Interrupted(Exception):
@@ -50,6 +51,20 @@ class RunDir:
     def print(self, msg: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(msg)
+
+    def log(self, record: dict) -> None:
+        """One metrics record: a metrics.jsonl line and, with train.report_to, the trackers' point."""
+        self.write_jsonl("metrics.jsonl", [record])
+        if self.cfg.train.report_to:
+            self.acc.log(scalars(record), step=int(record["step"]))
+
+    def start_trackers(self) -> None:
+        if self.cfg.train.report_to:
+            self.acc.init_trackers(self.out.name or "rlhf-pg", config=hyperparameters(self.cfg))
+
+    def end_trackers(self) -> None:
+        if self.cfg.train.report_to:
+            self.acc.end_training()
 
     def write_jsonl(self, name: str, rows: list[dict]) -> None:
         """Append rows to ``output_dir/name`` (main process; the rows are already gathered)."""

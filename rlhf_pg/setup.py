@@ -27,6 +27,7 @@ from .forward import PassSettings
 from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
 from .rewards import RewardSet, RewardSpec
 from .rollout import NON_REWARD_COLUMNS
+from .trackers import check_trackers
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -46,7 +47,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         # a second Trainer in one (non-distributed) process with another precision: accelerate
         # refuses to change its singleton state, so start it afresh (harmless with one process)
         AcceleratorState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    report_to = check_trackers(cfg)  # before anything expensive: a missing tracker is one line now
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        log_with=report_to or None,
+        project_dir=cfg.output_dir if report_to else None,
+    )
     ds = acc.state.deepspeed_plugin
     if ds is not None:  # no dataloader goes through prepare(): DeepSpeed cannot infer its "auto" sizes
         conf = ds.deepspeed_config

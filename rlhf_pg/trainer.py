@@ -89,15 +89,22 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
-        cfg, run = self.cfg, self.run
-        state = run.prepare(self.gen)
+        state = self.run.prepare(self.gen)
         if state is not None:
             self.load_state_dict(state)
+        self.run.start_trackers()
+        try:
+            return self._train()
+        finally:
+            self.run.end_trackers()
+
+    def _train(self) -> dict[str, Any]:
+        cfg, run = self.cfg, self.run
         run.print(setup.describe(cfg, self.components))
         history: dict[str, Any] = {}
         if self.step_idx == 0 and cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()
-            run.write_jsonl("metrics.jsonl", [ev])
+            run.log(ev)
             run.print("eval at step 0: " + format_eval(ev))
         elif self.step_idx > 0:
             history["eval_start"] = run.logged_eval(step=0)
@@ -105,10 +112,10 @@ class Trainer:
             while self.step_idx < cfg.train.max_steps:
                 stop.step = self.step_idx
                 m = self.step()
-                run.write_jsonl("metrics.jsonl", [m])
+                run.log(m)
                 bar.show(m)
                 if self._due(cfg.train.eval_every) and self.step_idx < cfg.train.max_steps:
-                    run.write_jsonl("metrics.jsonl", [self.evaluate()])
+                    run.log(self.evaluate())
                 if self.reduce.any(bool(stop.received)):
                     raise Interrupted(self.step_idx, self.save_checkpoint(), stop.received[0])
                 if self._due(cfg.train.save_every):
@@ -116,7 +123,7 @@ class Trainer:
         if self.step_idx > 0 and not self._due(cfg.train.save_every):
             self.save_checkpoint()  # the final state, before the (repeatable) end-of-run eval
         history["eval_end"] = ev = self.evaluate()
-        run.write_jsonl("metrics.jsonl", [ev])
+        run.log(ev)
         run.print(f"eval at step {self.step_idx}: " + format_eval(ev))
         if cfg.train.save_model:
             run.save_model(run.out / "model", history, self.step_idx)

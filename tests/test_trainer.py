@@ -382,3 +382,37 @@ def test_push_command_fails_in_one_line_and_keeps_the_model(tmp_path, tiny_model
     assert sorted(p.name for p in model_dir.iterdir()) == before
     assert main(["push", str(tmp_path), "me/model"]) == 2  # no model there
     assert "holds no saved model" in capsys.readouterr().err
+
+
+def test_tensorboard_event_files_hold_one_reward_point_per_step(tmp_path, tiny_config):
+    """train.report_to: [tensorboard] through Accelerate: event files under output_dir, read back with
+    TensorBoard's own reader, hold every step's reward and the evals; metrics.jsonl is unchanged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, train={"max_steps": 3, "report_to": ["tensorboard"], "save_model": False})
+    Trainer(cfg).train()
+    out = tmp_path / "run"
+    events = [p for p in out.rglob("events.out.tfevents.*")]
+    assert events, "no TensorBoard event file under output_dir"
+    scalars = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e for e in acc.Scalars(tag))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward" in r]
+    assert [e.step for e in scalars["reward"]] == [1, 2, 3]
+    assert [e.value for e in scalars["reward"]] == pytest.approx([r["reward"] for r in steps])
+    assert [e.step for e in scalars["eval/reward"]] == [0, 3]
+
+
+def test_unknown_or_missing_tracker_is_one_line(tmp_path, tiny_config, monkeypatch):
+    from rlhf_pg import setup
+
+    monkeypatch.setattr(setup, "build_policy", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
+        Trainer(tiny_config(tmp_path, train={"report_to": ["tensorbord"]}))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(UserError, match="wandb needs the wandb package: pip install wandb"):
+        Trainer(tiny_config(tmp_path, train={"report_to": ["wandb"]}))
