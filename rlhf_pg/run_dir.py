@@ -58,6 +58,17 @@ class RunDir:
         if self.cfg.train.report_to:
             self.acc.log(scalars(record), step=int(record["step"]))
 
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """A step's completions: samples.jsonl, and a table in every tracker that has tables (W&B, ClearML)."""
+        self.write_jsonl("samples.jsonl", rows)
+        if not (self.cfg.train.report_to and rows and self.acc.is_main_process):
+            return
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        data = [[row.get(c) for c in columns] for row in rows]
+        for tracker in self.acc.trackers:
+            if hasattr(tracker, "log_table"):
+                tracker.log_table("samples", columns=columns, data=data, step=step)
+
     def start_trackers(self) -> None:
         if self.cfg.train.report_to:
             self.acc.init_trackers(self.out.name or "rlhf-pg", config=hyperparameters(self.cfg))

@@ -174,7 +174,7 @@ class Trainer:
         metrics.update({k if k not in metrics else f"user/{k}": v for k, v in logged.items()})
         self.step_idx += 1
         if self._due(cfg.train.samples_every):
-            self.run.write_jsonl("samples.jsonl", self.reduce.gather_objects(sample_rows(batch, self.step_idx)))
+            self.run.log_samples(self.reduce.gather_objects(sample_rows(batch, self.step_idx)), self.step_idx)
         return metrics
 
     def rollout(self, step: int | None = None) -> Batch:

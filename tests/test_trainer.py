@@ -416,3 +416,33 @@ def test_unknown_or_missing_tracker_is_one_line(tmp_path, tiny_config, monkeypat
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(UserError, match="wandb needs the wandb package: pip install wandb"):
         Trainer(tiny_config(tmp_path, train={"report_to": ["wandb"]}))
+
+
+def test_samples_reach_trackers_with_tables(tmp_path, tiny_config, monkeypatch):
+    """Trackers that have tables (Accelerate's W&B and ClearML trackers have `log_table`) get each
+    step's completions as a table with the samples.jsonl columns."""
+    from rlhf_pg.run_dir import RunDir
+
+    tables = []
+
+    class TableTracker:  # stands in for accelerate's WandBTracker (wandb is not installed here)
+        name, main_process_only = "table", True
+
+        def log_table(self, table_name, columns=None, data=None, step=None, **kw):
+            tables.append((table_name, columns, data, step))
+
+        def log(self, values, step=None, **kw):  # scalars: the TensorBoard tracker's job here
+            pass
+
+        def finish(self):
+            pass
+
+    real = RunDir.start_trackers
+    monkeypatch.setattr(RunDir, "start_trackers", lambda self: (real(self), self.acc.trackers.append(TableTracker())))
+    cfg = tiny_config(tmp_path, train={"max_steps": 2, "report_to": ["tensorboard"], "save_model": False})
+    Trainer(cfg).train()
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(t[0], t[3]) for t in tables] == [("samples", 1), ("samples", 2)]
+    name, columns, data, _ = tables[0]
+    assert {"prompt", "completion", "reward", "advantage"} <= set(columns) and len(data) == 8
+    assert dict(zip(columns, data[0])) == samples[0]
