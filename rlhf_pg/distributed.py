@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -280,3 +280,17 @@ def describe_distributed(accelerator: Any) -> str:
     parts.append(f"mixed precision {accelerator.mixed_precision}")
     parts.append(str(accelerator.device))
     return " · ".join(parts)
+
+
+def accumulation_boundary(accelerator: Any, modules, sync: bool) -> ExitStack:
+    """Inside gradient accumulation (``sync`` False: not the last micro-batch), skip DDP's all-reduce for
+    each of ``modules`` (None entries are skipped) and tell DeepSpeed — whose engine steps inside
+    ``backward`` at a sync boundary — that this is no boundary. A no-op context on the last one."""
+    stack = ExitStack()
+    if not sync:
+        for m in modules:
+            if m is not None:
+                stack.enter_context(accelerator.no_sync(m))
+        accelerator.sync_gradients = False
+        stack.callback(setattr, accelerator, "sync_gradients", True)
+    return stack

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from transformers import TrainerState
 from . import core, order, setup
 from .batch import Batch
 from .config import RunConfig
-from .distributed import gathered_for_generation
+from .distributed import accumulation_boundary, gathered_for_generation
 from .errors import UserError
 from .forward import forward, forward_no_grad
 from .memory import release_memory
@@ -271,7 +270,7 @@ class Trainer:
         loss_total = 0.0
         for i, start in enumerate(starts):
             mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
-            with self._maybe_no_sync(sync=i == len(starts) - 1):
+            with accumulation_boundary(self.acc, (self.model, self.critic), sync=i == len(starts) - 1):
                 loss = self.micro_batch_loss(mb, n, sums)
                 # DDP averages gradients over processes; the global normaliser already accounts for
                 # them, so undo the average.
@@ -333,18 +332,6 @@ class Trainer:
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.model, self.critic) if m is not None for p in m.parameters() if p.requires_grad]
-
-    def _maybe_no_sync(self, sync: bool) -> ExitStack:
-        """Inside gradient accumulation (not the last micro-batch): skip DDP's all-reduce, and tell
-        DeepSpeed (whose engine steps inside ``backward`` at a sync boundary) this is no boundary."""
-        stack = ExitStack()
-        if not sync:
-            for m in (self.model, self.critic):
-                if m is not None:
-                    stack.enter_context(self.acc.no_sync(m))
-            self.acc.sync_gradients = False
-            stack.callback(setattr, self.acc, "sync_gradients", True)
-        return stack
 
     def _skip_nonfinite_update(self, grad_norm: float, loss: float) -> None:
         self.nonfinite_streak += 1
