@@ -139,7 +139,7 @@ def _add_variance(sub) -> None:
         "--batch-sizes",
         default=None,
         metavar="N1,N2,...",
-        help="completions per batch, multiples of rollout.group_size (default: G,2G,4G)",
+        help="completions per batch, multiples of batch.group_size (default: G,2G,4G)",
     )
     v.add_argument("--repeats", type=int, default=8, metavar="K", help="independent batches per size (default 8)")
     v.add_argument(
