@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import RunConfig, dump_config
 from .distributed import sharding_kind
-from .errors import UserError
+from .errors import UserError, one_line
 from .model_card import push, write_model_card
 from .setup import Components, bare_policy
 from .trackers import hyperparameters, scalars
@@ -70,8 +70,15 @@ class RunDir:
                 tracker.log_table("samples", columns=columns, data=data, step=step)
 
     def start_trackers(self) -> None:
+        """Start the trackers before the first step; one that cannot start (e.g. needs a network) is one line."""
         if self.cfg.train.report_to:
-            self.acc.init_trackers(self.out.name or "rlhf-pg", config=hyperparameters(self.cfg))
+            try:
+                self.acc.init_trackers(self.out.name or "rlhf-pg", config=hyperparameters(self.cfg))
+            except Exception as exc:
+                raise UserError(
+                    f"train.report_to={self.cfg.train.report_to}: a tracker failed to start ({type(exc).__name__}: "
+                    f"{one_line(exc)}) — fix its setup (network, login) or remove it from train.report_to"
+                ) from exc
 
     def end_trackers(self) -> None:
         if self.cfg.train.report_to:

@@ -446,3 +446,17 @@ def test_samples_reach_trackers_with_tables(tmp_path, tiny_config, monkeypatch):
     name, columns, data, _ = tables[0]
     assert {"prompt", "completion", "reward", "advantage"} <= set(columns) and len(data) == 8
     assert dict(zip(columns, data[0])) == samples[0]
+
+
+def test_tracker_that_cannot_start_is_one_line_before_any_step(tmp_path, tiny_config, monkeypatch):
+    """A tracker whose client fails at start (e.g. it needs a network) stops the run before step 1."""
+    cfg = tiny_config(tmp_path, train={"report_to": ["tensorboard"], "eval_at_start": False})
+    tr = Trainer(cfg)
+
+    def no_network(*a, **k):
+        raise ConnectionError("no route to the tracking server")
+
+    monkeypatch.setattr(tr.acc, "init_trackers", no_network)
+    monkeypatch.setattr(tr, "step", lambda: pytest.fail("trained a step"))
+    with pytest.raises(UserError, match=r"a tracker failed to start \(ConnectionError: no route"):
+        tr.train()
