@@ -40,7 +40,7 @@ import torch
 
 from .backends import HFBackend
 from .core import Reduce
-from .errors import UserError
+from .errors import UserError, one_line
 from .rewards import REWARD_REGISTRY, RewardSet, score_batch
 from .rollout import SamplingParams, sample
 
@@ -419,9 +419,8 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
             raise UserError(
-                f"checkpoint '{target['state'].parent}' does not fit model.name='{m.name}' ({first}): "
+                f"checkpoint '{target['state'].parent}' does not fit model.name='{m.name}' ({one_line(e, 200)}): "
                 "pass the recipe the run was trained with (--recipe) or its run directory"
             ) from None
         return model, load_tokenizer(m.name)

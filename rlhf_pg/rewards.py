@@ -64,17 +64,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 REWARD_REGISTRY: dict[str, Callable[..., Any]] = {}
 """Built-in reward functions (and factories) by name; add entries with :func:`register_reward`."""
 
-RESERVED_KEYWORDS = (
-    "prompts",
-    "completions",
-    "completion_ids",
-    "trainer_state",
-    "log_extra",
-    "log_metric",
-    "prompt_text",
-    "completion_tokens",
-)
-"""Keywords the toolkit passes itself (TRL's, then ours); a dataset column may not use these names."""
+TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+"""What TRL passes every reward function (besides the dataset columns)."""
+OWN_KEYWORDS = ("prompt_text", "completion_tokens")
+"""What rlhf-pg passes besides."""
+RESERVED_KEYWORDS = TRL_KEYWORDS + OWN_KEYWORDS
+"""Keywords the toolkit passes itself; a dataset column may not use these names."""
 
 _FACTORY_ATTR = "_rlhf_pg_reward_factory"
 
@@ -308,7 +303,7 @@ class RewardSet:
 
     def check_keywords(self, columns: Sequence[str]) -> None:
         """Fail fast (before any sampling) when a function needs a keyword the data will not provide."""
-        names = [*RESERVED_KEYWORDS[:6], *columns, *RESERVED_KEYWORDS[6:]]
+        names = [*TRL_KEYWORDS, *columns, *OWN_KEYWORDS]
         if self.tokenizer is None:
             names.remove("completion_tokens")
         for name, fn in zip(self.names, self.functions):
