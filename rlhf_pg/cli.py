@@ -174,6 +174,19 @@ def _add_bench(sub) -> None:
     bench.build_parser(bm)
 
 
+def accelerate_launch(n: int, target: list[str]) -> list[str]:
+    """The command that runs ``target`` (``-m module ...`` or a script and its arguments) on ``n`` local
+    processes under ``accelerate launch``, on a free rendezvous port (two runs on one machine do not collide)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flags = ["--num_processes", str(n), "--num_machines", "1", "--main_process_port", str(port)]
+    flags += ["--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *target]
+
+
 def _launch(args) -> int:
     """Re-run this command under ``accelerate launch`` with N processes (thin: accelerate does the work)."""
     import subprocess
@@ -181,32 +194,9 @@ def _launch(args) -> int:
     n = args.num_processes
     if n < 1:
         raise UserError(f"--num-processes {n}: give a positive number of processes")
-    import socket
-
-    with socket.socket() as sock:  # a free port, so that two runs on one machine do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(port),
-        "--dynamo_backend",
-        "no",
-        "--mixed_precision",
-        "no",
-        "--multi_gpu",
-        "-m",
-        "rlhf_pg",
-        "train",
-        args.recipe,
-        *args.overrides,
-    ] + (["--resume"] if args.resume else [])
+    cmd = accelerate_launch(n, ["-m", "rlhf_pg", "train", args.recipe, *args.overrides]) + (
+        ["--resume"] if args.resume else []
+    )
     env = dict(os.environ)
     # One BLAS/OpenMP pool per process that together fill the cores; oversubscription is very slow.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -115,26 +114,9 @@ def _run(args, extra: list[str], processes: int, threads: int) -> list[dict]:
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(port),
-            "--dynamo_backend",
-            "no",
-            "--mixed_precision",
-            "no",
-            "--multi_gpu",
-            *script,
-        ]
+        from rlhf_pg.cli import accelerate_launch
+
+        cmd = accelerate_launch(processes, script)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     rows = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
     if proc.returncode or len(rows) != processes:
