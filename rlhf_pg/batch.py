@@ -3,6 +3,11 @@
 B = number of completions on this process = prompts × G (the G samples of a prompt are adjacent rows
 and always live on the same process, so group statistics need no communication).
 P = prompt length (left-padded), T = completion length (right-padded after EOS).
+
+Two masks over the completion positions, which differ only for multi-turn episodes:
+``completion_mask`` says which positions hold real tokens (attended to), ``action_mask`` which of them
+the policy sampled (they get a log-prob, a loss, a KL and an entropy). Environment and tool tokens
+between model turns are real but not actions. Single-turn batches have action_mask == completion_mask.
 """
 
 from __future__ import annotations
@@ -23,11 +28,26 @@ class Batch:
     completion_ids: torch.Tensor
     """(B, T) long. Sampled tokens a_t; pad id after EOS / stop."""
     completion_mask: torch.Tensor
-    """(B, T) float. 1 for tokens up to and including EOS (or the stop string's last token), else 0."""
+    """(B, T) float. 1 on real tokens (attention): up to and including EOS (or the stop string's last token);
+    in an episode also on the environment's tokens between turns. 0 on right padding."""
     old_logprobs: torch.Tensor
     """(B, T) float. log π_old(a_t|s_t) of the sampled tokens under the sampling policy (τ applied), 0 on padding."""
     group_size: int
     """G: completions per prompt; rows [i·G, (i+1)·G) share a prompt."""
+
+    action_mask: torch.Tensor | None = None
+    """(B, T) float. 1 on the tokens the policy sampled (a_t); defaults to ``completion_mask``. 0 on
+    environment/tool tokens of an episode, which are context: no log-prob, loss, KL or entropy."""
+
+    # --- episodes (multi-turn rollouts; see envs.py) -----------------------------------------------
+    env_rewards: torch.Tensor | None = None
+    """(B, T) float. The environment's per-turn rewards, each on the last action token of its turn."""
+    messages: list[list[dict]] = field(default_factory=list)
+    """Per row, the episode after the prompt as chat messages (assistant turns and observations)."""
+    turns: list[list[str]] = field(default_factory=list)
+    """Per row, the text of each model turn."""
+    episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name → (B,) float per-episode counts (turns, tool_calls, tool_errors, env_tokens, ...)."""
 
     # --- texts and dataset columns (filled by the trainer) -----------------------------------------
     prompts: list[Any] = field(default_factory=list)
@@ -60,12 +80,17 @@ class Batch:
     returns: torch.Tensor | None = None
     """(B, T) float. Return targets (value-function targets for gae)."""
 
+    def __post_init__(self) -> None:
+        if self.action_mask is None:
+            self.action_mask = self.completion_mask
+
     @property
     def size(self) -> int:
         return self.completion_ids.shape[0]
 
     def completion_lists(self) -> list[list[int]]:
-        """Each completion's token ids without padding (what reward functions receive)."""
+        """Each completion's token ids without padding (what reward functions receive); for an
+        episode, every token after the prompt (model and environment turns)."""
         return [row[m.bool()].tolist() for row, m in zip(self.completion_ids.cpu(), self.completion_mask.cpu())]
 
     def select(self, idx: torch.Tensor) -> Batch:

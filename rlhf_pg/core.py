@@ -71,9 +71,48 @@ def masked_whiten(x: Tensor, mask: Tensor, reduce: Reduce | None = None, eps: fl
 
 
 def last_token_index(mask: Tensor) -> Tensor:
-    """(B,) index of the last real token of each row (0 for an empty row)."""
-    length = mask.sum(-1).long()
-    return (length - 1).clamp(min=0)
+    """(B,) index of the last position where ``mask`` is 1 (0 for an empty row). The mask may have
+    holes (an episode's action mask is 0 on environment tokens between model turns)."""
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)  # (B, T)
+    return torch.where(mask > 0, pos, torch.zeros_like(pos)).amax(-1)
+
+
+@dataclass(frozen=True)
+class ActionIndex:
+    """Where each row's action tokens sit, so per-row sequences can be squeezed to actions only.
+
+    An episode interleaves model tokens (actions) with environment tokens (context). The advantage
+    estimators are written for a row of consecutive actions; :meth:`compact` gives them that view
+    (action k of row b at column k: environment tokens are not time steps, so γ and λ count actions)
+    and :meth:`expand` puts their output back. For a single-turn batch the actions are already a
+    prefix of the row and both maps are the identity on the masked entries."""
+
+    index: Tensor
+    """(B, A) long: column of the row's k-th action (k < its action count; arbitrary beyond)."""
+    mask: Tensor
+    """(B, A) float: 1 for k < the row's action count."""
+    width: int
+    """T of the full rows."""
+
+    @classmethod
+    def of(cls, mask: Tensor) -> ActionIndex:
+        B, T = mask.shape
+        pos = torch.arange(T, device=mask.device).expand(B, T)
+        key = torch.where(mask > 0, pos, pos + T)  # actions first, each group in column order
+        A = max(int(mask.sum(-1).max().item()) if B else 0, 1)
+        index = key.argsort(dim=-1)[:, :A]  # (B, A)
+        counts = mask.sum(-1, keepdim=True)  # (B, 1)
+        amask = (torch.arange(A, device=mask.device)[None, :] < counts).to(mask.dtype)  # (B, A)
+        return cls(index, amask, T)
+
+    def compact(self, x: Tensor) -> Tensor:
+        """(B, T) → (B, A): the values at the action positions, 0 beyond each row's actions."""
+        return x.gather(1, self.index) * self.mask
+
+    def expand(self, y: Tensor) -> Tensor:
+        """(B, A) → (B, T): the inverse of :meth:`compact` (0 off the action positions)."""
+        out = torch.zeros(y.shape[0], self.width, dtype=y.dtype, device=y.device)
+        return out.scatter(1, self.index, y * self.mask)
 
 
 def place_scores(scores: Tensor, mask: Tensor) -> Tensor:

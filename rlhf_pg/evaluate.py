@@ -221,7 +221,7 @@ def _run_phase(
         chunk = rows[s : s + phase.per_batch]
         batch = sample(backend, tokenizer, dataset, chunk, phase.group, phase.params, generator=generator)
         score_batch(rewards, batch, trainer_state)
-        lengths = batch.completion_mask.sum(-1).float().cpu()
+        lengths = batch.action_mask.sum(-1).float().cpu()
         acc = _add_batch_metrics(sums, phase, batch, chunk, lengths, has_answer, k)
         if keep_samples:
             samples += _sample_rows(phase, batch, chunk, lengths, acc)

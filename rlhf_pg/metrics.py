@@ -81,7 +81,7 @@ class MetricSums:
 
 def rollout_metrics(batch: Batch, r: Reducer, eos_id: int | None) -> dict[str, float]:
     """Rewards, lengths, advantages, returns and (with values) explained variance of a scored batch."""
-    mask = batch.completion_mask
+    mask = batch.action_mask
     lengths = mask.sum(-1)  # (B,)
     scores, lens = r.gather(batch.scores), r.gather(lengths)
     g = scores.view(-1, batch.group_size)  # (prompts, G) over all processes

@@ -134,7 +134,7 @@ class Trainer:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         batch = self.rollout()
-        mask = batch.completion_mask  # (B, T) 1 on actions
+        mask = batch.action_mask  # (B, T) 1 on actions (model tokens)
         if not self.backend.exact_logprobs:  # the engine's log-probs are not this model's: recompute
             batch.old_logprobs = self.logprobs(self.acc.unwrap_model(self.model), batch) * mask
         times["rollout"] = time.perf_counter() - t0
@@ -211,21 +211,26 @@ class Trainer:
         return forward_no_grad(model, batch, self.passes, self.cfg.batch.micro_batch_size).values
 
     def compute_advantages(self, batch: Batch) -> None:
-        """Fill ``advantages``, ``returns`` and ``baseline`` with the configured estimator (+ whitening)."""
+        """Fill ``advantages``, ``returns`` and ``baseline`` with the configured estimator (+ whitening).
+
+        The estimator sees each row's action tokens only, as consecutive steps (core.ActionIndex):
+        in an episode the environment's tokens between turns are not time steps."""
         a, est = self.cfg.algo, self.algo.advantage
+        acts = core.ActionIndex.of(batch.action_mask)
         x = core.AdvantageInputs(
-            batch.token_rewards,
-            batch.completion_mask,
+            acts.compact(batch.token_rewards),
+            acts.mask,
             batch.group_size,
             a.gamma,
-            values=batch.values,
+            values=acts.compact(batch.values) if batch.values is not None else None,
             reduce=self.reduce.sum,
         )
         out = est.fn(x, self.algo.advantage_opts, self.algo.advantage_state)
         adv = out.advantages
         if a.whiten_advantages:
-            adv = core.masked_whiten(adv, batch.completion_mask, reduce=self.reduce.sum)
-        batch.advantages, batch.returns, batch.baseline = adv, out.returns, out.baseline
+            adv = core.masked_whiten(adv, acts.mask, reduce=self.reduce.sum)
+        batch.advantages, batch.returns = acts.expand(adv), acts.expand(out.returns)
+        batch.baseline = acts.expand(out.baseline) if out.baseline is not None else None
 
     # ---------------------------------------------------------------------------- optimisation
     def optimise(self, batch: Batch) -> dict[str, float]:
@@ -255,7 +260,7 @@ class Trainer:
         """Accumulate the minibatch's gradient over micro-batches, clip, step. Returns (grad norm,
         loss, gradient-noise estimate or None)."""
         cfg, mbs = self.cfg, self.cfg.batch.micro_batch_size
-        m_all = minibatch.completion_mask
+        m_all = minibatch.action_mask
         n = core.Normalisers(
             num_tokens=self.reduce.sum(m_all.sum()).item(),
             num_seqs=self.reduce.sum(torch.tensor(float(minibatch.size), device=m_all.device)).item(),
@@ -276,7 +281,7 @@ class Trainer:
                 # them, so undo the average.
                 self.acc.backward(loss * self.world)
             if noise is not None:
-                noise.after_micro_batch(mb.completion_mask)
+                noise.after_micro_batch(mb.action_mask)
             loss_total += loss.item()
         release_memory()  # the activations are gone; the optimizer's peak should not sit on them
         params = self._trainable_params()
@@ -300,7 +305,7 @@ class Trainer:
 
     def micro_batch_loss(self, mb: Batch, n: core.Normalisers, sums: MetricSums) -> torch.Tensor:
         """This micro-batch's share of the minibatch loss (policy loss + value loss + KL − entropy)."""
-        a, algo, m = self.cfg.algo, self.algo, mb.completion_mask
+        a, algo, m = self.cfg.algo, self.algo, mb.action_mask
         res = forward(self.model, mb, self.passes, with_entropy=True)
         values = res.values if self.critic is None else forward(self.critic, mb, self.passes).values
         on_policy = self.plan.optimizer_steps == 1

@@ -654,3 +654,32 @@ def test_sample_frequencies_match_softmax_and_truncation():
     counts = torch.bincount(tok, minlength=5).float()
     assert counts[[1, 2, 4]].sum() == 0
     assert _chi2(counts[[0, 3]], torch.softmax(logits[[0, 3]], -1)) < 24
+
+
+def test_last_token_index_with_holes():
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1.0]])
+    assert core.last_token_index(mask).tolist() == [4, 0, 0, 5]
+
+
+def test_action_index_compacts_actions_in_order_and_expands_back():
+    # row 0: actions at 0, 1, 4 (2, 3 are environment tokens); row 1: a single-turn prefix; row 2: none
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0.0]])
+    x = torch.arange(18, dtype=torch.float).view(3, 6) + 1
+    acts = core.ActionIndex.of(mask)
+    assert acts.compact(x).tolist() == [[1, 2, 5], [7, 8, 9], [0, 0, 0]]
+    assert acts.mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert torch.equal(acts.expand(acts.compact(x)), x * mask)
+    # the plain loop it replaces: walk each row and keep the masked entries
+    for b in range(3):
+        kept = [x[b, t].item() for t in range(6) if mask[b, t]]
+        assert acts.compact(x)[b, : len(kept)].tolist() == kept
+
+
+def test_reward_to_go_over_an_episode_skips_environment_tokens():
+    # actions at 0, 1, 4; a turn reward of 1 on token 1 and a final score of 2 on token 4, γ = 0.5
+    mask = torch.tensor([[1, 1, 0, 0, 1.0]])
+    r = torch.tensor([[0, 1, 0, 0, 2.0]])
+    acts = core.ActionIndex.of(mask)
+    g = acts.expand(core.discounted_cumsum(acts.compact(r), acts.mask, 0.5))
+    # G_4 = 2, G_1 = 1 + 0.5·2 = 2, G_0 = 0 + 0.5·2 = 1: environment tokens are not steps
+    assert g.tolist() == [[1.0, 2.0, 0.0, 0.0, 2.0]]

@@ -446,7 +446,7 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(_config(spec, spec.kl_coef, precision, tmp))
         batch = tr.rollout(0)
-        mask = batch.completion_mask
+        mask = batch.action_mask
         P = batch.prompt_ids.shape[1]
         seqs = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
         attn = torch.cat([batch.prompt_mask, mask.long()], 1)

@@ -171,9 +171,10 @@ def collect(
         rows = rng.integers(0, len(tr.train_data), prompts).tolist()
         batch = sample(tr.backend, tr.tokenizer, tr.train_data, rows, G, tr.sampling, generator=tr.gen)
         score_batch(tr.rewards, batch)
-        mask = batch.completion_mask
-        rtg = core.discounted_cumsum(batch.token_rewards.float(), mask, gamma)  # (B, T) G_t
-        R = rtg[:, 0].clone()  # (B,)
+        mask = batch.action_mask
+        acts = core.ActionIndex.of(mask)  # G_t over actions only (an episode's env tokens are not steps)
+        rtg = acts.expand(core.discounted_cumsum(acts.compact(batch.token_rewards.float()), acts.mask, gamma))
+        R = rtg.gather(1, acts.index[:, :1]).squeeze(1)  # (B,) G_0 at the first action
         dense = bool(((rtg - R[:, None]) * mask).abs().max() > 1e-6 * (1.0 + R.abs().max()))
         seq_level &= not dense
         need_v = dense or always_backprop_rtg
@@ -181,7 +182,7 @@ def collect(
         for i in range(batch.size):
             mb = batch.select(torch.tensor([i]))
             logp = forward(model, mb, tr.passes).logprobs[0]  # (T,) log π(a_t|s_t)
-            m = mb.completion_mask[0]
+            m = mb.action_mask[0]
             gu = torch.autograd.grad((logp * m).sum(), params, retain_graph=need_v, allow_unused=True)
             gu = [torch.zeros_like(p) if g is None else g for g, p in zip(gu, params)]
             sq.append(sum(float(torch.dot(g.reshape(-1).float(), g.reshape(-1).float())) for g in gu))
