@@ -4,6 +4,11 @@ The trainer talks to one object with two methods::
 
     batch = backend.generate(prompt_ids, group_size, params, uniforms)   # → Batch (see batch.py)
     backend.sync_weights(model)                                          # after the policy changed
+    with backend.episodes(prompt_ids, params, uniforms) as session: ...  # multi-turn (envs.py)
+
+``episodes`` yields a :class:`~rlhf_pg.rollout.EpisodeSession` that samples one model turn at a time
+for every live episode and appends the environment's segments as tokens (HF: one KV cache carried
+across turns; vLLM: each turn one request with the whole token history, reusing vLLM's prefix cache).
 
 ``generate`` returns the same :class:`~rlhf_pg.batch.Batch` fields as :func:`rlhf_pg.rollout.generate`:
 ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``completion_ids``/``completion_mask`` (B, T) cut
@@ -74,6 +79,20 @@ class GenerationBackend(ABC):
         A backend that can sample by inverse CDF uses them (HF); others may derive seeds from them.
         ``generator``: the random source when ``uniforms`` is None (HF only)."""
 
+    @contextmanager
+    def episodes(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        uniforms: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[rollout.EpisodeSession]:
+        """A session sampling multi-turn episodes, one per prompt (the G copies of a prompt already
+        repeated), for :func:`rlhf_pg.envs.sample_episodes`. ``uniforms`` (B, W): episode b's k-th
+        sampled token uses uniforms[b, k]."""
+        raise UserError(f"rollout.backend={self.name} cannot sample multi-turn episodes — use rollout.backend=hf")
+        yield  # pragma: no cover
+
     def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook: a no-op by default)
         """Make the backend sample from ``model``'s current weights; call after the policy changed
         (after the optimizer steps of an RL step, and after loading a checkpoint)."""
@@ -124,6 +143,11 @@ class HFBackend(GenerationBackend):
     ) -> Batch:
         with rollout.sampling_mode(self.model) as model:
             return rollout.generate(model, self.tokenizer, prompt_ids, group_size, params, generator, uniforms)
+
+    @contextmanager
+    def episodes(self, prompt_ids, params, uniforms=None, generator=None) -> Iterator[rollout.EpisodeSession]:
+        with rollout.sampling_mode(self.model) as model:
+            yield rollout.HFEpisodeSession(model, self.tokenizer, prompt_ids, params, uniforms, generator)
 
 
 # ----------------------------------------------------------------------------------------- vllm
@@ -234,6 +258,7 @@ def vllm_sampling_kwargs(params: SamplingParams, group_size: int, seed: int | No
         max_tokens=params.max_new_tokens,
         stop=list(params.stop) or None,
         logprobs=0,  # 0 = only the sampled token's log-prob
+        include_stop_str_in_output=True,  # our cut keeps the token that completes a stop string
         seed=seed,
     )
 
@@ -441,6 +466,10 @@ class VLLMBackend(GenerationBackend):
             device=self.device,
         )
 
+    @contextmanager
+    def episodes(self, prompt_ids, params, uniforms=None, generator=None) -> Iterator[rollout.EpisodeSession]:
+        yield VLLMEpisodeSession(self.llm, self.vllm.SamplingParams, self.tokenizer, prompt_ids, params, uniforms)
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         with torch.no_grad(), merged_adapter(model):
             target = _engine_model(self.llm)
@@ -454,6 +483,64 @@ class VLLMBackend(GenerationBackend):
 
     def close(self) -> None:
         self.llm = None
+
+
+class VLLMEpisodeSession(rollout.EpisodeSession):
+    """Episodes on a vLLM engine: each turn is one request per live episode whose prompt is the
+    episode's whole token history so far (``{"prompt_token_ids": ...}``: token in, token out, nothing
+    re-tokenized). vLLM's prefix cache keeps the history's KV entries between turns, so a turn costs
+    its new tokens, not a re-prefill (``enable_prefix_caching=True``, set by :class:`VLLMBackend`).
+    Cuts follow the HF sampler (EOS, the token completing a stop string, the turn's token budget).
+    The seed of episode b's turn comes from uniforms[b, k], k its actions so far (:func:`request_seeds`)."""
+
+    def __init__(self, llm, sampling_params_cls, tokenizer, prompts, params: SamplingParams, uniforms=None):
+        self.llm, self.make_params, self.tokenizer, self.params = llm, sampling_params_cls, tokenizer, params
+        self.uniforms = uniforms
+        self.history = [list(p) for p in prompts]
+        self.live = list(range(len(prompts)))
+        self.n_actions = [0] * len(prompts)
+
+    def _seed(self, episode: int) -> int | None:
+        if self.uniforms is None:
+            return None
+        k = min(self.n_actions[episode], self.uniforms.shape[1] - 1)
+        return int(float(self.uniforms[episode, k]) * (2**31 - 1))
+
+    def turn(self, max_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in self.live]
+        asks = [i for i, m in enumerate(max_tokens) if m > 0]
+        if not asks:
+            return out
+        sps = []
+        for i in asks:
+            turn_params = dataclasses.replace(self.params, max_new_tokens=max_tokens[i])
+            sps.append(self.make_params(**vllm_sampling_kwargs(turn_params, 1, self._seed(self.live[i]))))
+        prompts = [self.history[self.live[i]] for i in asks]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sps, use_tqdm=False)
+        if len(outputs) != len(asks):
+            raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(asks)} episodes")
+        eos, stops = self.tokenizer.eos_token_id, [x for x in self.params.stop if x]
+        for i, res in zip(asks, outputs):
+            got = getattr(res, "prompt_token_ids", None)
+            if got is not None and list(got) != self.history[self.live[i]]:
+                raise ValueError("vLLM output belongs to another episode (outputs out of order)")
+            c = res.outputs[0]
+            ids = list(c.token_ids)[: max_tokens[i]]
+            n = ids.index(eos) + 1 if eos is not None and eos in ids else len(ids)
+            if stops:
+                n = min(n, stop_cut(self.tokenizer, ids[:n], stops))
+            ids = ids[:n]
+            out[i] = (ids, _sampled_logprobs(c.logprobs, ids))
+            self.history[self.live[i]] += ids
+            self.n_actions[self.live[i]] += len(ids)
+        return out
+
+    def keep(self, positions: list[int]) -> None:
+        self.live = [self.live[i] for i in positions]
+
+    def extend(self, segments: list[list[int]]) -> None:
+        for e, seg in zip(self.live, segments):
+            self.history[e] += list(seg)
 
 
 def _engine_arg_names() -> set[str] | None:
@@ -494,6 +581,7 @@ __all__ = [
     "GenerationBackend",
     "HFBackend",
     "VLLMBackend",
+    "VLLMEpisodeSession",
     "VLLM_MISSING",
     "hf_weights",
     "make_backend",

@@ -143,6 +143,37 @@ class RolloutConfig(_Section):
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none
     for hf."""
+    env: str | None = None
+    """Multi-turn episodes: an environment class `path/to/env.py:Class` or `package.module:Class` (see
+    rlhf_pg/envs.py), created per episode with `env_kwargs`. null = single completions."""
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment class."""
+    tools: list[str] = Field(default_factory=list)
+    """Tools the model may call (`path/to/tools.py:function`, plain functions with type hints and docstrings):
+    episodes with the built-in tool environment (rlhf_pg/tools.py). Exclusive with `env`."""
+    tool_parser: str | None = None
+    """How calls are read from a turn: null = `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, or your
+    own `path.py:function(text) -> list of calls`."""
+    tool_timeout_s: float = Field(10.0, gt=0)
+    """A tool call running longer becomes an error observation the model sees."""
+    max_turns: int = Field(4, ge=1)
+    """Most model turns in an episode (with `env` or `tools`)."""
+    max_episode_tokens: int = Field(512, ge=1)
+    """Most tokens after the prompt in an episode, model and environment turns together; `max_new_tokens` bounds
+    each model turn."""
+
+    @model_validator(mode="after")
+    def _one_environment(self) -> RolloutConfig:
+        if self.env and self.tools:
+            raise ValueError("rollout.env and rollout.tools are exclusive: tools run in the built-in tool environment")
+        if not (self.env or self.tools) and (self.env_kwargs or self.tool_parser):
+            raise ValueError("rollout.env_kwargs / rollout.tool_parser need rollout.env or rollout.tools")
+        return self
+
+    @property
+    def episodes(self) -> bool:
+        """Multi-turn: an environment or tools are configured."""
+        return bool(self.env or self.tools)
 
 
 class RewardFunctionConfig(_Section):

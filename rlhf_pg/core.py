@@ -1,9 +1,11 @@
 r"""All the math of rlhf-pg: pure functions of tensors (torch only).
 
 Notation. A completion y = (a_0, ..., a_{T-1}) is sampled from π_θ(·|x); s_t = (x, a_{<t}). Every tensor
-below is (B, T): B completions (G adjacent rows per prompt), T completion positions, `mask` 1 on real
-tokens (up to and including EOS). Per-token rewards r_t hold the sequence reward R on the last real
-token unless a reward function returns dense rewards.
+below is (B, T): B completions (G adjacent rows per prompt), T completion positions, `mask` 1 on the
+actions (up to and including EOS). In a multi-turn episode s_t also holds the environment's tokens so
+far; the estimators see only the actions, as consecutive steps (ActionIndex), and the environment's
+tokens get no log-prob term (their probabilities do not depend on θ). Per-token rewards r_t hold the
+sequence reward R on the last action unless a reward function returns dense rewards.
 
 The policy gradient (log-derivative trick; the environment's dynamics cancel):
 
@@ -107,12 +109,14 @@ class ActionIndex:
 
     def compact(self, x: Tensor) -> Tensor:
         """(B, T) → (B, A): the values at the action positions, 0 beyond each row's actions."""
-        return x.gather(1, self.index) * self.mask
+        return torch.where(self.mask > 0, x.gather(1, self.index), torch.zeros((), dtype=x.dtype, device=x.device))
 
     def expand(self, y: Tensor) -> Tensor:
         """(B, A) → (B, T): the inverse of :meth:`compact` (0 off the action positions)."""
         out = torch.zeros(y.shape[0], self.width, dtype=y.dtype, device=y.device)
-        return out.scatter(1, self.index, y * self.mask)
+        return out.scatter(
+            1, self.index, torch.where(self.mask > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        )
 
 
 def place_scores(scores: Tensor, mask: Tensor) -> Tensor:
@@ -146,18 +150,23 @@ class Options(BaseModel):
 
 @dataclass
 class AdvantageInputs:
-    """What an advantage estimator receives. Tensors are (B, T); rows [i·G, (i+1)·G) share a prompt."""
+    """What an advantage estimator receives. Tensors are (B, A): each row's ACTIONS as consecutive
+    steps (:class:`ActionIndex`; the trainer compacts an episode's rows, whose environment tokens sit
+    between turns, and expands the output back). Rows [i·G, (i+1)·G) share a prompt. The estimators
+    assume a mask without holes: ``discounted_cumsum`` restarts at a 0, and GAE's V(s_{t+1}) would be
+    read at an environment token."""
 
     token_rewards: Tensor
-    """(B, T) r_t: scores on the last action token, dense rewards, − β·KL_t when the KL is in the reward."""
+    """(B, A) r_t: scores on the last action, dense rewards, an episode's turn rewards on each turn's last
+    action, − β·KL_t when the KL is in the reward."""
     mask: Tensor
-    """(B, T) 1 on action tokens (the positions that get a log-prob and a loss)."""
+    """(B, A) 1 for the row's actions (a prefix of each row), 0 after."""
     group_size: int
     """G, completions per prompt."""
     gamma: float = 1.0
     """Discount γ."""
     values: Tensor | None = None
-    """(B, T) V(s_t) from the value model; given only to estimators that declare ``needs_values``."""
+    """(B, A) V(s_t) from the value model; given only to estimators that declare ``needs_values``."""
     reduce: Reduce | None = None
     """Sums a tensor over processes (identity on one): for statistics that must be global."""
 
@@ -165,11 +174,11 @@ class AdvantageInputs:
 @dataclass
 class AdvantageOutput:
     advantages: Tensor
-    """(B, T) Â_t."""
+    """(B, A) Â_t."""
     returns: Tensor
-    """(B, T) return targets (the value targets for estimators with ``needs_values``)."""
+    """(B, A) return targets (the value targets for estimators with ``needs_values``)."""
     baseline: Tensor | None = None
-    """(B, T) b_t subtracted from the return, where the estimator has one (for inspection and logging)."""
+    """(B, A) b_t subtracted from the return, where the estimator has one (for inspection and logging)."""
 
 
 class EstimatorState(Protocol):

@@ -179,7 +179,7 @@ def load_prompt_dataset(
     if limit is not None and limit < len(raw):
         raw = raw.select(range(limit))
 
-    texts = [_render_prompt(prompt, index, tokenizer, system_prompt) for index, prompt in enumerate(raw[PROMPT])]
+    texts = [render_prompt(prompt, index, tokenizer, system_prompt) for index, prompt in enumerate(raw[PROMPT])]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if max_prompt_tokens is not None:
         texts, ids = _enforce_length(texts, ids, tokenizer, max_prompt_tokens, too_long, source)
@@ -307,7 +307,7 @@ def _with_prompt_column(raw: datasets.Dataset, source: str, prompt_column: str) 
     return raw.rename_column(prompt_column, PROMPT)
 
 
-def _render_prompt(prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
+def render_prompt(prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
     """Return the text the model sees for one prompt (row ``index``)."""
     if isinstance(prompt, str):
         if not prompt:

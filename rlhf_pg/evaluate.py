@@ -90,10 +90,12 @@ def _prompt_str(p: Any) -> str:
     return p if isinstance(p, str) else str(p[-1]["content"])
 
 
-def _metric_keys(names: list[str], has_answer: bool, n: int, k: int) -> list[str]:
+def _metric_keys(names: list[str], has_answer: bool, n: int, k: int, episode_keys: tuple[str, ...] = ()) -> list[str]:
     """The metric names (without prefix) in their report order: the greedy ones, then, with ``n``
-    samples per prompt, the sampled ones and pass@j. The same on every process (one all-reduce)."""
+    samples per prompt, the sampled ones and pass@j. The same on every process (one all-reduce).
+    ``episode_keys``: the per-episode counts of multi-turn episodes (greedy only)."""
     keys = ["n", "reward", "completion_len"] + [f"reward/{x}" for x in names] + (["accuracy"] if has_answer else [])
+    keys += [f"episode/{x}" for x in episode_keys]
     if n:
         keys += ["sampled/reward", "sampled/completion_len"] + [f"sampled/reward/{x}" for x in names]
         if has_answer:
@@ -143,7 +145,8 @@ class _Sums:
 
 def _accuracy(batch) -> torch.Tensor:
     """Per completion: the built-in ``accuracy`` rule as float64, NaN where it gave None."""
-    raw = REWARD_REGISTRY["accuracy"](prompts=batch.prompts, completions=batch.completions, **batch.columns)
+    completions = batch.messages or batch.completions  # an episode's answer is the model's last turn
+    raw = REWARD_REGISTRY["accuracy"](prompts=batch.prompts, completions=completions, **batch.columns)
     return torch.tensor([math.nan if x is None else float(x) for x in raw], dtype=torch.float64)
 
 
@@ -164,6 +167,8 @@ def _add_batch_metrics(
         sums.add(f"{tag}accuracy", acc)
     if not tag:
         sums.add("n", torch.ones(len(chunk)))
+        for name, v in batch.episode_stats.items():
+            sums.add(f"episode/{name}", v)
     elif has_answer:
         correct = torch.nan_to_num(acc).view(len(chunk), group).sum(1)  # (prompts,) c per prompt
         for j in pass_ks(k):
@@ -191,6 +196,9 @@ def _sample_rows(
                 for x, v in batch.reward_per_function.items()
             },
         }
+        if batch.messages:
+            row["messages"] = batch.messages[i]
+            row.update({f"episode/{k}": float(v[i]) for k, v in batch.episode_stats.items()})
         if "answer" in batch.columns:
             row["answer"] = batch.columns["answer"][i]
             row["correct"] = None if math.isnan(float(acc[i])) else bool(acc[i])
@@ -213,13 +221,16 @@ def _run_phase(
     keep_samples: bool,
     trainer_state: Any,
     bar=None,
+    episodes=None,
 ) -> list[dict[str, Any]]:
     """Generate, score and accumulate ``phase`` over this shard's ``rows`` in batches of
     ``phase.per_batch`` prompts; returns the per-sample rows (empty unless ``keep_samples``)."""
     samples: list[dict[str, Any]] = []
     for s in range(0, len(rows), phase.per_batch):
         chunk = rows[s : s + phase.per_batch]
-        batch = sample(backend, tokenizer, dataset, chunk, phase.group, phase.params, generator=generator)
+        batch = sample(
+            backend, tokenizer, dataset, chunk, phase.group, phase.params, generator=generator, episodes=episodes
+        )
         score_batch(rewards, batch, trainer_state)
         lengths = batch.action_mask.sum(-1).float().cpu()
         acc = _add_batch_metrics(sums, phase, batch, chunk, lengths, has_answer, k)
@@ -266,6 +277,7 @@ def evaluate_policy(
     keep_samples: bool = False,
     progress: bool = False,
     trainer_state: Any = None,
+    episodes=None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` (rows with ``prompt_ids``, ``prompt``, ``prompt_text`` and
     the reward columns, as :func:`rlhf_pg.data.load_prompt_dataset` returns them).
@@ -279,6 +291,7 @@ def evaluate_policy(
     the processes (identity when omitted). Every process must call this with the same arguments.
     Keys of ``sums`` are the same on every process (they depend only on the rewards and columns),
     so the stacked tensor can be all-reduced. Run under the caller's autocast if it uses one.
+    ``episodes`` (:class:`rlhf_pg.envs.Episodes`): evaluate multi-turn episodes with the environment.
     """
     if k < 1:
         raise UserError(f"k={k}: pass@k needs k >= 1")
@@ -287,7 +300,8 @@ def evaluate_policy(
         raise UserError(f"{n} samples per prompt cannot estimate pass@{k}: use --samples >= k")
     rank, world = shard
     has_answer = "answer" in dataset.column_names
-    sums = _Sums(_metric_keys(list(rewards.names), has_answer, n, k))
+    ep_keys = tuple(episodes.stat_keys) if episodes is not None else ()
+    sums = _Sums(_metric_keys(list(rewards.names), has_answer, n, k, ep_keys))
     device = next(model.parameters()).device
     rows = list(range(rank, len(dataset), world))
     backend = HFBackend(model, tokenizer)
@@ -316,6 +330,7 @@ def evaluate_policy(
             keep_samples=keep_samples,
             trainer_state=trainer_state,
             bar=bar,
+            episodes=episodes,
         )
     if bar is not None:
         bar.close()
@@ -441,7 +456,7 @@ def run_eval(
     """``rlhf-pg eval``: evaluate MODEL_OR_RUN on the recipe's eval split; write ``eval.json`` and
     ``eval_samples.jsonl`` into ``out`` (default: the run directory, else ``./eval_<name>``)."""
     from .config import load_config
-    from .setup import build_datasets, build_rewards
+    from .setup import build_datasets, build_episodes, build_rewards, environment_factory, stop_strings
 
     target = resolve_target(target_arg)
     if recipe is None:
@@ -453,10 +468,12 @@ def run_eval(
         recipe = str(target["run_dir"] / "config.yaml")
     cfg = load_config(recipe, list(overrides))
     torch.manual_seed(cfg.seed)
+    make_env = environment_factory(cfg)  # the environment or tools load before the model
     model, tokenizer = load_eval_model(target, cfg)
     d = cfg.data
     _, data = build_datasets(cfg, tokenizer, train=False)
     rewards = build_rewards(cfg, tokenizer)
+    episodes = build_episodes(cfg, make_env, tokenizer, data) if make_env is not None else None
     r = cfg.rollout
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     res = evaluate_policy(
@@ -466,7 +483,7 @@ def run_eval(
         rewards,
         max_new_tokens=r.max_new_tokens,
         batch_size=cfg.batch.eval_batch_size,
-        stop=list(r.stop),
+        stop=stop_strings(cfg),
         k=k,
         n_samples=0 if greedy_only else n_samples,
         temperature=r.temperature,
@@ -475,6 +492,7 @@ def run_eval(
         generator=gen,
         keep_samples=True,
         progress=True,
+        episodes=episodes,
     )
     if out:
         out_dir = Path(out)

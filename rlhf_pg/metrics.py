@@ -106,12 +106,30 @@ def rollout_metrics(batch: Batch, r: Reducer, eos_id: int | None) -> dict[str, f
         m["value_mean"] = r.mean(batch.values, mask)
     for name, v in batch.reward_per_function.items():
         m[f"reward/{name}"] = r.mean(torch.nan_to_num(v), (~torch.isnan(v)).float())
+    if batch.episode_stats:
+        m.update(episode_metrics(batch, r))
+    return m
+
+
+def episode_metrics(batch: Batch, r: Reducer) -> dict[str, float]:
+    """Multi-turn episodes: per-episode means of the counts (turns, tool calls, ...), the episode's
+    length in tokens after the prompt, the share of those tokens the environment wrote, and the
+    environment's reward. The keys are the same on every process (Episodes.stat_keys)."""
+    one = torch.ones(batch.size, device=batch.action_mask.device)
+    length = batch.completion_mask.sum(-1)  # (B,) model + environment tokens
+    env_tokens = length - batch.action_mask.sum(-1)
+    m = {f"episode/{k}": r.mean(v.float(), one) for k, v in sorted(batch.episode_stats.items())}
+    m["episode/len"] = r.mean(length, one)
+    total = r.sum(torch.stack([env_tokens.sum(), length.sum()]))
+    m["episode/env_token_frac"] = (total[0] / total[1].clamp(min=1)).item()
+    if batch.env_rewards is not None:
+        m["episode/env_reward"] = r.mean(batch.env_rewards.sum(-1), one)
     return m
 
 
 def sample_rows(batch: Batch, step: int) -> list[dict[str, Any]]:
     """One ``samples.jsonl`` row per completion of this process's batch."""
-    first_adv = batch.advantages[:, 0].tolist()
+    first_adv = batch.advantages.gather(1, core.ActionIndex.of(batch.action_mask).index[:, :1]).squeeze(1).tolist()
     rows = []
     for i in range(batch.size):
         p = batch.prompts[i]
@@ -129,6 +147,9 @@ def sample_rows(batch: Batch, step: int) -> list[dict[str, Any]]:
                 **{k: v[i] for k, v in batch.reward_extra.items()},
             }
         )
+        if batch.messages:  # an episode, turn by turn with roles
+            rows[-1]["messages"] = batch.messages[i]
+            rows[-1].update({f"episode/{k}": float(v[i]) for k, v in batch.episode_stats.items()})
     return rows
 
 

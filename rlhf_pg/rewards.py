@@ -7,7 +7,7 @@ unchanged::
         ...
 
     fn(prompts=..., completions=..., completion_ids=..., **dataset_columns,
-       trainer_state=..., log_extra=..., log_metric=..., prompt_text=..., completion_tokens=...)
+       trainer_state=..., log_extra=..., log_metric=..., prompt_text=..., turns=..., completion_tokens=...)
 
 * ``prompts`` are the dataset's original prompts (a string or a list of chat messages each);
   ``completions`` the generated completions, one per sample (a prompt sampled ``group_size`` times
@@ -17,8 +17,13 @@ unchanged::
   do ``completion_ids`` (each completion's token ids, without padding). ``trainer_state`` is a
   ``transformers.TrainerState`` (``global_step``: RL steps done); ``log_extra(column, values)`` adds
   per-sample values to samples.jsonl and ``log_metric(name, value)`` a scalar to metrics.jsonl. Ours
-  besides: ``prompt_text`` (each prompt as the model saw it, chat template applied) and, when the
-  :class:`RewardSet` has a ``tokenizer``, ``completion_tokens`` (each completion token decoded alone).
+  besides: ``prompt_text`` (each prompt as the model saw it, chat template applied), ``turns`` (each
+  completion's model turns as texts: one for a single completion, several in a multi-turn episode)
+  and, when the :class:`RewardSet` has a ``tokenizer``, ``completion_tokens`` (each completion token
+  decoded alone).
+* Multi-turn episodes (``rollout.env``/``rollout.tools``): for conversational data ``completions`` are
+  the whole exchange after the prompt as messages (assistant turns, tool and user observations);
+  ``completion_ids`` are all its tokens (model and environment).
 * A function takes what it needs and ``**kwargs`` for the rest; one without ``**kwargs`` gets only the
   keywords it names. ``async def`` functions are awaited (concurrently).
 * It returns one entry per completion: a number (a sequence-level reward), ``None`` ("does not
@@ -66,7 +71,7 @@ REWARD_REGISTRY: dict[str, Callable[..., Any]] = {}
 
 TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 """What TRL passes every reward function (besides the dataset columns)."""
-OWN_KEYWORDS = ("prompt_text", "completion_tokens")
+OWN_KEYWORDS = ("prompt_text", "turns", "completion_tokens")
 """What rlhf-pg passes besides."""
 RESERVED_KEYWORDS = TRL_KEYWORDS + OWN_KEYWORDS
 """Keywords the toolkit passes itself; a dataset column may not use these names."""
@@ -118,36 +123,7 @@ def load_reward_function(ref: str) -> Callable[..., Any]:
             f"unknown reward function {ref!r}{hint}; built-ins: {', '.join(sorted(REWARD_REGISTRY))}; "
             "or name your own as 'package.module:function' or 'path/to/file.py:function'"
         )
-    where, attr = ref.rsplit(":", 1)
-    if not where or not attr:
-        raise UserError(
-            f"reward function {ref!r} is malformed: write 'package.module:function' or 'path/to/file.py:function'"
-        )
-    what = f"reward function {ref!r}"
-    module = (
-        user_code.load_file(where, what, f"fix the path before ':' in {ref!r}")
-        if user_code.is_file_ref(where)
-        else user_code.import_module(where, what)
-    )
-    if not hasattr(module, attr):
-        found = sorted(
-            name
-            for name, value in vars(module).items()
-            if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
-        )
-        close = difflib.get_close_matches(attr, found, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(
-            f"reward function {attr!r} not found in {where!r}{hint}; callables defined there: "
-            f"{', '.join(found) or 'none'} — fix the name after ':' in {ref!r}"
-        )
-    obj = getattr(module, attr)
-    if not callable(obj):
-        raise UserError(
-            f"reward function {ref!r} is a {type(obj).__name__}, not a function — point it at a function "
-            "fn(prompts, completions, **kwargs)"
-        )
-    return obj
+    return user_code.load_callable(ref, f"reward function {ref!r}", "a function fn(prompts, completions, **kwargs)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +188,7 @@ class RewardSet:
         on_nonfinite: OnNonfinite = "raise",
         on_all_none: OnAllNone = "raise",
         tokenizer: Any = None,
+        allow_empty: bool = False,
     ) -> None:
         for key, value, kind in (
             ("on_error", on_error, OnError),
@@ -220,7 +197,7 @@ class RewardSet:
         ):
             if value not in get_args(kind):
                 raise UserError(f"rewards.{key}={value!r} is not one of {', '.join(get_args(kind))}")
-        if not specs:
+        if not specs and not allow_empty:
             raise UserError("no reward functions configured — add at least one entry to rewards.functions")
         self.on_error = on_error
         self.on_nonfinite = on_nonfinite
@@ -248,6 +225,8 @@ class RewardSet:
         columns: dict[str, list],
         prompt_text: list[str] | None = None,
         trainer_state: Any = None,
+        conversations: list[list[dict]] | None = None,
+        turns: list[list[str]] | None = None,
     ) -> RewardOutput:
         """Score a batch: call every function by keyword, as TRL does (see the module docstring).
 
@@ -275,14 +254,23 @@ class RewardSet:
         chat = bool(prompts) and not isinstance(prompts[0], str)
         keywords: dict[str, Any] = dict(
             prompts=prompts,
-            completions=[[{"role": "assistant", "content": c}] for c in completions] if chat else completions,
+            completions=(
+                conversations
+                if chat and conversations
+                else [[{"role": "assistant", "content": c}] for c in completions]
+                if chat
+                else completions
+            ),
             completion_ids=completion_ids,
             **columns,
             trainer_state=trainer_state,
             log_extra=log.extra,
             log_metric=log.metric,
             prompt_text=prompt_text,
+            turns=turns if turns else [[c] for c in completions],
         )
+        if not self.functions:  # an environment's own rewards are the only ones
+            return RewardOutput(torch.zeros(n), {}, None)
         if self.tokenizer is not None:
             keywords["completion_tokens"] = self._decode_tokens(completion_ids)
         raws = [self._invoke(name, fn, keywords, n) for name, fn in zip(self.names, self.functions)]
@@ -476,9 +464,20 @@ def _keywords_for(name: str, fn: Callable[..., Any], keywords: dict[str, Any]) -
     return {p.name: keywords[p.name] for p in params if p.name in keywords}
 
 
-def completion_texts(completions: list) -> list[str]:
-    """Each completion as text, for plain (strings) and conversational (lists of messages) data alike."""
-    return [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
+def completion_texts(completions: list, final_answer: bool = False) -> list[str]:
+    """Each completion as text, for plain (strings) and conversational (lists of messages) data alike.
+    ``final_answer``: for messages, only the last assistant message (in an episode, the model's last
+    turn, not a tool's output)."""
+    out = []
+    for c in completions:
+        if isinstance(c, str):
+            out.append(c)
+        elif final_answer:
+            said = [m for m in c if m.get("role") == "assistant"]
+            out.append(str(said[-1].get("content", "")) if said else "")
+        else:
+            out.append("".join(str(m.get("content", "")) for m in c))
+    return out
 
 
 def token_reward_tensor(out: RewardOutput, mask: torch.Tensor) -> torch.Tensor:
@@ -504,6 +503,8 @@ def score_batch(rewards: RewardSet, batch, trainer_state: Any = None) -> RewardO
         batch.columns,
         prompt_text=batch.prompt_texts,
         trainer_state=trainer_state,
+        conversations=batch.messages or None,
+        turns=batch.turns or None,
     )
     dev = batch.action_mask.device
     batch.scores = out.scores.to(dev)
@@ -586,6 +587,8 @@ def last_number(text: str) -> float | None:
 def accuracy(prompts: list, completions: list[str], answer: list | None = None, **kwargs: Any) -> list[float | None]:
     """1.0 if the last number in the completion equals the ``answer`` column, else 0.0.
 
+    In a conversational episode the completion is the model's last turn (a tool's output does not count).
+
     Answers may be numbers or strings whose last number is the answer ("42", "42.0", "#### 42",
     a GSM8K solution ending in "#### 1,234"); numbers are compared with tolerance 1e-6. A missing
     answer (None, NaN or blank) gives None.
@@ -595,7 +598,7 @@ def accuracy(prompts: list, completions: list[str], answer: list | None = None, 
             "reward function 'accuracy' needs an 'answer' column in the dataset — add one, or use another reward"
         )
     out: list[float | None] = []
-    for i, (completion, ans) in enumerate(zip(completion_texts(completions), answer)):
+    for i, (completion, ans) in enumerate(zip(completion_texts(completions, final_answer=True), answer)):
         if ans is None or (isinstance(ans, float) and math.isnan(ans)) or (isinstance(ans, str) and not ans.strip()):
             out.append(None)
             continue

@@ -174,16 +174,27 @@ def sample(
     params: SamplingParams,
     uniforms: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    episodes=None,
 ) -> Batch:
     """The one sampling path (training, evaluation, the labs): ``group_size`` completions for dataset
     ``rows`` (from :mod:`rlhf_pg.data`) by ``backend`` (:mod:`rlhf_pg.backends`), inside the context
     the backend asks for, with the batch's texts and reward columns filled in.
 
-    ``uniforms`` (len(rows)·G, max_new_tokens): the step's sampling uniforms (:func:`rlhf_pg.order.
-    rollout_uniforms`); without them the backend draws from ``generator``."""
+    ``uniforms`` (len(rows)·G, W): the step's sampling uniforms (:func:`rlhf_pg.order.rollout_uniforms`;
+    W = max_new_tokens, or max_episode_tokens for episodes); without them the backend draws from
+    ``generator``. ``episodes`` (an :class:`rlhf_pg.envs.Episodes`): sample multi-turn episodes with
+    an environment instead of single completions."""
     sub = data.select(rows)
-    with torch.no_grad(), backend.sampling_context():
-        batch = backend.generate(list(sub["prompt_ids"]), group_size, params, uniforms=uniforms, generator=generator)
+    with torch.no_grad():
+        if episodes is not None:
+            from .envs import sample_episodes
+
+            batch = sample_episodes(backend, tokenizer, episodes, sub, group_size, params, uniforms, generator)
+            return attach_rows(batch, sub, tokenizer, group_size, keep_prompts=True)
+        with backend.sampling_context():
+            batch = backend.generate(
+                list(sub["prompt_ids"]), group_size, params, uniforms=uniforms, generator=generator
+            )
     return attach_rows(batch, sub, tokenizer, group_size)
 
 
@@ -203,12 +214,137 @@ def sampling_mode(model):
         model.train(was_training)
 
 
-def attach_rows(batch: Batch, sub, tokenizer, group_size: int) -> Batch:
+def attach_rows(batch: Batch, sub, tokenizer, group_size: int, keep_prompts: bool = False) -> Batch:
     """Fill a sampled batch's prompts, texts, reward columns (each dataset row repeated G times)
-    and decoded completions from the dataset rows ``sub`` it was sampled for."""
+    and decoded completions from the dataset rows ``sub`` it was sampled for (``keep_prompts``: the
+    batch's own prompts stay, e.g. an environment's first messages)."""
     rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-    batch.prompts = rep(sub["prompt"])
-    batch.prompt_texts = rep(sub["prompt_text"])
+    if not keep_prompts:
+        batch.prompts = rep(sub["prompt"])
+        batch.prompt_texts = rep(sub["prompt_text"])
     batch.columns = {c: rep(sub[c]) for c in sub.column_names if c not in NON_REWARD_COLUMNS}
     batch.completions = tokenizer.batch_decode(batch.completion_lists(), skip_special_tokens=True)
     return batch
+
+
+# ------------------------------------------------------------------------------------- episodes
+class EpisodeSession:
+    """A batch of episodes being sampled turn by turn (the backend side of :mod:`rlhf_pg.envs`).
+
+    The episode runner drives it in lockstep: :meth:`turn` samples one model turn for every live
+    episode, :meth:`keep` drops the episodes that ended, :meth:`extend` appends each remaining
+    episode's environment segment. Episodes are numbered 0 … B−1 in the order of the prompts given
+    to the backend; every call is about the live ones, in that order."""
+
+    def turn(self, max_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        """One model turn per live episode: (token ids, their sampler log-probs), cut after EOS, after
+        the token that completes a stop string, or at the episode's ``max_tokens``."""
+        raise NotImplementedError
+
+    def keep(self, positions: list[int]) -> None:
+        """Continue only the live episodes at ``positions`` (indices into the live list)."""
+        raise NotImplementedError
+
+    def extend(self, segments: list[list[int]]) -> None:
+        """Append context tokens (an environment's segment) to each live episode."""
+        raise NotImplementedError
+
+
+class HFEpisodeSession(EpisodeSession):
+    """Episodes on the training module with ONE KV cache carried across turns.
+
+    Each prompt is prefilled once (identical prompts once in all); after that only new tokens are
+    fed: the sampled ones and the environment's segments. Episodes advance in lockstep, so the cache
+    is one rectangular batch: an episode whose turn ended while others still decode is fed a pad
+    token with attention 0 (a *hole*), and segments of different lengths are left-padded with holes
+    so every episode's last real token is in the last column (its logits are the next turn's). Holes
+    are masked out of attention and skipped by the explicit position ids, so each episode computes
+    exactly what a forward over its own compact token sequence computes (tests/test_envs.py checks
+    the sampled log-probs against the trainer's forward over the trajectory). Ended episodes leave
+    the cache (``batch_select_indices``).
+
+    ``uniforms`` (B, W): episode b's k-th sampled token uses uniforms[b, k] (k counts its actions over
+    all turns), so the draws depend only on (seed, step, global row), as in :func:`generate`."""
+
+    def __init__(self, model, tokenizer, prompts, params, uniforms=None, generator=None):
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.uniforms, self.generator = uniforms, generator
+        self.device = next(model.parameters()).device
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.stops = [s for s in params.stop if s]
+        keys = [tuple(p) for p in prompts]
+        uniq = list(dict.fromkeys(keys))
+        inv = torch.tensor([uniq.index(k) for k in keys], device=self.device)
+        ids, mask = left_pad([list(k) for k in uniq], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
+        )
+        self.cache = out.cache
+        self.cache.batch_select_indices(inv)  # (U, ...) → (B, ...): one prefill per distinct prompt
+        self.logits = out.logits[:, -1][inv]  # (B, V): predicts each episode's first token
+        self.attn = mask[inv]  # (B, L) attention over the cache's columns (0 = padding or hole)
+        self.pos = self.attn.sum(-1)  # (B,) position of each episode's next real token
+        self.live = torch.arange(len(prompts), device=self.device)  # episode ids, in cache order
+        self.n_actions = torch.zeros(len(prompts), dtype=torch.long, device=self.device)  # per episode
+
+    def _feed(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
+        """Run (n, L) ``tokens`` through the model; ``real`` (n, L) marks real tokens (right-aligned)."""
+        real_l = real.long()
+        self.attn = torch.cat([self.attn, real_l], 1)
+        pos = self.pos[:, None] + (real_l.cumsum(1) - 1).clamp(min=0)  # (n, L): holes reuse a position
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=self.attn,
+            position_ids=pos,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.cache
+        fed = real.any(1)  # episodes with at least one real token: their last one is in the last column
+        self.logits = torch.where(fed[:, None], out.logits[:, -1], self.logits)
+        self.pos = self.pos + real_l.sum(1)
+
+    def turn(self, max_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        n, p = self.live.numel(), self.params
+        budget = torch.tensor(max_tokens, device=self.device)
+        in_turn = budget > 0  # (n,) still sampling this turn
+        toks: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        count = torch.zeros(n, dtype=torch.long, device=self.device)
+        while bool(in_turn.any()):
+            u = None
+            if self.uniforms is not None:
+                k = self.n_actions[self.live].clamp(max=self.uniforms.shape[1] - 1)
+                u = self.uniforms[self.live, k]
+            tok, lp = sample_from_logits(self.logits, p.temperature, p.top_p, p.top_k, self.generator, u)
+            rows = in_turn.nonzero().squeeze(-1).tolist()
+            tl, ll = tok.tolist(), lp.tolist()
+            for i in rows:
+                toks[i].append(tl[i])
+                lps[i].append(ll[i])
+            count += in_turn.long()
+            self.n_actions[self.live] += in_turn.long()
+            ended = (tok == self.eos_id) | (count >= budget)
+            if self.stops:
+                hit = contains_stop(self.tokenizer, [toks[i] for i in rows], self.stops)
+                ended[rows] |= torch.tensor(hit, device=self.device)
+            feed = torch.where(in_turn, tok, torch.full_like(tok, self.pad_id))
+            self._feed(feed[:, None], in_turn[:, None])  # the turn's last token enters the cache too
+            in_turn = in_turn & ~ended
+        return list(zip(toks, lps))
+
+    def keep(self, positions: list[int]) -> None:
+        if len(positions) == self.live.numel():
+            return
+        idx = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.live, self.attn, self.pos, self.logits = self.live[idx], self.attn[idx], self.pos[idx], self.logits[idx]
+        if positions:
+            self.cache.batch_select_indices(idx)
+
+    def extend(self, segments: list[list[int]]) -> None:
+        if not segments or not any(segments):
+            return
+        ids, real = left_pad(segments, self.pad_id)  # holes on the left: last real token in the last column
+        self._feed(ids.to(self.device), real.to(self.device).bool())

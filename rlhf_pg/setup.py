@@ -22,6 +22,7 @@ from .config import BatchPlan, RunConfig, batch_plan
 from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController
 from .data import load_prompt_dataset
 from .distributed import describe_distributed, gathered_for_generation
+from .envs import ChatFormat, Episodes, load_environment
 from .errors import UserError
 from .forward import PassSettings
 from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
@@ -121,6 +122,50 @@ def build_rewards(cfg: RunConfig, tokenizer=None) -> RewardSet:
         on_nonfinite=r.on_nonfinite,
         on_all_none=r.on_all_none,
         tokenizer=tokenizer,
+        allow_empty=cfg.rollout.episodes,  # an environment's own rewards may be the only ones
+    )
+
+
+def environment_factory(cfg: RunConfig):
+    """A factory of fresh environments for rollout.env / rollout.tools (loaded and checked now, before
+    any model), or None for single completions."""
+    r = cfg.rollout
+    if r.env:
+        return load_environment(r.env, r.env_kwargs)
+    if r.tools:
+        from .tools import load_tool_env
+
+        return load_tool_env(list(r.tools), r.tool_parser, r.tool_timeout_s)
+    return None
+
+
+def stop_strings(cfg: RunConfig) -> list[str]:
+    """rollout.stop, plus the end of a tool call with the default tool format (a turn that calls a tool
+    ends there, and the tool's answer comes next)."""
+    r = cfg.rollout
+    stops = list(r.stop)
+    if r.tools and r.tool_parser is None:
+        from .tools import STOP
+
+        stops += [STOP] if STOP not in stops else []
+    return stops
+
+
+def build_episodes(cfg: RunConfig, make_env, tokenizer, train_data) -> Episodes:
+    """How episodes are sampled: the environment factory, limits and the chat segments."""
+    chat = bool(len(train_data)) and not isinstance(train_data[0]["prompt"], str)
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("multi-turn episodes with chat prompts need a tokenizer with a chat template")
+    r, d = cfg.rollout, cfg.data
+    return Episodes(
+        make_env=make_env,
+        name=getattr(make_env, "name", "env"),
+        chat=ChatFormat(tokenizer, chat),
+        max_turns=r.max_turns,
+        max_episode_tokens=r.max_episode_tokens,
+        system_prompt=d.system_prompt,
+        max_prompt_tokens=d.max_prompt_tokens,
+        stat_keys=("turns", "env_tokens", "truncated", *getattr(make_env(), "info_keys", ())),
     )
 
 
@@ -199,6 +244,8 @@ class Components:
     rewards: RewardSet
     backend: GenerationBackend
     passes: PassSettings
+    episodes: Episodes | None = None
+    """Multi-turn episodes (rollout.env or rollout.tools); None = single completions."""
 
 
 def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
@@ -214,6 +261,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
             "or use rollout.backend=hf"
         )
     algo = build_algorithm(cfg)
+    make_env = environment_factory(cfg)  # the user's environment or tools load before any model
     needs_values = algo.advantage.needs_values
     tokenizer, module, critic, ref = build_policy(cfg, acc, needs_values)
     rewards = build_rewards(cfg, tokenizer)
@@ -233,6 +281,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
         autocast=acc.autocast,
     )
     backend = build_backend(cfg, acc, model, tokenizer)
+    episodes = build_episodes(cfg, make_env, tokenizer, train_data) if make_env is not None else None
     return Components(
         acc,
         plan,
@@ -248,6 +297,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
         rewards,
         backend,
         passes,
+        episodes,
     )
 
 
@@ -291,5 +341,11 @@ def describe(cfg: RunConfig, c: Components) -> str:
             f", LoRA r={mc.lora.r} ({n / 1e6:.2f}M trainable parameters)"
             if n >= 1e6
             else f", LoRA r={mc.lora.r} ({n} trainable parameters)"
+        )
+    if c.episodes is not None:
+        e = c.episodes
+        line += (
+            f"\nepisodes: environment {e.name}, at most {e.max_turns} turns and {e.max_episode_tokens} tokens "
+            f"({cfg.rollout.max_new_tokens} per model turn); environment tokens are context, not actions"
         )
     return line + "\nbatch plan: " + c.plan.describe()

@@ -66,7 +66,9 @@ class Trainer:
         self.nonfinite_streak = 0
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
         r = cfg.rollout
-        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, list(r.stop))
+        self.episodes = c.episodes
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, setup.stop_strings(cfg))
+        self.draws_per_row = r.max_episode_tokens if c.episodes is not None else r.max_new_tokens
         self._backend_stale = True  # an engine of its own needs the policy's weights before the first rollout
 
     @property
@@ -184,12 +186,14 @@ class Trainer:
             with gathered_for_generation(self.acc, self.model) as m:
                 self.backend.sync_weights(setup.bare_policy(self.acc, m))
             self._backend_stale = False
-        b, r = self.cfg.batch, self.cfg.rollout
+        b = self.cfg.batch
         rows = order.step_rows(len(self.train_data), b.prompts_per_step, self.cfg.seed, step, self.rank, self.world)
         u = order.rollout_uniforms(
-            self.cfg.seed, step, self.plan.rollout, r.max_new_tokens, self.rank, self.world, self.acc.device
+            self.cfg.seed, step, self.plan.rollout, self.draws_per_row, self.rank, self.world, self.acc.device
         )
-        batch = sample(self.backend, self.tokenizer, self.train_data, rows, b.group_size, self.sampling, u)
+        batch = sample(
+            self.backend, self.tokenizer, self.train_data, rows, b.group_size, self.sampling, u, episodes=self.episodes
+        )
         release_memory()
         return batch
 
@@ -369,10 +373,11 @@ class Trainer:
                 self.rewards,
                 max_new_tokens=r.max_new_tokens,
                 batch_size=self.cfg.batch.eval_batch_size,
-                stop=list(r.stop),
+                stop=self.sampling.stop,
                 shard=(self.rank, self.world),
                 reduce=self.reduce.sum,
                 trainer_state=self.trainer_state(),
+                episodes=self.episodes,
             )
         return {**res.metrics, "step": self.step_idx}
 

@@ -8,6 +8,7 @@ the code was loaded for and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import itertools
@@ -15,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .errors import UserError, one_line
 
@@ -80,3 +82,32 @@ def import_plugins(refs: list[str]) -> None:
             if is_file_ref(ref)
             else import_module(ref, what)
         )
+
+
+def load_callable(ref: str, what: str, expected: str) -> Any:
+    """Resolve ``package.module:name`` or ``path/to/file.py:name`` to a callable for ``what`` (e.g.
+    "reward function 'f.py:score'"); ``expected`` describes what it should be, for the messages."""
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise UserError(f"{what} is malformed: write 'package.module:name' or 'path/to/file.py:name'")
+    module = (
+        load_file(where, what, f"fix the path before ':' in {ref!r}")
+        if is_file_ref(where)
+        else import_module(where, what)
+    )
+    if not hasattr(module, attr):
+        found = sorted(
+            name
+            for name, value in vars(module).items()
+            if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+        )
+        close = difflib.get_close_matches(attr, found, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(
+            f"{attr!r} not found in {where!r} for {what}{hint}; callables defined there: "
+            f"{', '.join(found) or 'none'} — fix the name after ':' in {ref!r}"
+        )
+    obj = getattr(module, attr)
+    if not callable(obj):
+        raise UserError(f"{what} is a {type(obj).__name__}, not callable — point it at {expected}")
+    return obj

@@ -298,7 +298,17 @@ def test_vllm_sampling_and_engine_kwargs():
     kw = vllm_sampling_kwargs(
         SamplingParams(max_new_tokens=17, temperature=0.7, top_p=0.9, top_k=0, stop=["</a>"]), 4, seed=123
     )
-    assert kw == dict(n=4, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=17, stop=["</a>"], logprobs=0, seed=123)
+    assert kw == dict(
+        n=4,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=-1,
+        max_tokens=17,
+        stop=["</a>"],
+        logprobs=0,
+        seed=123,
+        include_stop_str_in_output=True,
+    )
     assert vllm_sampling_kwargs(SamplingParams(top_k=20), 2)["top_k"] == 20
     assert vllm_sampling_kwargs(SamplingParams(), 2)["stop"] is None
     e = vllm_engine_kwargs(

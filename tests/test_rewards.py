@@ -251,6 +251,7 @@ def test_every_function_gets_columns_and_toolkit_keywords(fn_registry) -> None:
         "completion_ids": [[5], [6, 7]],
         "trainer_state": None,
         "prompt_text": ["<u>hi", "<u>yo"],
+        "turns": [["a"], ["b c"]],  # one model turn per completion outside episodes
     }
 
 
@@ -528,13 +529,13 @@ def test_missing_function_lists_callables() -> None:
 def test_not_callable() -> None:
     with pytest.raises(UserError) as excinfo:
         load_reward_function(f"{FIXTURE_FILE}:NOT_A_FUNCTION")
-    error_message(excinfo, "NOT_A_FUNCTION", "is a int, not a function")
+    error_message(excinfo, "NOT_A_FUNCTION", "is a int, not callable", "fn(prompts, completions")
 
 
 def test_malformed_reference() -> None:
     with pytest.raises(UserError) as excinfo:
         load_reward_function("some_module:")
-    error_message(excinfo, "'some_module:'", "package.module:function")
+    error_message(excinfo, "'some_module:'", "package.module:name")
 
 
 def test_documented_example_file(monkeypatch: pytest.MonkeyPatch) -> None:
