@@ -26,10 +26,11 @@ batch differentiates its own copy of θ). Tests compare mean_k ĝ_k to a target 
 bias shows most: s_k = ⟨ĝ_k, t⟩/‖t‖² has mean 1 within Z·SE.
 
 Z = 5: a two-sided normal tail of 5.7e-7 per comparison; with (52 coordinates + 1 projection) × ~20
-estimators in this file (≈ 1100 comparisons), Bonferroni bounds the chance that correct estimators fail
-ANY of them by ≈ 6e-4. (Seeds are fixed, so the tests are deterministic: this is the chance that the
-chosen seeds are unlucky.) Power: an rloo whose baseline keeps 10 % of the sample itself (a 3.3 %
-shrinkage of E[ĝ]) fails; the per-coordinate checks alone catch ≈ 7 %.
+single-turn estimators and (156 + 1) × 16 on the episode toy below (≈ 3600 comparisons), Bonferroni
+bounds the chance that correct estimators fail ANY of them by ≈ 2e-3. (Seeds are fixed, so the tests
+are deterministic: this is the chance that the chosen seeds are unlucky.) Power: an rloo whose
+baseline keeps 10 % of the sample itself (a 3.3 % shrinkage of E[ĝ]) fails; the per-coordinate checks
+alone catch ≈ 7 %.
 A bias is called significant when max_j |mean_j − ∇J_j| / SE_j > Z, the same family-wise level.
 
 Every biased estimator is also compared to its EXACT expectation, derived in ``expected_gradient``:
@@ -42,7 +43,7 @@ noise = ‖SE‖/‖∇J‖ (what an unbiased estimator's rel. bias should be cl
 trCov = trace of the covariance of ĝ for one batch of N = 16, over ‖∇J‖²:
 
     estimator                           rel.bias  exact   noise   scale   trCov/|g|^2
-    --------------------------------------------------------------------------------
+    ---------------------------------------------------------------------------------
     reinforce full return                 0.007   0.000   0.011   1.000      0.49
     reinforce full return (dense)         0.018   0.000   0.019   0.993      1.52
     reinforce reward-to-go (dense)        0.017   0.000   0.016   0.993      1.00
@@ -71,6 +72,70 @@ grows); seq-mean-token-mean is the gradient of Σ π(y) R(y)/|y| (orthogonal com
 λ < 1 and a wrong V is badly biased (0.88); with the true V it is unbiased and has the lowest variance.
 Variance: full return 1.52 > reward-to-go 1.00 > reward-to-go − loo 0.67 (× ‖∇J‖², dense rewards,
 one batch of 16).
+
+Multi-turn episodes: the environment's transitions drop out of ∇log P(τ)
+-----------------------------------------------------------------------
+The toy. Vocabulary {a, b, $}. An episode is a model turn, the environment's reply, a model turn. A
+turn is "$", "x$" or "xy" (x, y ∈ {a, b}: 7 turns of ≤ 2 tokens); the reply is ONE token e ∈ {a, b}
+drawn at random from P_env(a | turn 1) = 0.2 + 0.3·#a(turn 1) + 0.1·1[turn 1 ends with $] (0.2 … 0.8:
+fixed, θ-independent, history-dependent, non-uniform). 7·2·7 = 98 episodes, laid out as the trainer's
+rows (T = 5; e.g. "ab", b, "$" is a b b $ · with action mask 1 1 0 1 0). States are full histories: 3
+in turn 1, 7 before the reply (one per turn 1), 42 in turn 2 (one per turn 1, reply and prefix); θ is
+a 52 × 3 table of logits (N(0, 0.8²), seed 1). The reply is from the model's vocabulary, so the table
+also gives it a probability log π_θ(e|h) at the 7 reply states (what an LM would train on if the
+reply were in its loss); J never uses those logits: ∇J is exactly 0 there.
+P(τ) = Π_actions π_θ(a|s) · P_env(e|turn 1). Rewards r_k = #a(turn k) − ½·|turn k| (+1 when turn 2
+opens with the reply), each on its turn's last token ("per-turn", as an environment's rewards), or
+their sum R(τ) on the last action token ("seq", core.place_scores): the same J = Σ_τ P(τ) R(τ), and
+∇J by autograd over the enumeration (checked against finite differences). γ = 1 unless stated.
+
+Protocol: as above (K = 4000 batches of N = 16 episodes, groups of G = 4, fixed seeds), episodes drawn
+from the process itself (core.sample_from_logits for the model's tokens, P_env for the reply), ĝ
+computed as the trainer computes it: rewards (and V) compacted to the action positions by
+core.ActionIndex, the registry's estimator on them, Â expanded back; the policy loss (old_logp =
+logp.detach()) and the aggregation with the action mask (Normalisers count action tokens).
+"env masked": the action mask is 0 on the reply (right). "env as actions" (the mistake): it is 1 on
+every real token, so the reply gets a log π_θ(e|h) term and is a time step.
+Exact expectations (``episode_reference_weights``, plain loops over each episode's time steps,
+independent of core): E[ĝ] = Σ_τ P(τ) Σ_t Ψ̄_t ∇log π_θ(x_t|s_t), Ψ̄ = the estimator's own-sample part
+(full return, reward-to-go, GAE) minus the expectation of its group baseline, which is built from the
+other G − 1 episodes and so is independent of this one (rloo: J; loo at step k: (1 − (1 − q_k)^{G−1})
+·E[G_k | step k exists]; grpo scale=none: Ψ̄ = (G−1)/G·(R − J)). With the env masked (γ = 1) it is ∇J
+to float precision for every unbiased estimator. With the env as actions it is not: the reply is drawn
+from P_env, not π_θ, so E_e[∇log π_θ(e|h)] ≠ 0 and the reply's term Ψ_e ∇log π_θ(e|h) has a mean.
+
+    estimator                                                       rel.bias  exact   noise   scale   trCov/|g|^2
+    -------------------------------------------------------------------------------------------------------------
+    episode: reinforce full return (seq), env masked                  0.020   0.000   0.022   1.001      1.89
+    episode: reinforce rtg (per-turn), env masked                     0.019   0.000   0.020   1.000      1.61
+    episode: reinforce rtg + loo (per-turn), env masked               0.017   0.000   0.023   0.999      2.08
+    episode: rloo (seq), env masked                                   0.018   0.000   0.024   0.998      2.24
+    episode: gae lam=1, arbitrary V (per-turn), env masked            0.020   0.000   0.027   0.996      2.91
+    episode: gae lam=0.5, true V (per-turn), env masked               0.010   0.000   0.013   1.001      0.71
+    episode: ppo clip at ratio 1, rtg+loo (per-turn), env masked      0.017   0.000   0.023   0.999      2.08
+    episode: grpo scale=none (seq), env masked: (G-1)/G               0.252   0.250   0.018   0.749      1.26
+    episode: reinforce rtg gamma=0.5 (per-turn), env masked           0.190   0.192   0.013   0.839      0.73
+    episode: reinforce rtg (per-turn), env as actions                 0.287   0.285   0.022   1.000      1.93
+    episode: reinforce rtg + loo (per-turn), env as actions           0.256   0.250   0.025   0.998      2.56
+    episode: rloo (seq), env as actions                               0.360   0.360   0.027   0.998      2.89
+    episode: gae lam=1, arbitrary V (per-turn), env as actions        0.398   0.391   0.029   0.996      3.42
+    episode: ppo clip at ratio 1, rtg+loo (per-turn), env as actions  0.256   0.250   0.025   0.998      2.56
+    episode: reinforce rtg gamma=0.5 (per-turn), env as actions       0.272   0.273   0.014   0.787      0.73
+
+Reading it. Env masked: the estimators that should be unbiased are (rel. bias ≈ noise, scale ≈ 1); grpo
+scale=none is (G−1)/G as in one turn. γ = 0.5 (env masked) matches the expectation of a discount that
+counts the model's tokens only (turn 1's last action → turn 2's first is one step): the one that counts
+the reply as a step too is 8.5 % of ‖∇J‖ away and rejected (max z = 14); both differ from ∇J because J
+is undiscounted. Env as actions (γ = 1): biased by 25–39 % of ‖∇J‖, all of it in the reply states'
+logits (scale ≈ 1: the bias is orthogonal to ∇J, which is 0 there). The actions' terms are unchanged
+(the reply has no reward; group baselines stay independent of the sample); the reply adds, at each reply
+state h (weight P(h)), Σ_e P_env(e|h) E[Ψ_e|h, e] (1_e − π_θ(·|h)) to the gradient of its logits: it
+teaches the model to imitate the environment, weighted by Ψ. A tabular policy keeps that in the reply
+states' block; an LM shares its parameters, so the same terms move its own turns. With γ = 0.5 the reply
+is also a step, and the actions' block is biased too (turn 2's rewards reach turn 1 discounted by γ²
+instead of γ). Counting the reply also adds variance (reward-to-go 1.61 → 1.93). Without the compaction
+(the holed mask given to the estimator as it is) core.discounted_cumsum restarts at the hole: E[ĝ] is
+62 % of ‖∇J‖ off for reward-to-go, 47 % for GAE with the true V.
 """
 
 from __future__ import annotations
@@ -176,8 +241,8 @@ def objective(theta: torch.Tensor, kind: str) -> torch.Tensor:
     return (seq_prob(theta) * token_rewards(kind, ENUM_IDS, ENUM_MASK).sum(-1)).sum()
 
 
-def grad_of(fn) -> torch.Tensor:
-    theta = THETA.clone().requires_grad_()
+def grad_of(fn, at: torch.Tensor = THETA) -> torch.Tensor:
+    theta = at.clone().requires_grad_()
     (g,) = torch.autograd.grad(fn(theta), theta)
     return g.reshape(-1)
 
@@ -431,8 +496,10 @@ def assert_mean_matches(name: str, g: torch.Tensor, target: torch.Tensor, what: 
 
 
 def max_z(g: torch.Tensor, target: torch.Tensor) -> float:
+    """max_j |mean_j − target_j| / SE_j (SE floored as in assert_mean_matches: coordinates that every
+    batch leaves at 0, e.g. the env states' logits when the environment is masked, have SE = 0)."""
     mean, se = mean_se(g)
-    return ((mean - target).abs() / se).max().item()
+    return ((mean - target).abs() / (se + ATOL / Z)).max().item()
 
 
 def trace_cov(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -575,20 +642,444 @@ def test_variance_scales_as_one_over_batch_size():
     assert abs((tr16 / tr64).item() / 4 - 1) < Z * rel_se
 
 
-# ---------------------------------------------------------------------------------- the bias table
-def bias_table() -> str:
-    rows = ["estimator                           rel.bias  exact   noise   scale   trCov/|g|^2", "-" * 80]
-    for name, spec in SPECS.items():
-        g, g_true = mc_gradients(name), true_gradient(spec.rewards)
-        mean, se = mean_se(g)
-        tr, _ = trace_cov(g)
-        exact = rel(expected_gradient(name) - g_true, g_true)
-        scale = (mean @ g_true / (g_true @ g_true)).item()
-        rows.append(
-            f"{name:<36}{rel(mean - g_true, g_true):>7.3f} {exact:>7.3f} {rel(se, g_true):>7.3f}"
-            f" {scale:>7.3f} {tr.item() / (g_true @ g_true).item():>9.2f}"
+# =============================================================================== multi-turn episodes
+# The episode toy (module docstring, "Multi-turn episodes"): model turn, environment reply, model turn.
+EP_A, EP_B, EP_END = 0, 1, 2
+EP_VOCAB, EP_T, EP_STATES = 3, 5, 52
+TURNS = ((EP_END,), (EP_A, EP_END), (EP_B, EP_END), (EP_A, EP_A), (EP_A, EP_B), (EP_B, EP_A), (EP_B, EP_B))
+P_ENV_A = torch.tensor([0.2 + 0.3 * t.count(EP_A) + 0.1 * (t[-1] == EP_END) for t in TURNS])
+EP_GAMMA = 0.5  # the discounted variant: large enough that counting the env token as a step shows
+
+
+def turn_index(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The turn (index into TURNS) that starts with x0, x1 ($ ends it: x1 is then unused)."""
+    return torch.where(x0 == EP_END, 0, torch.where(x1 == EP_END, 1 + x0, 3 + 2 * x0 + x1))
+
+
+def turn2_root(u1, e):
+    """State index of the second turn's root after turn u1 and the environment's reply e (42 states from 10)."""
+    return 10 + 3 * (2 * u1 + e)
+
+
+def turn_reward(turn: tuple[int, ...], reply: int | None = None) -> float:
+    """#a − ½·|turn|, + 1 when the turn opens with the environment's reply (the second turn only)."""
+    return turn.count(EP_A) - 0.5 * len(turn) + float(reply is not None and turn[0] == reply)
+
+
+def enumerate_episodes() -> dict[str, torch.Tensor]:
+    """All 7·2·7 = 98 episodes (turn 1, reply e, turn 2), row j = (2·u1 + e)·7 + u2, laid out as the
+    trainer's (B, T) rows: ids (padded with $), state of each position, real (1 on every token), act
+    (1 on model tokens, 0 on the reply), turn_r (each turn's reward on its last token), env_logp."""
+    cols: dict[str, list] = {k: [] for k in ("ids", "state", "real", "act", "turn_r", "env_logp")}
+    for u1, t1 in enumerate(TURNS):
+        for e in (EP_A, EP_B):
+            for t2 in TURNS:
+                root2 = turn2_root(u1, e)
+                toks = [*t1, e, *t2]
+                pad = [0] * (EP_T - len(toks))
+                states = [0, 1 + t1[0]][: len(t1)] + [3 + u1] + [root2, root2 + 1 + t2[0]][: len(t2)]
+                rewards = [0.0] * len(toks)
+                rewards[len(t1) - 1], rewards[-1] = turn_reward(t1), turn_reward(t2, e)
+                cols["ids"].append(toks + [EP_END] * len(pad))
+                cols["state"].append(states + pad)
+                cols["real"].append([1.0] * len(toks) + pad)
+                cols["act"].append([1.0] * len(t1) + [0.0] + [1.0] * len(t2) + pad)
+                cols["turn_r"].append(rewards + pad)
+                p_a = P_ENV_A[u1].item()
+                cols["env_logp"].append(math.log(p_a if e == EP_A else 1 - p_a))
+    return {k: torch.tensor(v) for k, v in cols.items()}
+
+
+EP = enumerate_episodes()
+EP_ALL = torch.arange(len(EP["ids"]))
+EP_R = EP["turn_r"].sum(-1)  # R(τ) = r_1 + r_2: the sequence reward (its J is the per-turn one's)
+ENV_STATES = torch.arange(3, 10)  # the states that precede the environment's reply
+THETA_EP = 0.8 * torch.randn(EP_STATES, EP_VOCAB, generator=torch.Generator().manual_seed(1))
+WRONG_V_EP = 0.7 * torch.randn(EP_STATES, generator=torch.Generator().manual_seed(8))  # arbitrary V table
+
+
+def episode_logp(theta: torch.Tensor, j: torch.Tensor, rows_per_copy: int | None = None) -> torch.Tensor:
+    """(n, EP_T) log π_θ(x_t|s_t) of EVERY token of episodes j (the reply too: what an LM assigns it),
+    via core.token_logprobs; ``rows_per_copy`` as in token_logp (theta (K, 52, 3))."""
+    st = EP["state"][j]
+    if rows_per_copy is None:
+        logits = theta[st]
+    else:
+        copy = torch.arange(len(j)) // rows_per_copy
+        logits = theta.reshape(-1, EP_VOCAB)[copy[:, None] * EP_STATES + st]
+    return core.token_logprobs(logits, EP["ids"][j], with_entropy=False, chunk=1 << 30)[0]
+
+
+def episode_prob(theta: torch.Tensor) -> torch.Tensor:
+    """P(τ) = Π_actions π_θ(a|s) · P_env(e|turn 1) for the 98 episodes."""
+    return ((episode_logp(theta, EP_ALL) * EP["act"]).sum(-1) + EP["env_logp"]).exp()
+
+
+@functools.cache
+def episode_true_gradient() -> torch.Tensor:
+    """∇J, J(θ) = Σ_τ P(τ) R(τ), by autograd over the enumeration (R = Σ of the per-turn rewards)."""
+    return grad_of(lambda th: (episode_prob(th) * EP_R).sum(), THETA_EP)
+
+
+@functools.cache
+def episode_true_values() -> torch.Tensor:
+    """V^π(s) = E[G_k | s_k = s] (γ = 1, per-turn rewards) at the 45 model states (0 at the 7 env states)."""
+    p, act = episode_prob(THETA_EP).detach(), EP["act"]
+    rtg = EP["turn_r"].flip(-1).cumsum(-1).flip(-1)  # the reply's position has no reward: same over actions
+    w = (p[:, None] * act).reshape(-1)
+    st = EP["state"].reshape(-1)
+    num = torch.zeros(EP_STATES).index_add_(0, st, w * rtg.reshape(-1))
+    den = torch.zeros(EP_STATES).index_add_(0, st, w)
+    return num / den.clamp(min=1e-30)
+
+
+def sample_episodes(theta: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n episodes of the true process: model tokens from π_θ (core.sample_from_logits), the reply from
+    P_env(·|turn 1) (torch.multinomial). Returns each episode's row in the enumeration."""
+
+    def turn(root: torch.Tensor) -> torch.Tensor:
+        x0 = core.sample_from_logits(theta[root], 1.0, 1.0, 0, generator)[0]
+        x1 = core.sample_from_logits(theta[root + 1 + x0.clamp(max=EP_B)], 1.0, 1.0, 0, generator)[0]
+        return turn_index(x0, x1)
+
+    u1 = turn(torch.zeros(n, dtype=torch.long))
+    p_a = P_ENV_A[u1]
+    e = torch.multinomial(torch.stack([p_a, 1 - p_a], -1), 1, generator=generator).squeeze(-1)
+    u2 = turn(turn2_root(u1, e))
+    return (2 * u1 + e) * len(TURNS) + u2
+
+
+@dataclass(frozen=True)
+class EpisodeSpec(Spec):
+    """A Spec on the episode toy (rewards "seq" | "turn"; values None | "wrong" | "true")."""
+
+    env_as_actions: bool = False
+    """The mistake: the reply's token in the action mask (it gets a log π_θ term and is a time step)."""
+
+    def step_mask(self, j: torch.Tensor) -> torch.Tensor:
+        """The action mask the trainer is given: model tokens, or (the mistake) every real token."""
+        return EP["real" if self.env_as_actions else "act"][j]
+
+
+EPISODE_SPECS: dict[str, EpisodeSpec] = {
+    # unbiased: the environment's tokens masked
+    "episode: reinforce full return (seq), env masked": EpisodeSpec("reinforce", "seq", per_sample=True),
+    "episode: reinforce rtg (per-turn), env masked": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True}, per_sample=True
+    ),
+    "episode: reinforce rtg + loo (per-turn), env masked": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True, "baseline": "loo"}
+    ),
+    "episode: rloo (seq), env masked": EpisodeSpec("rloo", "seq"),
+    "episode: gae lam=1, arbitrary V (per-turn), env masked": EpisodeSpec(
+        "gae", "turn", {"lam": 1.0}, values="wrong", per_sample=True
+    ),
+    "episode: gae lam=0.5, true V (per-turn), env masked": EpisodeSpec(
+        "gae", "turn", {"lam": 0.5}, values="true", per_sample=True
+    ),
+    "episode: ppo clip at ratio 1, rtg+loo (per-turn), env masked": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True, "baseline": "loo"}, loss="clip"
+    ),
+    # biased (each compared to its exact expectation, episode_expected_gradient)
+    "episode: grpo scale=none (seq), env masked: (G-1)/G": EpisodeSpec(
+        "grpo", "seq", {"scale": "none"}, unbiased=False
+    ),
+    f"episode: reinforce rtg gamma={EP_GAMMA} (per-turn), env masked": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True, "gamma": EP_GAMMA}, per_sample=True, unbiased=False
+    ),
+    "episode: reinforce rtg (per-turn), env as actions": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True}, per_sample=True, unbiased=False, env_as_actions=True
+    ),
+    "episode: reinforce rtg + loo (per-turn), env as actions": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True, "baseline": "loo"}, unbiased=False, env_as_actions=True
+    ),
+    "episode: rloo (seq), env as actions": EpisodeSpec("rloo", "seq", unbiased=False, env_as_actions=True),
+    "episode: gae lam=1, arbitrary V (per-turn), env as actions": EpisodeSpec(
+        "gae", "turn", {"lam": 1.0}, values="wrong", per_sample=True, unbiased=False, env_as_actions=True
+    ),
+    "episode: ppo clip at ratio 1, rtg+loo (per-turn), env as actions": EpisodeSpec(
+        "reinforce", "turn", {"reward_to_go": True, "baseline": "loo"}, loss="clip", unbiased=False, env_as_actions=True
+    ),
+    f"episode: reinforce rtg gamma={EP_GAMMA} (per-turn), env as actions": EpisodeSpec(
+        "reinforce",
+        "turn",
+        {"reward_to_go": True, "gamma": EP_GAMMA},
+        per_sample=True,
+        unbiased=False,
+        env_as_actions=True,
+    ),
+}
+EP_UNBIASED = [k for k, s in EPISODE_SPECS.items() if s.unbiased]
+EP_BIASED = [k for k, s in EPISODE_SPECS.items() if not s.unbiased]
+EP_DISCOUNTED = f"episode: reinforce rtg gamma={EP_GAMMA} (per-turn), env masked"
+
+
+def episode_advantages(
+    spec: EpisodeSpec, j: torch.Tensor, mask: torch.Tensor, group_size: int, compact: bool = True
+) -> torch.Tensor:
+    """(n, EP_T) Â as the trainer computes it (trainer.compute_advantages): rewards on the (B, T) rows
+    (core.place_scores on the last action token; per-turn rewards × the action mask), then the estimator
+    on the actions compacted by core.ActionIndex, expanded back. ``compact=False``: the holed mask goes
+    to the estimator as it is (what the trainer did before ActionIndex)."""
+    r = core.place_scores(EP_R[j], mask) if spec.rewards == "seq" else EP["turn_r"][j] * mask
+    values = None
+    if spec.values is not None:
+        true_v_ok = spec.rewards == "turn" and spec.gamma == 1.0 and not spec.env_as_actions  # what V^π is for
+        assert spec.values == "wrong" or true_v_ok
+        values = (WRONG_V_EP if spec.values == "wrong" else episode_true_values())[EP["state"][j]] * mask
+    est, opts, state = core.ADVANTAGES[spec.advantage], spec.adv_opts(), spec.adv_state()
+    if not compact:
+        return est.fn(core.AdvantageInputs(r, mask, group_size, spec.gamma, values=values), opts, state).advantages
+    acts = core.ActionIndex.of(mask)
+    v = acts.compact(values) if values is not None else None
+    x = core.AdvantageInputs(acts.compact(r), acts.mask, group_size, spec.gamma, values=v)
+    return acts.expand(est.fn(x, opts, state).advantages)
+
+
+@functools.cache
+def episode_mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.Tensor:
+    """(k, 156): ĝ of each of k batches of n episodes (n/G groups of G), computed as the trainer does."""
+    spec = EPISODE_SPECS[name]
+    j = sample_episodes(THETA_EP, k * n, torch.Generator().manual_seed(seed))
+    mask = spec.step_mask(j)
+    adv = episode_advantages(spec, j, mask, G)
+    theta_k = THETA_EP.expand(k, EP_STATES, EP_VOCAB).clone().requires_grad_()
+    logp = episode_logp(theta_k, j, rows_per_copy=n)
+    per_tok, _ = core.POLICY_LOSSES[spec.loss].fn(logp, logp.detach(), adv, mask, spec.loss_opts())
+    aggregate, agg_opts = core.AGGREGATIONS[spec.agg].fn, spec.agg_opts()
+    shares = [
+        aggregate(l_b, m_b, core.Normalisers(num_tokens=m_b.sum(), num_seqs=n, max_tokens=EP_T), agg_opts)
+        for l_b, m_b in zip(per_tok.view(k, n, EP_T).unbind(0), mask.view(k, n, EP_T).unbind(0))
+    ]
+    torch.stack(shares).sum().backward()
+    return -theta_k.grad.reshape(k, -1)
+
+
+@functools.cache
+def episode_reference_weights(name: str, clock: str = "steps") -> torch.Tensor:
+    """(98, EP_T) Ψ̄ with E[ĝ] = Σ_τ P(τ) Σ_t Ψ̄_t(τ) ∇log π_θ(x_t|s_t), written with plain loops over
+    each episode's time steps (independent of core).
+
+    The time steps are the model's tokens (or every token: env tokens as actions, or ``clock="tokens"``:
+    the reply counts as a step for γ but gets no log π term). Ψ is the estimator's own-sample part
+    (full return, reward-to-go G_k = Σ_{l≥k} γ^{l−k} r_l, or GAE), minus the EXPECTATION of a group
+    baseline, which is built from the other G − 1 episodes only and so is independent of this one:
+    rloo b = E[R] = J; grpo scale=none Â = (G−1)/G·(R − J) (the sample's own 1/G share of the mean
+    shrinks it, the rest is an independent baseline); loo at step k b = mean_{j≠i} G_{j,k} over the
+    others that reach step k: E[b_k] = (1 − (1 − q_k)^{G−1}) E[G_k | step k exists], q_k = P(step k exists).
+    """
+    spec = EPISODE_SPECS[name]
+    opts = {**ADV_DEFAULTS, **spec.cfg}
+    gamma = opts["gamma"]
+    terms = EP["real" if spec.env_as_actions else "act"]
+    clock_mask = EP["real"] if spec.env_as_actions or clock == "tokens" else EP["act"]
+    p = episode_prob(THETA_EP).detach().tolist()
+    steps, psi = [], []
+    for i in range(len(p)):
+        st = [t for t in range(EP_T) if clock_mask[i, t] > 0]
+        r = (
+            [EP["turn_r"][i, t].item() for t in st]
+            if spec.rewards == "turn"
+            else [0.0] * (len(st) - 1) + [EP_R[i].item()]
         )
-    return "\n".join(rows)
+        n = len(st)
+        rtg = [sum(gamma ** (m - k) * r[m] for m in range(k, n)) for k in range(n)]
+        if spec.advantage == "gae":
+            table = WRONG_V_EP if spec.values == "wrong" else episode_true_values()
+            v = [table[EP["state"][i, t]].item() for t in st] + [0.0]
+            delta = [r[k] + gamma * v[k + 1] - v[k] for k in range(n)]
+            own = [sum((gamma * opts["lam"]) ** (m - k) * delta[m] for m in range(k, n)) for k in range(n)]
+        elif spec.advantage == "reinforce" and opts["reward_to_go"]:
+            own = rtg
+        else:  # full return (reinforce), R (rloo, grpo)
+            own = [rtg[0]] * n
+        steps.append(st)
+        psi.append(own)
+    J = sum(pi * EP_R[i].item() for i, pi in enumerate(p))
+    if spec.advantage == "rloo":
+        psi = [[x - J for x in row] for row in psi]
+    elif spec.advantage == "grpo":
+        assert opts["scale"] == "none"
+        psi = [[(G - 1) / G * (x - J) for x in row] for row in psi]
+    elif opts.get("baseline") == "loo":
+        beta = []
+        for k in range(EP_T):
+            q = sum(pi for pi, row in zip(p, psi) if len(row) > k)
+            m = sum(pi * row[k] for pi, row in zip(p, psi) if len(row) > k) / q if q > 0 else 0.0
+            beta.append((1 - (1 - q) ** (G - 1)) * m)
+        psi = [[x - beta[k] for k, x in enumerate(row)] for row in psi]
+    else:
+        assert opts.get("baseline") == "none"
+    w = torch.zeros(len(p), EP_T)
+    for i, (st, row) in enumerate(zip(steps, psi)):
+        for t, x in zip(st, row):
+            w[i, t] = x * terms[i, t]
+    return w
+
+
+@functools.cache
+def episode_expected_gradient(name: str, clock: str = "steps") -> torch.Tensor:
+    """E[ĝ] exactly: Σ_τ P(τ) Σ_t Ψ̄_t ∇log π_θ(x_t|s_t) with Ψ̄ from ``episode_reference_weights``."""
+    p, w = episode_prob(THETA_EP).detach(), episode_reference_weights(name, clock)
+    return grad_of(lambda th: (p[:, None] * w * episode_logp(th, EP_ALL)).sum(), THETA_EP)
+
+
+def episode_trainer_expectation(name: str, compact: bool = True) -> torch.Tensor:
+    """E[ĝ] of a per-sample estimator through the trainer's code path (episode_advantages, core's policy
+    loss) applied to the 98 enumerated episodes, weighted by P(τ): no sampling noise."""
+    spec = EPISODE_SPECS[name]
+    p, mask = episode_prob(THETA_EP).detach(), spec.step_mask(EP_ALL)
+    adv = episode_advantages(spec, EP_ALL, mask, group_size=1, compact=compact)
+
+    def surrogate(theta):
+        logp = episode_logp(theta, EP_ALL)
+        per_tok, _ = core.POLICY_LOSSES[spec.loss].fn(logp, logp.detach(), adv, mask, spec.loss_opts())
+        return -(p * (per_tok * mask).sum(-1)).sum()
+
+    return grad_of(surrogate, THETA_EP)
+
+
+def state_block(g: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The coordinates of ``g`` (52·3,) that belong to the logits of ``states``."""
+    return g.view(EP_STATES, EP_VOCAB)[states].reshape(-1)
+
+
+MODEL_STATES = torch.tensor([s for s in range(EP_STATES) if s not in set(ENV_STATES.tolist())])
+
+
+def test_episode_enumeration_and_sampler_match_the_process():
+    p = episode_prob(THETA_EP)
+    assert len(p) == 98 and torch.allclose(p.sum(), torch.tensor(1.0), atol=1e-6)
+    assert p.min() > 1e-4
+    # one row spelled out: turn 1 "ab", the reply b, turn 2 "$"
+    j = (2 * TURNS.index((EP_A, EP_B)) + EP_B) * len(TURNS) + TURNS.index((EP_END,))
+    assert EP["ids"][j].tolist() == [EP_A, EP_B, EP_B, EP_END, EP_END]
+    assert EP["act"][j].tolist() == [1, 1, 0, 1, 0] and EP["real"][j].tolist() == [1, 1, 1, 1, 0]
+    assert EP["state"][j, :4].tolist() == [0, 1 + EP_A, 3 + 4, turn2_root(4, EP_B)]
+    assert EP["turn_r"][j].tolist() == [0.0, 0.0, 0.0, -0.5, 0.0]  # (1 − 1) on "ab"; −½ on "$"
+    acts = core.ActionIndex.of(EP["act"][j : j + 1])
+    assert acts.index.tolist() == [[0, 1, 3]] and acts.compact(EP["turn_r"][j : j + 1]).tolist() == [[0, 0, -0.5]]
+    # Pearson χ² of 64 000 sampled episodes against P(τ): 97 dof (mean 97, sd 13.9); 200 ≈ p < 1e-8.
+    samp = sample_episodes(THETA_EP, 64_000, torch.Generator().manual_seed(5))
+    counts = torch.bincount(samp, minlength=98).float()
+    expected = 64_000 * p.detach()
+    assert counts.sum() == 64_000 and ((counts - expected) ** 2 / expected).sum() < 200
+
+
+def test_episode_exact_gradient_matches_finite_differences_and_not_the_environment():
+    """∇J (autograd through core.token_logprobs) equals central differences of J computed independently
+    of core (float64). The logits at the 7 states before the reply never enter J (P_env does not depend
+    on θ): ∇J is exactly 0 there."""
+    ids, st, act = EP["ids"], EP["state"], EP["act"]
+
+    def j64(theta):
+        logp = torch.log_softmax(theta[st], -1).gather(-1, ids[..., None]).squeeze(-1)
+        return (((logp * act).sum(-1) + EP["env_logp"].double()).exp() * EP_R.double()).sum()
+
+    h, theta64 = 1e-5, THETA_EP.double()
+    eye = torch.eye(EP_STATES * EP_VOCAB, dtype=torch.float64).view(-1, EP_STATES, EP_VOCAB)
+    fd = torch.stack([(j64(theta64 + h * e) - j64(theta64 - h * e)) / (2 * h) for e in eye])
+    g = episode_true_gradient()
+    torch.testing.assert_close(g.double(), fd, atol=1e-6, rtol=1e-5)
+    assert (state_block(g, ENV_STATES) == 0).all() and state_block(g, MODEL_STATES).abs().min() > 0
+
+
+def test_episode_unbiased_estimators_have_the_exact_gradient_as_expectation():
+    """No sampling noise: the reference expectation (plain loops, expected group baselines) of every
+    env-masked unbiased estimator equals ∇J to float precision; the discounted one does not (J is γ = 1)."""
+    g = episode_true_gradient()
+    for name in EP_UNBIASED:
+        torch.testing.assert_close(episode_expected_gradient(name), g, atol=2e-6, rtol=1e-5, msg=name)
+    assert rel(episode_expected_gradient(EP_DISCOUNTED) - g, g) > 0.1
+
+
+@pytest.mark.parametrize("name", [k for k, s in EPISODE_SPECS.items() if s.per_sample])
+def test_episode_trainer_path_on_the_enumeration_is_the_reference(name):
+    """The trainer's path (ActionIndex compaction, registry estimator and loss) applied to the 98 episodes
+    weighted by P(τ) gives the independent reference expectation exactly."""
+    torch.testing.assert_close(episode_trainer_expectation(name), episode_expected_gradient(name), atol=2e-6, rtol=1e-5)
+
+
+def test_episode_advantages_need_the_action_compaction():
+    """Without core.ActionIndex the reply's hole in the mask cuts the episode in two: turn 1's reward-to-go
+    loses turn 2's reward (discounted_cumsum restarts at a 0 of the mask), and GAE's V(s_{k+1}) after
+    turn 1 is the hole's 0. Both are then biased for ∇J, by a lot."""
+    g = episode_true_gradient()
+    for name in (
+        "episode: reinforce rtg (per-turn), env masked",
+        "episode: gae lam=0.5, true V (per-turn), env masked",
+    ):
+        assert rel(episode_trainer_expectation(name, compact=False) - g, g) > 0.1, name
+
+
+@pytest.mark.parametrize("name", EP_UNBIASED)
+def test_episode_unbiased_estimator_matches_exact_gradient(name):
+    """Environment tokens masked: mean_k ĝ_k = ∇J within Z·SE in every coordinate (the env states' block
+    included, where both are 0), with power: noise < 3 %."""
+    g, target = episode_mc_gradients(name), episode_true_gradient()
+    assert_mean_matches(name, g, target, "the exact ∇J")
+    assert rel(mean_se(g)[1], target) < 0.03
+
+
+@pytest.mark.parametrize("name", EP_BIASED)
+def test_episode_biased_estimator_has_its_exact_expectation(name):
+    """The bias is real (beyond Z·SE of ∇J) and equals its exact expectation (within Z·SE of it)."""
+    g = episode_mc_gradients(name)
+    assert max_z(g, episode_true_gradient()) > Z, f"{name}: no significant bias"
+    assert_mean_matches(name, g, episode_expected_gradient(name), "its exact expectation")
+
+
+def test_episode_env_as_actions_biases_only_the_reply_states_at_gamma_one():
+    """With γ = 1 treating the reply as an action leaves every action's Ψ as it was (the reply has no
+    reward; the group baselines stay independent of the sample) and adds Ψ_e ∇log π_θ(e|h), whose
+    mean is not 0 because e ~ P_env, not π_θ: the bias sits in the env states' logits, which a tabular
+    policy keeps apart (an LM shares them with everything). With γ < 1 the reply also counts as a step
+    and the actions' block is biased too."""
+    g = episode_true_gradient()
+    for name in EP_BIASED:
+        spec, bias = EPISODE_SPECS[name], episode_expected_gradient(name) - g
+        if spec.env_as_actions and spec.gamma == 1.0:
+            assert state_block(bias, MODEL_STATES).abs().max() < 2e-6, name
+            assert rel(state_block(bias, ENV_STATES), g) > 0.1, name
+    discounted = episode_expected_gradient(f"episode: reinforce rtg gamma={EP_GAMMA} (per-turn), env as actions")
+    masked = episode_expected_gradient(EP_DISCOUNTED)
+    assert rel(state_block(discounted - masked, MODEL_STATES), g) > 0.05
+
+
+def test_episode_discount_counts_actions_only():
+    """γ = 0.5, env masked: the trainer's ĝ has the expectation of a discount over the model's tokens
+    (turn 1's last action → turn 2's first is ONE step), not over all tokens (the reply a step too)."""
+    g = episode_mc_gradients(EP_DISCOUNTED)
+    assert_mean_matches(EP_DISCOUNTED, g, episode_expected_gradient(EP_DISCOUNTED), "its exact expectation")
+    assert max_z(g, episode_expected_gradient(EP_DISCOUNTED, clock="tokens")) > Z
+
+
+# ---------------------------------------------------------------------------------- the bias table
+def table_row(name: str, g: torch.Tensor, g_true: torch.Tensor, expected: torch.Tensor, width: int) -> str:
+    mean, se = mean_se(g)
+    tr, _ = trace_cov(g)
+    scale = (mean @ g_true / (g_true @ g_true)).item()
+    return (
+        f"{name:<{width}}{rel(mean - g_true, g_true):>7.3f} {rel(expected - g_true, g_true):>7.3f}"
+        f" {rel(se, g_true):>7.3f} {scale:>7.3f} {tr.item() / (g_true @ g_true).item():>9.2f}"
+    )
+
+
+def bias_table() -> str:
+    """The measured tables of the module docstring: the single-turn toy's estimators against its ∇J, then
+    the episode toy's against the episode's ∇J (the same columns)."""
+    blocks = []
+    for specs, true, mc, expected in (
+        (SPECS, lambda s: true_gradient(s.rewards), mc_gradients, expected_gradient),
+        (EPISODE_SPECS, lambda s: episode_true_gradient(), episode_mc_gradients, episode_expected_gradient),
+    ):
+        width = max(36, *map(len, specs))
+        header = f"{'estimator':<{width}}rel.bias  exact   noise   scale   trCov/|g|^2"
+        rows = [header, "-" * len(header)]
+        for name, spec in specs.items():
+            rows.append(table_row(name, mc(name), true(spec), expected(name), width))
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
 
 
 if __name__ == "__main__":
