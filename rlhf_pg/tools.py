@@ -382,12 +382,18 @@ def _example_value(spec: dict[str, Any]) -> Any:
     return _EXAMPLE_VALUES.get(kind, {}) if isinstance(kind, str) else "text"
 
 
-def tools_prompt(tools: list[Tool]) -> str:
+def tools_prompt(tools: list[Tool], call_format: bool = True) -> str:
     """The system-prompt text: the tools' schemas (one JSON line each), the call format and one example
     call (to the first tool, with placeholder values for its required parameters). Short, because small
-    models read it on every episode; worded after Qwen's tool prompt, which such models were trained on."""
+    models read it on every episode; worded after Qwen's tool prompt, which such models were trained on.
+    ``call_format`` False (a user parser with its own format, which the prompts explain): one line per
+    tool, ``name(parameters): description``, and nothing about tags."""
     if not tools:
         raise UserError("tools_prompt needs at least one tool")
+    if not call_format:
+        return "You have these tools:\n" + "\n".join(
+            f"{t.name}({_parameters(t)}): {t.schema['function'].get('description', '')}" for t in tools
+        )
     first = tools[0].schema["function"]
     params = first.get("parameters", {})
     example_args = {
@@ -416,7 +422,8 @@ class ToolEnv(Environment):
     result messages (``"tool"``; use ``"user"`` for a template without a tool role — Qwen's template
     already wraps ``tool`` messages in ``<tool_response>``, so with it ``"user"`` renders what it was
     trained on). ``max_calls_per_turn`` bounds the work one turn can ask for; the extra calls get an
-    error result (and count as calls and errors)."""
+    error result (and count as calls and errors). ``describe_format`` False leaves the tagged call
+    format out of the system prompt (for a user parser whose format the prompts explain)."""
 
     info_keys = ("tool_calls", "tool_errors")
     """Logged per episode as episode/tool_calls and episode/tool_errors."""
@@ -428,6 +435,7 @@ class ToolEnv(Environment):
         timeout_s: float = 10.0,
         role: str = "tool",
         max_calls_per_turn: int = 4,
+        describe_format: bool = True,
     ):
         self.tools = _check_unique(list(tools))
         if not callable(parser):
@@ -441,7 +449,7 @@ class ToolEnv(Environment):
         if isinstance(max_calls_per_turn, bool) or not isinstance(max_calls_per_turn, int) or max_calls_per_turn < 1:
             raise UserError(f"ToolEnv max_calls_per_turn is {max_calls_per_turn!r}; give an integer >= 1")
         self.parser, self.timeout_s, self.role, self.max_calls = parser, float(timeout_s), role, max_calls_per_turn
-        self.system_prompt = tools_prompt(list(self.tools.values()))
+        self.system_prompt = tools_prompt(list(self.tools.values()), call_format=describe_format)
 
     def reset(self, row: dict[str, Any]) -> Messages:
         """The row's chat messages with the tools prompt in the system message (prepended to an existing
@@ -485,6 +493,7 @@ def load_tool_env(
     ``"tools"``). ``kwargs`` go to ToolEnv (``role``, ``max_calls_per_turn``)."""
     loaded = load_tools(tools)
     parser = load_parser(tool_parser) if tool_parser else parse_tool_calls
+    kwargs.setdefault("describe_format", tool_parser is None)  # a user's format is theirs to explain
     env = ToolEnv(loaded, parser=parser, timeout_s=tool_timeout_s, **kwargs)
 
     def make() -> ToolEnv:
