@@ -7,10 +7,11 @@ Use it in a recipe::
       env_kwargs: {low: 1, high: 20}
       max_turns: 5
 
-Each episode draws a secret number (from the dataset row's ``secret`` column if it has one, else at
-random), asks for a guess, and answers every turn with "higher", "lower" or "correct". The reward is
-per turn: 1 for the correct guess, and the episode ends there; a turn without a number costs 0.1.
-The model therefore learns to read the feedback and narrow the range (binary search is optimal).
+Each episode draws a secret number (from the dataset row's ``secret`` column if it has one, else from
+the episode's ``seed``, so a run and its resume play the same games), asks for a guess, and answers
+every turn with "Higher." or "Lower.". The reward is per turn: 1 for the correct guess (the episode
+ends there), −0.1 for a turn without a number. The model learns to read the feedback and narrow the
+range (binary search is optimal).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ class GuessingGame(Environment):
     info_keys = ("solved", "invalid")
     """Logged per episode as episode/solved and episode/invalid."""
 
-    def __init__(self, low: int = 1, high: int = 20, seed: int | None = None):
+    def __init__(self, low: int = 1, high: int = 20):
         self.low, self.high = low, high
-        self.rng = random.Random(seed)
 
-    def reset(self, row: dict) -> list[dict]:
+    def reset(self, row: dict, seed: int = 0) -> list[dict]:
         secret = row.get("secret")
-        self.secret = int(secret) if secret is not None else self.rng.randint(self.low, self.high)
+        self.secret = int(secret) if secret is not None else random.Random(seed).randint(self.low, self.high)
         return [
             {
                 "role": "user",

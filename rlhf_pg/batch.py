@@ -61,7 +61,8 @@ class Batch:
 
     # --- filled by rewards / reference / value passes / advantage estimator -----------------------
     scores: torch.Tensor | None = None
-    """(B,) float. Weighted sequence reward R(x, y) from the reward functions."""
+    """(B,) float. Weighted sequence reward R(x, y) from the reward functions; in an episode plus the
+    environment's per-turn rewards (the episode's total reward)."""
     reward_per_function: dict[str, torch.Tensor] = field(default_factory=dict)
     """name → (B,) float. Each reward function's own sequence value (unweighted), NaN where it returned None."""
     reward_extra: dict[str, list] = field(default_factory=dict)

@@ -4,9 +4,11 @@ The contract (a recipe names the class as ``rollout.env: path/to/env.py:Class`` 
 ``package.module:Class``, with ``rollout.env_kwargs``)::
 
     class MyEnv:                                   # one instance per episode: Class(**env_kwargs)
-        def reset(self, row: dict) -> str | list[dict] | None:
+        def reset(self, row: dict, seed: int) -> str | list[dict] | None:
             # row: the dataset row (prompt and every other column). The first messages of the
-            # episode (a string is one user message); None = the row's own prompt.
+            # episode (a string is one user message); None = the row's own prompt. ``seed`` is
+            # optional (declare it to get it): a number for the episode's own randomness, fixed by
+            # (run seed, step, global row), so runs, resumes and N processes see the same episodes.
         def step(self, text: str, token_ids: list[int]) -> EnvStep:
             # the model's turn (decoded text and its token ids, as sampled) → what happens next:
             # EnvStep(observation, reward=None, done=False, info={}). observation: a string (one user
@@ -71,8 +73,9 @@ class EnvStep:
 class Environment:
     """A base class for environments (optional: any class with ``reset`` and ``step`` works)."""
 
-    def reset(self, row: dict[str, Any]) -> str | Messages | None:
-        """The episode's first messages for dataset ``row``; None = the row's prompt."""
+    def reset(self, row: dict[str, Any], seed: int | None = None) -> str | Messages | None:
+        """The episode's first messages for dataset ``row``; None = the row's prompt. ``seed``: for the
+        episode's own randomness (see the module docstring)."""
         return None
 
     def step(self, text: str, token_ids: list[int]) -> EnvStep:  # pragma: no cover - documentation
@@ -335,8 +338,12 @@ def sample_episodes(backend, tokenizer, spec: Episodes, sub, group_size: int, pa
     skip = ("prompt_ids", "prompt_text")
     rows = [{k: v for k, v in r.items() if k not in skip} for r in sub.to_list()]
     eps = [_Episode(env=spec.make_env(), row=rows[i // G]) for i in range(len(rows) * G)]
+    seeds = episode_seeds(uniforms, len(eps))
     firsts = call_all(
-        [(lambda e=e: e.env.reset(e.row)) for e in eps],
+        [
+            (lambda e=e, s=s: e.env.reset(e.row, seed=s) if _takes_seed(e.env.reset) else e.env.reset(e.row))
+            for e, s in zip(eps, seeds)
+        ],
         [f"environment {spec.name!r} reset() (dataset row {i // G})" for i in range(len(eps))],
     )
     prompts, prompt_texts, prompt_ids = [], [], []
@@ -433,6 +440,23 @@ def sample_episodes(backend, tokenizer, spec: Episodes, sub, group_size: int, pa
     )
     batch.prompts, batch.prompt_texts = prompts, prompt_texts
     return batch
+
+
+def episode_seeds(uniforms, n: int) -> list[int]:
+    """One seed per episode for its environment's randomness: from the episode's row of the trainer's
+    uniforms (a function of run seed, step and global row, so independent of the process count), or
+    its position in the batch without them (evaluation)."""
+    if uniforms is None:
+        return list(range(n))
+    return [int(x * (2**31 - 1)) ^ 0x5BD1E995 for x in uniforms[:, 0].double().cpu().tolist()]
+
+
+def _takes_seed(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "seed" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def backend_device(backend) -> torch.device:

@@ -510,7 +510,9 @@ def score_batch(rewards: RewardSet, batch, trainer_state: Any = None) -> RewardO
     batch.scores = out.scores.to(dev)
     batch.token_rewards = token_reward_tensor(out, batch.action_mask)
     if batch.env_rewards is not None:  # an episode's per-turn rewards, on each turn's last token
-        batch.token_rewards = batch.token_rewards + batch.env_rewards.to(dev) * batch.action_mask
+        env = batch.env_rewards.to(dev) * batch.action_mask
+        batch.token_rewards = batch.token_rewards + env
+        batch.scores = batch.scores + env.sum(-1)  # the episode's total reward
     batch.reward_per_function = {k: v.to(dev) for k, v in out.per_function.items()}
     return out
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_tree
 
+from rlhf_pg import envs
 from rlhf_pg.backends import HFBackend, VLLMEpisodeSession
 from rlhf_pg.config import build_config
 from rlhf_pg.data import render_prompt
@@ -371,9 +372,12 @@ def test_a_users_reward_sees_the_conversation_and_the_turns(tmp_path, tokenizer,
     from rlhf_pg.rewards import score_batch
 
     score_batch(tr.rewards, batch)
-    assert batch.scores.tolist() == [2.0] * batch.size
-    # the scores sit on the last action token, the environment's 0.5 on each turn's last token
-    assert torch.allclose(batch.token_rewards.sum(-1), batch.scores + 1.0)
+    assert batch.reward_per_function["turns_reward"].tolist() == [2.0] * batch.size
+    assert batch.scores.tolist() == [3.0] * batch.size  # + the environment's 0.5 per turn
+    # the function's score sits on the last action token, the environment's 0.5 on each turn's last token
+    last = batch.action_mask.shape[1] - 1 - batch.action_mask.flip(-1).argmax(-1)
+    assert batch.token_rewards.gather(1, last[:, None]).squeeze(1).tolist() == [2.5] * batch.size
+    assert torch.allclose(batch.token_rewards.sum(-1), batch.scores)
 
 
 @pytest.mark.parametrize(
@@ -445,3 +449,82 @@ def test_config_rejects_env_and_tools_together(tmp_path):
     with pytest.raises(Exception) as e:
         build_config(env_tree(tmp_path, tools=["x.py:f"]))
     assert "exclusive" in str(e.value)
+
+
+def test_the_tool_recipe_reads_its_calls_and_answers_them(monkeypatch):
+    """recipes/grpo_tool_calculator.yaml: the calculator parser turns "a * b =" into a multiply call, the
+    result comes back as a tool message, and the system prompt does not teach the unused tagged format."""
+    from rlhf_pg.config import load_config
+    from rlhf_pg.setup import environment_factory, stop_strings
+
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository
+    cfg = load_config("recipes/grpo_tool_calculator.yaml", [])
+    env = environment_factory(cfg)()
+    first = env.reset({"prompt": [{"role": "user", "content": "What is 315 * 364?"}]})
+    assert (
+        first[0]["role"] == "system" and "multiply(" in first[0]["content"] and "<tool_call>" not in first[0]["content"]
+    )
+    step = envs.as_env_step(env.step("315 * 364 =", [1, 2]), "tools", 0)
+    assert step.observation == [{"role": "tool", "content": "<tool_response>114660</tool_response>"}]
+    assert step.info == {"tool_calls": 1, "tool_errors": 0}
+    assert envs.as_env_step(env.step("114660", [3]), "tools", 1).done
+    assert stop_strings(cfg) == ["="]  # a user parser: no tagged stop string added
+
+
+def test_default_tools_add_the_closing_tag_as_a_stop_string(tmp_path):
+    from rlhf_pg.setup import stop_strings
+
+    cfg = build_config(tiny_tree(tmp_path, rollout={"tools": [f"{ROOT}/examples/calculator_tools.py:multiply"]}))
+    assert stop_strings(cfg) == ["</tool_call>"]
+
+
+class AsyncSeededEnv:
+    """An async environment whose reply comes from the episode's seed."""
+
+    info_keys = ()
+
+    async def reset(self, row, seed):
+        import asyncio
+
+        await asyncio.sleep(0)
+        self.reply = random.Random(seed).choice(["red", "green", "blue"])
+        return None
+
+    async def step(self, text, token_ids):
+        import asyncio
+
+        await asyncio.sleep(0)
+        reply, self.reply = self.reply, None  # one reply, then the episode ends
+        return EnvStep(reply, reward=1.0 if reply is None else 0.0)
+
+
+def test_async_environments_with_seeds_from_the_uniforms(tiny_model, tokenizer, one_thread):
+    """Async reset/step run (concurrently); each episode's seed comes from its row of uniforms, so the
+    same uniforms give the same episodes, environment replies included."""
+    data = small_data(tokenizer)
+    spec = spec_for(tokenizer, AsyncSeededEnv, max_turns=3, max_episode_tokens=100)
+    params = SamplingParams(max_new_tokens=3)
+    u = torch.rand(6, 100, generator=torch.Generator().manual_seed(9))
+    be = HFBackend(tiny_model, tokenizer)
+    a = sample(be, tokenizer, data, [0, 1, 2], 2, params, uniforms=u, episodes=spec)
+    b = sample(be, tokenizer, data, [0, 1, 2], 2, params, uniforms=u, episodes=spec)
+    assert a.messages == b.messages and torch.equal(a.completion_ids, b.completion_ids)
+    replies = [m[1]["content"] for m in a.messages]
+    assert set(replies) <= {"red", "green", "blue"} and len(set(replies)) > 1  # seeds differ per episode
+    assert a.episode_stats["turns"].tolist() == [2.0] * 6
+    assert envs.episode_seeds(u, 6) == envs.episode_seeds(u.clone(), 6)
+
+
+def test_the_guessing_game_example_trains_a_step(tmp_path, one_thread):
+    from rlhf_pg.trainer import Trainer
+
+    tree = tiny_tree(
+        tmp_path,
+        rollout={"env": f"{ROOT}/examples/guessing_game.py:GuessingGame", "env_kwargs": {"low": 1, "high": 4}},
+        rewards={"functions": []},  # the game's own per-turn rewards only
+        train={"max_steps": 1, "eval_at_start": False, "save_model": False},
+    )
+    tr = Trainer(build_config(tree))
+    m = tr.step()
+    assert "episode/solved" in m and "episode/invalid" in m and m["episode/turns"] >= 1
+    assert m["reward"] == m["episode/env_reward"]  # no reward functions: the game's per-turn rewards only
