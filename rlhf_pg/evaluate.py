@@ -366,7 +366,8 @@ def resolve_target(target: str) -> dict[str, Any]:
         if p.exists():
             raise UserError(f"'{target}' is a file: pass a model directory, a run directory, an alias or a hub id")
         return base
-    if (p / "config.yaml").is_file() and not (p / "model").is_dir():
+    if (p / "config.yaml").is_file() and not (p / "model").is_dir() and not (p / "config.json").is_file():
+        # a run without its final model (a saved model/ also holds the run's config.yaml, beside config.json)
         from .checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(p)

@@ -528,3 +528,29 @@ def test_the_guessing_game_example_trains_a_step(tmp_path, one_thread):
     m = tr.step()
     assert "episode/solved" in m and "episode/invalid" in m and m["episode/turns"] >= 1
     assert m["reward"] == m["episode/env_reward"]  # no reward functions: the game's per-turn rewards only
+
+
+def test_the_vllm_backend_runs_episodes_through_the_same_runner(tokenizer):
+    """sample(..., episodes=...) with VLLMBackend (its engine an in-process double): the runner, the
+    segments and the masks are the backend-independent ones; only the session differs."""
+    from types import SimpleNamespace
+
+    from rlhf_pg.backends import VLLMBackend
+
+    be = object.__new__(VLLMBackend)  # no vllm here: the engine is the double above
+    be.llm, be.vllm = FakeLLM(tokenizer.eos_token_id), SimpleNamespace(SamplingParams=dict)
+    be.tokenizer, be.device = tokenizer, torch.device("cpu")
+    data = small_data(tokenizer)
+    spec = spec_for(tokenizer, lambda: CoinEnv(turns=2), max_turns=2, max_episode_tokens=100)
+    batch = sample(be, tokenizer, data, [0, 1], 2, SamplingParams(max_new_tokens=4), episodes=spec)
+    assert batch.episode_stats["turns"].tolist() == [2.0] * 4
+    for b in range(4):
+        n = int(batch.completion_mask[b].sum())
+        act = batch.action_mask[b, :n].tolist()
+        first_turn = act.index(0)  # the double's turn ends at its EOS (third token)
+        assert batch.completion_ids[b, first_turn - 1] == tokenizer.eos_token_id
+        seg = batch.completion_ids[b, first_turn : first_turn + act[first_turn:].index(1)].tolist()
+        assert seg == spec.chat.segment(batch.messages[b][1]["content"], ended_with_eos=True)
+    # turn 2's request is the whole history: prompt + turn 1 + segment, as tokens
+    hist, _ = be.llm.requests[-1]
+    assert hist[-len(seg) :] == seg

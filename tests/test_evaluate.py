@@ -245,3 +245,15 @@ def test_eval_command_user_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", str(tmp_path / "empty"), "--recipe", "recipes/grpo_arithmetic.yaml"]) == 2
     assert "neither a run" in capsys.readouterr().err
+
+
+def test_a_finished_run_resolves_to_its_saved_model(tmp_path):
+    """A run's model/ holds config.json and (for the model card) the run's config.yaml: it is the
+    run's model, not a run directory without a model."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "model" / "config.yaml").write_text("seed: 0\n")
+    (run / "model" / "config.json").write_text("{}")
+    t = ev.resolve_target(str(run))
+    assert t["kind"] == "run" and t["model"] == str(run / "model") and t["run_dir"] == run

@@ -80,6 +80,21 @@ RECIPES = {
         algo={"name": "ppo", "kl_coef": 0.05, "loss_agg": "seq-mean-token-mean"},
         train=FAST,
     ),
+    # multi-turn episodes: each episode's environment seed and sampling draws come from its global row,
+    # so the 2 processes play the same games as 1 (and the episode metrics are reduced over both)
+    "episodes": dict(
+        seed=7,
+        data={"eval_limit": 6},
+        batch={"prompts_per_step": 4, "group_size": 2, "micro_batch_size": 2, "eval_batch_size": 2},
+        rollout={
+            "env": str(Path(__file__).parents[1] / "examples" / "guessing_game.py") + ":GuessingGame",
+            "env_kwargs": {"low": 1, "high": 3},
+            "max_turns": 3,
+            "max_episode_tokens": 40,
+        },
+        algo={"name": "grpo"},
+        train=FAST,
+    ),
 }
 
 
