@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -554,3 +555,26 @@ def test_the_vllm_backend_runs_episodes_through_the_same_runner(tokenizer):
     # turn 2's request is the whole history: prompt + turn 1 + segment, as tokens
     hist, _ = be.llm.requests[-1]
     assert hist[-len(seg) :] == seg
+
+
+def test_ppo_with_a_value_head_trains_on_episodes(tmp_path, one_thread):
+    """The PPO preset (value head, GAE over the actions, 2 epochs of minibatches with the sampler's old
+    log-probs): values, advantages and returns live on the model's tokens only."""
+    from rlhf_pg.rewards import score_batch
+    from rlhf_pg.trainer import Trainer
+
+    tree = env_tree(tmp_path, env_kwargs={"turns": 2})
+    tree["algo"] = {"name": "ppo", "kl_coef": 0.05}
+    tree["batch"].update({"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2})
+    tr = Trainer(build_config(tree))
+    batch = tr.rollout()
+    score_batch(tr.rewards, batch)
+    batch.values = tr.values(batch) * batch.action_mask
+    tr.compute_advantages(batch)
+    context = batch.completion_mask * (1 - batch.action_mask)
+    assert context.sum() > 0
+    for x in (batch.values, batch.advantages, batch.returns):  # (the value head starts at 0)
+        assert (x * context).abs().sum() == 0
+    assert (batch.returns * batch.action_mask).abs().sum() > 0
+    m = tr.step()
+    assert math.isfinite(m["value_loss"]) and m["episode/turns"] == 2

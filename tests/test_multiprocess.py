@@ -154,7 +154,7 @@ def test_two_processes_equal_one_process(tmp_path, algo, one_thread, tiny_recipe
 
     # the gradient of every optimizer step: equal on both ranks, and to the 1-process gradient
     n_opt = tr.cfg.train.max_steps * tr.plan.optimizer_steps
-    assert n_opt == {"grpo": 2, "ppo": 8}[algo]
+    assert n_opt == {"grpo": 2, "ppo": 8, "episodes": 2}[algo]
     assert len(grads_one) == len(r0["grads"]) == len(r1["grads"]) == n_opt
     for i, (g1, g0, gr1) in enumerate(zip(grads_one, r0["grads"], r1["grads"])):
         assert g1.keys() == g0.keys()
@@ -174,6 +174,9 @@ def test_two_processes_equal_one_process(tmp_path, algo, one_thread, tiny_recipe
     a, b = _records(two), _records(tmp_path / "one")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("reward", "completion_len", "eval/reward", "eval/n", "advantage_std", "return_mean"):
+        for key in (
+            *("reward", "completion_len", "eval/reward", "eval/n", "advantage_std", "return_mean"),
+            *("episode/turns", "episode/len", "episode/solved", "episode/env_reward", "eval/episode/turns"),
+        ):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (key, ra, rb)
