@@ -210,7 +210,10 @@ def _cmd_train(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    from .run_dir import check_output_dir
     from .trainer import Interrupted, Trainer
+
+    check_output_dir(cfg)  # a previous run or a live one in output_dir: say so before loading anything
 
     trainer = Trainer(cfg)
     try:

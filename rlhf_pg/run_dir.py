@@ -3,6 +3,9 @@
 ``output_dir/`` holds ``config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/step_*``
 (see :mod:`rlhf_pg.checkpoint` for their layout and atomicity) and, at the end, ``model/``.
 
+* A run holds a lock on its ``output_dir`` (``.rlhf-pg.lock``, an ``flock`` the kernel drops when the
+  process dies, so a killed run leaves nothing stuck); a second run into a directory in use stops with
+  one line. :func:`check_output_dir` makes the checks that need no model (the CLI runs it first).
 * A fresh run refuses an ``output_dir`` that already holds a run (unless ``overwrite``); a resumed
   run loads the latest complete checkpoint and cuts ``metrics.jsonl``/``samples.jsonl`` back to the
   lines they held when it was written, so every step is logged exactly once.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 import signal
 import threading
@@ -34,6 +38,72 @@ from .model_card import push, write_model_card
 from .setup import Components, bare_policy
 from .trackers import hyperparameters, scalars
 
+LOCK_NAME = ".rlhf-pg.lock"
+
+
+def _already_a_run(out: Path) -> UserError:
+    return UserError(
+        f"output_dir '{out}' already holds a run: resume it with --resume, replace it with overwrite=true, "
+        "or choose another output_dir"
+    )
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """The run-directory checks that need no model: not a previous run (unless ``overwrite`` or
+    ``resume``), and not in use by a live run. Cheap; run before anything is loaded."""
+    out = Path(cfg.output_dir)
+    if not (cfg.overwrite or cfg.train.resume) and (out / "metrics.jsonl").exists():
+        raise _already_a_run(out)
+    holder = lock_holder(out)
+    if holder is not None:
+        raise _in_use(out, holder)
+
+
+def _in_use(out: Path, holder: str) -> UserError:
+    return UserError(
+        f"output_dir '{out}' is in use by a running rlhf-pg ({holder}): wait for it to finish or stop it, "
+        "or choose another output_dir"
+    )
+
+
+def lock_holder(out: Path) -> str | None:
+    """Who holds ``out``'s run lock ("pid N"), or None when nobody does (no file, or a dead holder)."""
+    path = out / LOCK_NAME
+    if not path.is_file():
+        return None
+    try:
+        lock = DirLock(out)
+    except UserError:
+        return (path.read_text().strip() or "pid unknown") if path.is_file() else "pid unknown"
+    lock.release()
+    return None
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``out/.rlhf-pg.lock`` holding this process's pid. The kernel releases
+    it when the process exits in any way (SIGKILL included): a stale file is never a stuck lock."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.f = open(out / LOCK_NAME, "a+")  # noqa: SIM115 (held for the run's life)
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "pid unknown"
+            self.f.close()
+            raise _in_use(out, holder) from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()}")
+        self.f.flush()
+
+    def release(self) -> None:
+        if not self.f.closed:
+            self.f.close()  # closing drops the flock
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped the run after a step; a checkpoint was written."""
@@ -47,6 +117,13 @@ class RunDir:
     def __init__(self, cfg: RunConfig, c: Components):
         self.cfg, self.c, self.acc = cfg, c, c.acc
         self.out, self.rank = Path(cfg.output_dir), c.acc.process_index
+        self.lock: DirLock | None = None
+
+    def release(self) -> None:
+        """Drop the run lock (end of :meth:`Trainer.train`, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def print(self, msg: str) -> None:
         if self.acc.is_main_process:
@@ -121,6 +198,8 @@ class RunDir:
         """Fresh run: refuse to clobber a previous one. Resume: load the latest complete checkpoint
         (restoring ``generator``) and return the trainer state it holds; None for a fresh start."""
         cfg = self.cfg
+        if self.acc.is_main_process:
+            self.lock = DirLock(self.out)  # before anything in the directory is read or removed
         ckpt = checkpoint.latest_checkpoint(self.out) if cfg.train.resume else None
         state = None
         if ckpt is not None:
@@ -142,11 +221,7 @@ class RunDir:
                 checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
             self.print(f"resumed from {ckpt} (step {state['step']})")
         elif (self.out / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.train.resume):
-            # checked on every process, so that none is left waiting for the others
-            raise UserError(
-                f"output_dir '{self.out}' already holds a run: resume it with --resume, "
-                "replace it with overwrite=true, or choose another output_dir"
-            )
+            raise _already_a_run(self.out)  # checked on every process, so none is left waiting for the others
         elif self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "samples.jsonl"):

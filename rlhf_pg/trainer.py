@@ -90,14 +90,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
-        state = self.run.prepare(self.gen)
-        if state is not None:
-            self.load_state_dict(state)
-        self.run.start_trackers()
         try:
-            return self._train()
+            state = self.run.prepare(self.gen)
+            if state is not None:
+                self.load_state_dict(state)
+            self.run.start_trackers()
+            try:
+                return self._train()
+            finally:
+                self.run.end_trackers()
         finally:
-            self.run.end_trackers()
+            self.run.release()  # the output_dir lock
 
     def _train(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run

@@ -2,7 +2,6 @@
 the keys present, and one-line errors for missing or empty metrics."""
 
 import json
-import math
 
 import pytest
 
@@ -86,7 +85,6 @@ def test_nonfinite_values_are_skipped(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1, "reward": NaN}\n{"step": 2, "reward": 1.0}\n')
     assert series(read_metrics(tmp_path / "r"), "reward") == ([2.0], [1.0])
-    assert math.isnan(json.loads('{"x": NaN}')["x"])
 
 
 def test_errors(tmp_path, capsys):
