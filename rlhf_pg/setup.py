@@ -169,15 +169,22 @@ def build_episodes(cfg: RunConfig, make_env, tokenizer, train_data) -> Episodes:
     )
 
 
+def build_tokenizer(cfg: RunConfig, acc: Accelerator):
+    """The policy's tokenizer (cheap: no weights), loaded before the model so that every check that needs
+    only text — data, reward keywords, chat templates — runs before the weights are read."""
+    mc = cfg.model
+    with acc.main_process_first():  # one process converts/caches the model, then the rest read it
+        return load_tokenizer(mc.name, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+
+
 def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
-    """(tokenizer, trained module, separate critic or None, reference model or None).
+    """(trained module, separate critic or None, reference model or None).
 
     The trained module is the policy, or the policy with a value head on its backbone. The reference
     (β > 0 only) is a frozen copy of the initial (or ``ref_name``) model; under LoRA it is None: the
     same weights with the adapter disabled serve as the reference."""
     mc, dev = cfg.model, acc.device
-    with acc.main_process_first():  # one process converts/caches the model, then the rest read it
-        tokenizer = load_tokenizer(mc.name, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    with acc.main_process_first():
         policy = load_model(
             mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision, quantization_config=bitsandbytes_config(mc.lora)
         )
@@ -208,7 +215,7 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
             )
         if mc.gradient_checkpointing:
             critic.backbone.gradient_checkpointing_enable()
-    return tokenizer, module, critic, ref
+    return module, critic, ref
 
 
 def build_optimizer(cfg: RunConfig, modules: list[torch.nn.Module], total_optimizer_steps: int):
@@ -263,10 +270,12 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     algo = build_algorithm(cfg)
     make_env = environment_factory(cfg)  # the user's environment or tools load before any model
     needs_values = algo.advantage.needs_values
-    tokenizer, module, critic, ref = build_policy(cfg, acc, needs_values)
+    tokenizer = build_tokenizer(cfg, acc)
     rewards = build_rewards(cfg, tokenizer)
     train_data, eval_data = build_datasets(cfg, tokenizer)
-    rewards.check_keywords([c for c in train_data.column_names if c not in NON_REWARD_COLUMNS])  # before sampling
+    rewards.check_keywords([c for c in train_data.column_names if c not in NON_REWARD_COLUMNS])
+    episodes = build_episodes(cfg, make_env, tokenizer, train_data) if make_env is not None else None
+    module, critic, ref = build_policy(cfg, acc, needs_values)  # the weights, after every check above
     optimizer, scheduler = build_optimizer(
         cfg, [m for m in (module, critic) if m is not None], cfg.train.max_steps * plan.optimizer_steps
     )
@@ -281,7 +290,6 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
         autocast=acc.autocast,
     )
     backend = build_backend(cfg, acc, model, tokenizer)
-    episodes = build_episodes(cfg, make_env, tokenizer, train_data) if make_env is not None else None
     return Components(
         acc,
         plan,

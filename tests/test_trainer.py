@@ -461,3 +461,18 @@ def test_tracker_that_cannot_start_is_one_line_before_any_step(tmp_path, tiny_co
     monkeypatch.setattr(tr, "step", lambda: pytest.fail("trained a step"))
     with pytest.raises(UserError, match=r"a tracker failed to start \(ConnectionError: no route"):
         tr.train()
+
+
+def test_data_and_reward_mistakes_stop_before_the_model_loads(tmp_path, tiny_config, monkeypatch):
+    """Every check that needs only the tokenizer — data files and columns, reward functions and the
+    keywords they ask for — runs before the weights are read."""
+    from rlhf_pg import setup
+
+    monkeypatch.setattr(setup, "build_policy", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    with pytest.raises(UserError, match="does not exist"):
+        Trainer(tiny_config(tmp_path, data={"train": str(tmp_path / "missing.jsonl")}))
+    with pytest.raises(UserError, match="not found"):
+        Trainer(tiny_config(tmp_path, rewards={"functions": [{"name": f"{tmp_path}/rw.py:nope"}]}))
+    (tmp_path / "kw.py").write_text("def needs(completion, **kw):\n    return [0.0]\n")
+    with pytest.raises(UserError, match="needs keyword 'completion'"):
+        Trainer(tiny_config(tmp_path, rewards={"functions": [{"name": f"{tmp_path}/kw.py:needs"}]}))
