@@ -64,6 +64,7 @@ class Trainer:
         self.use_ref = cfg.algo.kl_coef > 0
         self.step_idx = 0
         self.nonfinite_streak = 0
+        self.no_signal_steps = 0  # steps (since this process started) whose advantages were all 0
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
         r = cfg.rollout
         self.episodes = c.episodes
@@ -124,6 +125,13 @@ class Trainer:
                     raise Interrupted(self.step_idx, self.save_checkpoint(), stop.received[0])
                 if self._due(cfg.train.save_every):
                     self.save_checkpoint()
+        if self.no_signal_steps:
+            n = self.no_signal_steps
+            run.print(
+                f"warning: {n} step(s) ({n / max(cfg.train.max_steps, 1):.0%} of max_steps) had no learning signal "
+                "(all advantages 0): the rewards do not separate the samples — a reward with more spread, a larger "
+                "batch.group_size or a higher rollout.temperature helps"
+            )
         if self.step_idx > 0 and not self._due(cfg.train.save_every):
             self.save_checkpoint()  # the final state, before the (repeatable) end-of-run eval
         history["eval_end"] = ev = self.evaluate()
@@ -162,6 +170,8 @@ class Trainer:
         if self.algo.advantage.needs_values:
             batch.values = self.values(batch) * mask
         self.compute_advantages(batch)
+        metrics["no_signal"] = float(not self.reduce.any(bool((batch.advantages * mask).abs().max() > 0)))
+        self._warn_no_signal(metrics["no_signal"])
 
         t0 = time.perf_counter()
         metrics.update(self.optimise(batch))
@@ -341,6 +351,18 @@ class Trainer:
         for k, v in stats.items():
             sums.add(k, v, m)
         return algo.aggregation.fn(per_tok, m, n, algo.aggregation_opts)
+
+    def _warn_no_signal(self, no_signal: float) -> None:
+        """Say once, in words, when a step's advantages are all 0 (e.g. every group's rewards equal): its
+        policy-gradient term is exactly 0. The metric ``no_signal`` marks every such step; the run's
+        share is printed at the end (:meth:`_train`)."""
+        self.no_signal_steps += int(no_signal)
+        if no_signal and self.no_signal_steps == 1:
+            self.run.print(
+                f"warning: step {self.step_idx + 1}: every advantage is 0 (e.g. all G samples of every prompt got "
+                "the same reward), so the policy-gradient term of this step is 0; such steps are marked "
+                "no_signal=1 in metrics.jsonl"
+            )
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.model, self.critic) if m is not None for p in m.parameters() if p.requires_grad]

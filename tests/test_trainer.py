@@ -476,3 +476,18 @@ def test_data_and_reward_mistakes_stop_before_the_model_loads(tmp_path, tiny_con
     (tmp_path / "kw.py").write_text("def needs(completion, **kw):\n    return [0.0]\n")
     with pytest.raises(UserError, match="needs keyword 'completion'"):
         Trainer(tiny_config(tmp_path, rewards={"functions": [{"name": f"{tmp_path}/kw.py:needs"}]}))
+
+
+def test_a_step_without_learning_signal_is_said_in_words(tmp_path, tiny_config, capsys):
+    """Every reward equal → every GRPO advantage 0: the step is marked no_signal=1, the first one is
+    explained in a warning, and the run ends with the share of such steps."""
+    (tmp_path / "const.py").write_text("def const(completions, **kw):\n    return [1.0] * len(completions)\n")
+    tr = Trainer(tiny_config(tmp_path, rewards={"functions": [{"name": f"{tmp_path}/const.py:const"}]}))
+    tr.train()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("every advantage is 0") == 1 and "2 step(s) (100% of max_steps) had no learning signal" in text
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["no_signal"] for m in lines if "no_signal" in m] == [1.0, 1.0]
+    tr2 = Trainer(tiny_config(tmp_path / "b", train={"max_steps": 1}))  # the vowel reward varies
+    assert tr2.step()["no_signal"] == 0.0

@@ -30,6 +30,11 @@ def parity(prompts, completions, completion_ids, **kwargs):
     return [1.0 + sum(i % 2 for i in ids) / len(ids) for ids in completion_ids]
 
 
+def constant(prompts, completions, **kwargs):
+    """The same reward for everything: no estimator has anything to compare."""
+    return [0.0] * len(completions)
+
+
 def dense_parity(prompts, completions, completion_ids, **kwargs):
     """Per-token reward 1 + (id odd): reward-to-go differs from the full return."""
     return [[1.0 + i % 2 for i in ids] for ids in completion_ids]
@@ -179,7 +184,18 @@ def test_baselines_cut_variance_and_variance_follows_one_over_n(tmp_path, capsys
     for e in ("rloo", "grpo", "optimal_baseline"):
         assert s[e] == pytest.approx(-1.0, abs=0.35), e
     for r in rep["results"]:
-        assert -1.0 - 1e-9 <= r["cos_to_best"] <= 1.0 + 1e-9 and r["variance"] > 0
+        assert r["variance"] > 0
+        if r["estimator"] == r["best"]:
+            assert r["cos_to_best"] == pytest.approx(1.0)  # the best row is compared with itself
+
+
+def test_equal_rewards_are_one_line_not_a_table_of_nan(tmp_path, tiny_config):
+    """The new user's case (a random model on a task it never solves: every reward 0) says so."""
+    cfg = tiny_config(tmp_path, **_lab(tmp_path, fn="constant"))
+    with pytest.raises(UserError) as e:
+        run_variance(cfg, batch_sizes=[4], repeats=2, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "got return 0" in msg and "nothing to compare" in msg
 
 
 def test_user_errors(tmp_path, tiny_config):

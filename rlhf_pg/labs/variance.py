@@ -207,6 +207,17 @@ def collect(
     )
 
 
+def check_reward_spread(R: torch.Tensor) -> None:
+    """Stop with one line when every sampled return is the same: then every baselined estimator is
+    exactly 0 and the table would hold only 0, nan and inf (nothing to compare)."""
+    if R.numel() and float(R.max() - R.min()) == 0.0:
+        raise UserError(
+            f"every one of the {R.numel()} sampled completions got return {float(R.flatten()[0]):g}: with equal "
+            "rewards the estimators have nothing to compare (the baselined ones are exactly 0) — use a model or "
+            "reward whose values vary on these prompts (e.g. the recipe's own model instead of a random one)"
+        )
+
+
 def batch_gradients(pool: Pool, N: int, group_size: int) -> dict[str, torch.Tensor]:
     """name → (K, D) sketched batch gradients ĝ_k from the first N completions of each pool."""
     out: dict[str, list[torch.Tensor]] = {e: [] for e in ESTIMATORS}
@@ -433,6 +444,7 @@ def run_variance(
     pool, t_collect = _collect_chosen(
         tr, model, chosen, sketch, repeats, prompts, np.random.default_rng(cfg.seed), progress, always_backprop_rtg
     )
+    check_reward_spread(pool.R)
     results, slopes = _estimator_results(pool, sizes, G)
     settings = {
         "model": cfg.model.name,
