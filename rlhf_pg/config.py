@@ -195,6 +195,9 @@ class RewardsConfig(_Section):
     """A reward function returns NaN/inf: stop, use 0, or treat as missing."""
     on_all_none: OnAllNone = "raise"
     """Every function returns None for a sample: stop, or score it 0."""
+    timeout_s: float | None = Field(None, gt=0)
+    """A reward function that has not returned after this many seconds (on one batch) is treated as failed
+    (`on_error`); null = no limit. A synchronous one that overruns is abandoned in a thread, an async one cancelled."""
 
 
 class AlgoConfig(_Section):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import difflib
 import functools
 import inspect
@@ -189,6 +190,7 @@ class RewardSet:
         on_all_none: OnAllNone = "raise",
         tokenizer: Any = None,
         allow_empty: bool = False,
+        timeout_s: float | None = None,
     ) -> None:
         for key, value, kind in (
             ("on_error", on_error, OnError),
@@ -203,6 +205,7 @@ class RewardSet:
         self.on_nonfinite = on_nonfinite
         self.on_all_none = on_all_none
         self.tokenizer = tokenizer
+        self.timeout_s = timeout_s
         self.names: list[str] = []
         self.weights: list[float] = []
         self.functions: list[RewardFn] = []
@@ -306,19 +309,43 @@ class RewardSet:
         return out
 
     def _invoke(self, name: str, fn: RewardFn, keywords: dict[str, Any], n: int) -> Any:
-        """Call ``fn`` by keyword with what it accepts: its result, an awaitable (async), or Nones."""
-        kw = _keywords_for(name, fn, keywords)
+        """Call ``fn`` by keyword with what it accepts: its result, an awaitable (async), or Nones.
+
+        Each function gets its own copy of the data (a function that edits its inputs cannot change the
+        batch or what the next function sees); with ``timeout_s`` a synchronous function runs in a
+        thread that is waited on that long (an async one is awaited under ``asyncio.wait_for``)."""
+        kw = {
+            k: v if callable(v) or k == "trainer_state" else copy.deepcopy(v)
+            for k, v in _keywords_for(name, fn, keywords).items()
+        }
+        if self.timeout_s is not None and not inspect.iscoroutinefunction(getattr(fn, "func", fn)):
+            ok, value = user_code.call_in_thread(fn, kw, self.timeout_s, f"reward-{name}")
+            if ok is None:
+                return self._failed(
+                    name, RewardTimeout(f"did not return within rewards.timeout_s={self.timeout_s:g} s"), n
+                )
+            if ok:
+                return value
+            return self._failed(name, value, n)
         try:
-            return fn(**kw)
+            out = fn(**kw)
         except UserError:
             raise
         except Exception as exc:
             return self._failed(name, exc, n)
+        if self.timeout_s is not None and inspect.isawaitable(out):
+            return _with_timeout(out, self.timeout_s)
+        return out
 
     def _failed(self, name: str, exc: BaseException, n: int) -> list[None]:
         """A function raised: stop with one line, or (``on_error=zero``) its values count as None."""
         if isinstance(exc, UserError):
             raise exc
+        if isinstance(exc, RewardTimeout) and self.on_error == "raise":
+            raise UserError(
+                f"reward function {name!r} {exc} on a batch of {n} samples — make it faster, raise "
+                "rewards.timeout_s, or set rewards.on_error=zero"
+            )
         if self.on_error == "raise":
             raise UserError(
                 f"reward function {name!r} raised {type(exc).__name__} on a batch of {n} samples: "
@@ -436,6 +463,17 @@ def _run_coroutines(coros: list) -> list:
         return asyncio.run(gather())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop already runs in this thread (a notebook)
         return pool.submit(asyncio.run, gather()).result()
+
+
+class RewardTimeout(Exception):
+    """A reward function overran ``rewards.timeout_s`` (handled by the ``on_error`` policy)."""
+
+
+async def _with_timeout(awaitable: Any, timeout_s: float) -> Any:
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        raise RewardTimeout(f"did not return within rewards.timeout_s={timeout_s:g} s") from None
 
 
 def _keywords_for(name: str, fn: Callable[..., Any], keywords: dict[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,7 @@ def build_rewards(cfg: RunConfig, tokenizer=None) -> RewardSet:
         on_nonfinite=r.on_nonfinite,
         on_all_none=r.on_all_none,
         tokenizer=tokenizer,
+        timeout_s=r.timeout_s,
         allow_empty=cfg.rollout.episodes,  # an environment's own rewards may be the only ones
     )
 

@@ -41,7 +41,6 @@ import concurrent.futures
 import inspect
 import json
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,27 +290,7 @@ def run_tool(tool: Tool, arguments: dict[str, Any], timeout_s: float) -> ToolRes
 
 def _run_sync(tool: Tool, arguments: dict[str, Any], timeout_s: float) -> tuple[bool | None, Any]:
     """(True, value) / (False, exception) / (None, None) on timeout, the call left running."""
-    box: list[tuple[bool, Any]] = []
-
-    def work() -> None:
-        try:
-            value = tool.fn(**arguments)
-            if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
-                value = asyncio.run(_awaited(value))
-            box.append((True, value))
-        except BaseException as exc:  # reported to the model; the thread ends either way
-            box.append((False, exc))
-
-    thread = threading.Thread(target=work, name=f"rlhf_pg-tool-{tool.name}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive() or not box:
-        return None, None
-    return box[0]
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+    return user_code.call_in_thread(tool.fn, arguments, timeout_s, f"tool-{tool.name}")
 
 
 def _run_async(tool: Tool, arguments: dict[str, Any], timeout_s: float) -> tuple[bool | None, Any]:

@@ -14,6 +14,8 @@ import importlib.util
 import itertools
 import re
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -111,3 +113,36 @@ def load_callable(ref: str, what: str, expected: str) -> Any:
     if not callable(obj):
         raise UserError(f"{what} is a {type(obj).__name__}, not callable — point it at {expected}")
     return obj
+
+
+def call_in_thread(
+    fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float, name: str
+) -> tuple[bool | None, Any]:
+    """Call a user's synchronous ``fn(**kwargs)`` with a time limit: (True, value), (False, exception),
+    or (None, None) when it did not return within ``timeout_s``. Python cannot kill a thread: a call
+    that overruns is *abandoned* (a daemon thread, left to finish or to die with the process) while the
+    caller goes on. An awaitable result is awaited in the thread."""
+    import asyncio
+    import inspect
+
+    box: list[tuple[bool, Any]] = []
+
+    def work() -> None:
+        try:
+            value = fn(**kwargs)
+            if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
+                value = asyncio.run(_awaited(value))
+            box.append((True, value))
+        except BaseException as exc:  # reported by the caller; the thread ends either way
+            box.append((False, exc))
+
+    thread = threading.Thread(target=work, name=f"rlhf_pg-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive() or not box:
+        return None, None
+    return box[0]
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable

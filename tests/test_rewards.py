@@ -607,3 +607,65 @@ def test_reward_model_missing(tmp_path: Path) -> None:
     with pytest.raises(UserError) as excinfo:
         RewardSet([RewardSpec("reward_model", kwargs={"model": str(tmp_path / "nope")})])
     error_message(excinfo, "cannot load reward model", "nope", "kwargs.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runaway and misbehaving functions
+
+
+def test_a_reward_function_that_hangs_is_stopped_by_the_timeout(fn_registry) -> None:
+    import asyncio
+    import threading
+
+    release = threading.Event()
+
+    def hangs(completions, **kwargs):
+        release.wait(30)  # would block the run for 30 s
+        return [1.0] * len(completions)
+
+    async def hangs_async(completions, **kwargs):
+        await asyncio.sleep(30)
+        return [1.0] * len(completions)
+
+    fn_registry("hangs", hangs)
+    fn_registry("hangs_async", hangs_async)
+    fn_registry("ok", lambda completions, **kw: [2.0] * len(completions))
+    try:
+        for name in ("hangs", "hangs_async"):
+            with pytest.raises(UserError) as excinfo:
+                RewardSet([RewardSpec(name)], timeout_s=0.2)(["p"], ["c"], [[1]], {})
+            error_message(
+                excinfo, f"'{name}'", "did not return within rewards.timeout_s=0.2 s", "rewards.on_error=zero"
+            )
+            # on_error=zero: the overrun counts as None; the other function's value stands
+            out = RewardSet([RewardSpec(name), RewardSpec("ok")], on_error="zero", timeout_s=0.2)(
+                ["p"], ["c"], [[1]], {}
+            )
+            assert torch.isnan(out.per_function[name]).all() and out.scores.tolist() == [2.0]
+    finally:
+        release.set()
+
+
+def test_a_reward_function_that_edits_its_inputs_cannot_change_the_batch(fn_registry) -> None:
+    seen = []
+
+    def vandal(prompts, completions, completion_ids, answer, **kwargs):
+        completions[0][0]["content"] = "HACKED"
+        completion_ids[0].append(999)
+        answer[:] = ["x"] * len(answer)
+        prompts.clear()
+        return [0.0] * len(completion_ids)
+
+    def reader(completions, answer, **kwargs):
+        seen.append((completions[0][0]["content"], list(answer)))
+        return [1.0] * len(completions)
+
+    fn_registry("vandal", vandal)
+    fn_registry("reader", reader)
+    prompts = [[{"role": "user", "content": "hi"}]]
+    ids, answer = [[5, 6]], ["1"]
+    RewardSet([RewardSpec("vandal"), RewardSpec("reader")])(
+        prompts, ["ok"], ids, {"answer": answer}, prompt_text=["hi"]
+    )
+    assert seen == [("ok", ["1"])]  # the next function saw the original values
+    assert prompts == [[{"role": "user", "content": "hi"}]] and ids == [[5, 6]] and answer == ["1"]
