@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .faults import fault
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -104,8 +105,11 @@ def write_main(
 ) -> None:
     """Main process: model, optimizer, scheduler and trainer state into the temporary directory."""
     state = _module_state(module, trainable_only)
+    step = trainer_state.get("step")
     save_file(_untie(state), str(tmp / "model.safetensors"))
+    fault("ckpt-after-model", step)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    fault("ckpt-after-optimizer", step)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state))
 
@@ -128,12 +132,14 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     final = checkpoint_root(output_dir) / f"step_{step:06d}"
     if final.exists():
         shutil.rmtree(final)
+    fault("ckpt-before-rename", step)
     os.replace(tmp, final)
     fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    fault("ckpt-after-rename", step)
     complete = sorted((int(m.group(1)), p) for p in final.parent.iterdir() if (m := _STEP_DIR.match(p.name)))
     for _, old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

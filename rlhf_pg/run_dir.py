@@ -34,6 +34,7 @@ from . import checkpoint
 from .config import RunConfig, dump_config
 from .distributed import sharding_kind
 from .errors import UserError, one_line
+from .faults import fault
 from .model_card import push, write_model_card
 from .setup import Components, bare_policy
 from .trackers import hyperparameters, scalars
@@ -167,7 +168,13 @@ class RunDir:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / name, "a") as f:
                 for row in rows:
-                    f.write(json.dumps(row) + "\n")
+                    line = json.dumps(row) + "\n"
+                    if name == "metrics.jsonl" and os.environ.get("RLHF_PG_FAULT"):
+                        f.write(line[: len(line) // 2])  # a torn line, as a crash mid-write leaves it
+                        f.flush()
+                        fault("metrics-mid-line", row.get("step"))
+                        line = line[len(line) // 2 :]
+                    f.write(line)
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):

@@ -1,0 +1,41 @@
+"""Fault injection: die at a named point of a state-writing path, as a crash or SIGKILL would.
+
+The reliability tests set ``RLHF_PG_FAULT=<point>@<step>`` (``@<step>`` optional: the first time the
+point is reached) and the process ends there with ``os._exit(137)`` — no ``finally``, no flush, no
+cleanup, like a SIGKILL — so the tests can show, point by point, that the previous checkpoint stays
+usable and that a resumed run is bit-identical to an uninterrupted one. With
+``RLHF_PG_FAULT_MODE=raise`` the point raises :class:`InjectedFault` instead (a ``BaseException``,
+which no ``except Exception`` in the code catches), for in-process tests. Unset, :func:`fault` is a
+dictionary lookup and nothing else.
+
+Points (where each sits, in write order):
+
+* ``ckpt-after-model``      checkpoint: model tensors written, optimizer not yet
+* ``ckpt-after-optimizer``  checkpoint: optimizer written, scheduler and trainer state not yet
+* ``ckpt-before-rename``    checkpoint: every file written and fsynced, not yet renamed to step_*
+* ``ckpt-after-rename``     checkpoint: renamed, older checkpoints not yet pruned
+* ``metrics-mid-line``      half of a metrics.jsonl line written and flushed
+"""
+
+from __future__ import annotations
+
+import os
+
+POINTS = ("ckpt-after-model", "ckpt-after-optimizer", "ckpt-before-rename", "ckpt-after-rename", "metrics-mid-line")
+
+
+class InjectedFault(BaseException):
+    """Raised at a fault point with RLHF_PG_FAULT_MODE=raise."""
+
+
+def fault(point: str, step: int | None = None) -> None:
+    """End the process here if RLHF_PG_FAULT names this point (and this step, when it gives one)."""
+    spec = os.environ.get("RLHF_PG_FAULT")
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if name != point or (at and step is not None and int(at) != step):
+        return
+    if os.environ.get("RLHF_PG_FAULT_MODE") == "raise":
+        raise InjectedFault(f"{point}@{step}")
+    os._exit(137)
