@@ -163,11 +163,11 @@ def _add_bench(sub) -> None:
     """``rlhf-pg bench``: its options are the benchmark's own (:func:`rlhf_pg.labs.bench.build_parser`)."""
     bm = sub.add_parser(
         "bench",
-        help="benchmark one GRPO step (rlhf-pg vs plain transformers): times, RSS, MFU",
+        help="benchmark one GRPO step (rlhf-pg vs plain transformers, or vs TRL: --against trl): times, RSS, MFU",
         description="The fixed workload of rlhf_pg/labs/bench.py (SmolLM2-135M-Instruct, 8 prompts "
         "x 4 samples, 64 new tokens, GRPO with and without a reference model), done by "
-        "rlhf-pg and the plain transformers way, each run in its own process; per-phase "
-        "times, speed-ups, peak RSS, MFU.",
+        "rlhf-pg and the plain transformers way (or TRL's GRPOTrainer, --against trl), each run in its own "
+        "process; per-phase times, speed-ups, peak RSS, MFU.",
     )
     from .labs import bench  # standard library only at import time: --help stays fast
 

@@ -1,8 +1,10 @@
 """Benchmark (rlhf_pg/labs/bench.py, ``rlhf-pg bench``, scripts/benchmark.py): the report's structure on
 the tiny model, both paths doing the same work, ours matching the exact fp32 log-probs and gradient, the
-children's peak RSS being their own, the CLI wiring. No timing assertions."""
+children's peak RSS being their own, the CLI wiring; ``--against trl`` (labs/trl_bench.py) end to end on the
+tiny model, TRL configured as ours. No timing assertions."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_pg import cli
-from rlhf_pg.labs import bench
+from rlhf_pg.labs import bench, trl_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -121,13 +123,19 @@ def test_cli_bench_options(capsys):
         cli.main(["bench", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--precision" in out and "--json" in out and "--threads" in out and "--warmup" in out
+    assert "--precision" in out and "--json" in out and "--threads" in out and "--warmup" in out and "--against" in out
     args = cli._parser().parse_args(["bench", "--beta", "pos", "--precision", "both", "--repeats", "2", "--lr", "1e-5"])
     spec = bench.spec_from_args(args)
     assert spec.betas == ["pos"] and spec.precisions == ["bf16", "fp32"] and spec.repeats == 2 and spec.lr == 1e-5
     d = bench.spec_from_args(cli._parser().parse_args(["bench"]))
     assert d == bench.BenchSpec()  # the CLI defaults are the documented workload
     assert (d.model, d.prompts, d.group_size, d.max_new_tokens, d.kl_coef) == ("smollm2-135m-instruct", 8, 4, 64, 0.04)
+    # --against trl: the issue's workload (lr 1e-5, 1 warm-up + 7 measured steps, β > 0 only, no quality child)
+    t = bench.spec_from_args(cli._parser().parse_args(["bench", "--against", "trl"]))
+    assert (t.against, t.lr, t.warmup, t.steps, t.betas, t.quality) == ("trl", 1e-5, 1, 7, ["pos"], False)
+    assert (t.model, t.prompts, t.group_size, t.max_new_tokens, t.kl_coef) == (d.model, 8, 4, 64, 0.04)
+    t = bench.spec_from_args(cli._parser().parse_args(["bench", "--against", "trl", "--beta", "both", "--lr", "1e-6"]))
+    assert t.betas == ["pos", "zero"] and t.lr == 1e-6
     assert cli.main(["bench", "--steps", "0"]) == cli.EXIT_USER_ERROR  # one line, no traceback
     assert "--steps >= 1" in capsys.readouterr().err
 
@@ -192,3 +200,107 @@ def test_script_is_a_thin_wrapper():
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], capture_output=True, text=True, check=True
     )
     assert "--precision" in proc.stdout and "--json" in proc.stdout
+
+
+def test_trl_config_matches_ours():
+    """TRL's GRPOConfig for the workload: one generation of P x G completions per optimizer step, accumulated
+    over ours' micro-batches; ours' sampling, loss (token-mean = dapo), KL (k3, no importance weight), AdamW."""
+    spec = bench.BenchSpec(against="trl", lr=1e-5, steps=7)
+    kw = trl_bench.grpo_config_kwargs(spec, 0.04, "bf16", "out")
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 8 * 4
+    assert kw["steps_per_generation"] == kw["gradient_accumulation_steps"] == 4 and kw["num_generations"] == 4
+    assert (kw["max_completion_length"], kw["temperature"], kw["top_p"], kw["top_k"]) == (64, 1.0, 1.0, 0)
+    assert (kw["beta"], kw["loss_type"], kw["scale_rewards"], kw["use_bias_correction_kl"]) == (
+        0.04,
+        "dapo",
+        "group",
+        False,
+    )
+    assert (kw["learning_rate"], kw["adam_beta2"], kw["lr_scheduler_type"], kw["max_grad_norm"]) == (
+        1e-5,
+        0.99,
+        "constant",
+        1.0,
+    )
+    assert kw["num_iterations"] == 1 and kw["max_steps"] == 8 and kw["bf16"] and not kw["gradient_checkpointing"]
+    assert not trl_bench.grpo_config_kwargs(spec, 0.04, "fp32", "out")["bf16"]
+
+
+TRL_TINY = {**TINY, "lr": 1e-5, "betas": ["pos"], "against": "trl"}
+
+
+def test_against_trl_tiny_end_to_end():
+    """rlhf-pg and TRL's GRPOTrainer on the tiny model, in fp32 and bf16: both sides' fields, the same prompts
+    and token counts (the tiny model never samples EOS within 4 tokens), TRL resolved to our settings, finite
+    ratios, the table."""
+    pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[bench]' (CI installs it)")
+    spec = bench.BenchSpec(**TRL_TINY, precisions=["fp32", "bf16"], in_process=True)
+    report = bench.run_benchmark(spec, log=lambda s: None)
+    json.dumps(report)  # --json writes it as is
+
+    assert report["against"] == "trl" and report["machine"]["trl"] == "1.16.0"
+    res, ratio = report["results"]["beta=0.04"], report["ratio"]["beta=0.04"]
+    assert set(res) == {"rlhf-pg-fp32", "trl-fp32", "rlhf-pg-bf16", "trl-bf16"} and set(ratio) == {"fp32", "bf16"}
+    fields = {*trl_bench.TIMES, "completion_tokens", "s_per_1k_completion_tokens", "completion_tokens_per_s"}
+    for path, r in res.items():
+        m = r["median"]
+        assert fields <= set(m) and all(m[k] > 0 for k in fields if k != "rewards"), path
+        assert m["completion_tokens"] == 2 * 2 * 4 and m["prompt_tokens"] > 0
+        assert m["s_per_1k_completion_tokens"] == pytest.approx(m["step"] / (m["completion_tokens"] / 1000))
+        assert r["peak_rss_mb"] > 0 and r["matmul_peak_flop_per_s"] > 0 and len(r["steps"]) == 1
+        assert all(m[f"mfu_{k}"] > 0 for k in ("rollout", "reference", "train", "step"))
+        run = r["runs"][0]["matmul_peak"]
+        assert run["precision"] == r["precision"] and run["before"] > 0 and run["after"] > 0
+    for p in ("fp32", "bf16"):
+        ours, trl = res[f"rlhf-pg-{p}"], res[f"trl-{p}"]
+        assert ours["median"]["prompt_tokens"] == trl["median"]["prompt_tokens"]  # the same prompts
+        assert ours["flops"] == trl["flops"]  # the same tokens, so the same FLOPs credited
+        assert trl["same_prompts_as_ours"] and trl["old_logprob_passes"] == 0  # on-policy: no old-log-prob pass
+        a = trl["trl_args"]
+        assert (a["generation_batch_size"], a["num_generations"], a["per_device_train_batch_size"]) == (4, 2, 2)
+        assert a["gradient_accumulation_steps"] == a["steps_per_generation"] == 2
+        assert (a["loss_type"], a["beta"], a["use_bias_correction_kl"], a["gradient_checkpointing"]) == (
+            "dapo",
+            0.04,
+            False,
+            False,
+        )
+        assert a["bf16"] == a["autocast_forward"] == (p == "bf16") and a["optimizer"] == "AdamW"
+        assert a["torch_threads"] == 1 and a["eos_token_ids"] == [2]
+        for k in ("step", "train", "completion_tokens_per_s", "s_per_1k_completion_tokens", "peak_rss", "mfu_step"):
+            assert ratio[p][k] is not None and math.isfinite(ratio[p][k]) and ratio[p][k] > 0, (p, k)
+        assert ratio[p]["completion_tokens"] == 1.0
+
+    table = bench.format_table(report)
+    for text in (
+        "== GRPO step, beta=0.04: rlhf-pg vs TRL 1.16.0 ==",
+        "rlhf-pg/trl fp32",
+        "rlhf-pg/trl bf16",
+        "completion tok/step",
+        "s / 1k completion tok",
+        "completion tok/s",
+        "peak RSS (MB)",
+        "MFU train",
+        "headline, completion tokens/s rlhf-pg / TRL: fp32 ",
+    ):
+        assert text in table, text
+    assert "WARNING" not in table
+
+
+def test_against_trl_in_subprocesses(tmp_path):
+    """The real mode of --against trl: each side in its own process (child kind ``trl``), through ``rlhf-pg bench``."""
+    pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[bench]' (CI installs it)")
+    out = tmp_path / "trl.json"
+    args = [*TINY_ARGS, "--against", "trl", "--precision", "fp32", "--steps", "1", "--peak-seconds", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_pg", "bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rlhf-pg vs TRL 1.16.0" in proc.stdout and "rlhf-pg/trl fp32" in proc.stdout
+    res = json.loads(out.read_text())["results"]["beta=0.04"]
+    assert res["rlhf-pg-fp32"]["median"]["completion_tokens"] == res["trl-fp32"]["median"]["completion_tokens"] == 16
+    assert all(r["peak_rss_mb"] > 0 and r["rss_after_load_mb"] > 0 for r in res.values())
+    assert res["trl-fp32"]["median"]["mfu_step"] is None  # --peak-seconds 0: no peak, no MFU

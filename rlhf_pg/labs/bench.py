@@ -2,6 +2,7 @@
 
     rlhf-pg bench                                  # the documented workload (below), table on stdout
     rlhf-pg bench --json bench.json                # the same, and the full report as JSON
+    rlhf-pg bench --against trl --precision both   # rlhf-pg against TRL's GRPOTrainer (labs/trl_bench.py)
     python -m rlhf_pg.labs.bench ...               # the same (also: python scripts/benchmark.py ...)
 
 Workload (fixed; every number is a flag):
@@ -59,6 +60,12 @@ the old-log-prob pass, padding); that waste shows as a lower MFU. MFU = FLOPs / 
 machine's measured matmul peak (2048² ``torch.matmul``, best of ~``--peak-seconds``, same thread
 count) in the precision the path computes in (bf16 autocast → bf16 peak; fp32 → fp32 peak); per
 measured step, then the median.
+
+Against TRL (``--against trl``, needs the `bench` extra): the same workload run by rlhf-pg and by TRL's
+``GRPOTrainer`` (a child kind ``trl``), alternating per repetition, in each precision (TRL's bf16 =
+``GRPOConfig(bf16=True)``, its autocast); the matmul peak is measured around each run; ratios are rlhf-pg / TRL.
+Defaults there: β = 0.04 only, lr 1e-5, 7 measured steps after 1 warm-up, no quality child. See
+:mod:`rlhf_pg.labs.trl_bench`.
 
 Quality: a separate child samples one batch with the real trainer, then compares, on exactly those
 sequences, ours' log-probs (rollout-recorded, and the training/reference forward) and ours' policy
@@ -121,6 +128,8 @@ class BenchSpec:
     """Seconds per precision for the matmul-peak measurement (0 = skip MFU)."""
     in_process: bool = False
     """Run the children in this process (fast; peak RSS is then the process's, not per path). Tests only."""
+    against: str = "baseline"
+    """What ours is compared with: `baseline` (the plain transformers step) or `trl` (TRL's GRPOTrainer)."""
 
 
 def usable_cores() -> int:
@@ -494,7 +503,7 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
 
 
 def run_child(job: dict) -> dict:
-    """Run one measurement job (``kind``: ours | baseline | quality) and add its peak RSS."""
+    """Run one measurement job (``kind``: ours | baseline | quality | trl) and add its peak RSS."""
     spec = BenchSpec(**job["spec"])
     kind = job["kind"]
     if kind == "ours":
@@ -503,6 +512,10 @@ def run_child(job: dict) -> dict:
         res = _child_baseline(spec, job["beta"])
     elif kind == "quality":
         res = _child_quality(spec, job["precision"])
+    elif kind == "trl":
+        from rlhf_pg.labs.trl_bench import child_trl
+
+        res = child_trl(spec, job["beta"], job["precision"])
     else:
         raise ValueError(f"unknown job kind {kind!r}")
     res["peak_rss_mb"] = peak_rss_mb()
@@ -539,15 +552,16 @@ def _launch(job: dict, in_process: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------ parent
-def matmul_peak(seconds: float, threads: int) -> dict[str, float]:
-    """FLOP/s of a 2048×2048 @ 2048×2048 ``torch.matmul`` (fp32 and bf16), best of ~``seconds`` each."""
+def matmul_peak(seconds: float, threads: int, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
+    """FLOP/s of a 2048×2048 @ 2048×2048 ``torch.matmul`` (fp32 and/or bf16), best of ~``seconds`` each."""
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     n, out = 2048, {}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     try:
-        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for name, dt in ((p, dtypes[p]) for p in precisions):
             a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
             a @ b  # warm-up
             best, t_end = float("inf"), time.perf_counter() + seconds
@@ -624,6 +638,19 @@ def _check_spec(spec: BenchSpec) -> None:
         )
     if not spec.precisions or not spec.betas:
         raise UserError("bench needs at least one precision and one beta run")
+    if spec.against not in ("baseline", "trl"):
+        raise UserError(f"bench --against is baseline or trl (got {spec.against!r})")
+    if spec.against == "trl":
+        from rlhf_pg.labs.trl_bench import check_available
+
+        check_available()
+        B = spec.prompts * spec.group_size
+        if spec.group_size < 2 or spec.micro_batch_size < 1 or B % spec.micro_batch_size:
+            raise UserError(
+                f"bench --against trl needs --group-size >= 2 (TRL's GRPO) and a --micro-batch-size dividing "
+                f"prompts x group size = {B} (TRL's gradient accumulation); got {spec.group_size} and "
+                f"{spec.micro_batch_size}"
+            )
 
 
 def _measure(spec: BenchSpec, paths: list[str], log: Callable[[str], None]) -> dict[str, dict[str, list[dict]]]:
@@ -711,6 +738,10 @@ def _quality_runs(spec: BenchSpec, log: Callable[[str], None]) -> dict[str, dict
 def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole benchmark and return the report (see :func:`format_table`)."""
     _check_spec(spec)
+    if spec.against == "trl":
+        from rlhf_pg.labs.trl_bench import run_trl_comparison
+
+        return run_trl_comparison(spec, log)
     paths = [f"ours-{p}" for p in spec.precisions] + ["baseline"]
     started = time.perf_counter()
     machine = _machine(spec)
@@ -750,6 +781,10 @@ def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[s
 
 def format_table(report: dict) -> str:
     """Plain-text tables: per β, phase medians (s) of each path and the speed-up baseline / ours."""
+    if report.get("against") == "trl":
+        from rlhf_pg.labs.trl_bench import format_table as trl_table
+
+        return trl_table(report)
     lines = _table_header(report)
     for key, res in report["results"].items():
         lines.append("")
@@ -852,6 +887,10 @@ def _quality_lines(quality: dict) -> list[str]:
     return lines
 
 
+TRL_DEFAULTS = {"lr": 1e-5, "steps": 7, "betas": ["pos"]}
+"""``--against trl`` defaults that differ (the issue's workload: lr 1e-5, 8 steps with the first a warm-up, β > 0)."""
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Options of the benchmark (shared by this script and ``rlhf-pg bench``)."""
     d = BenchSpec()
@@ -871,7 +910,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=d.baseline_micro_batch_size,
         help="baseline; 0 = the whole batch in one forward/backward, the plain loop (default 0)",
     )
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"AdamW learning rate (default {d.lr:g}; {TRL_DEFAULTS['lr']:g} against trl)",
+    )
     p.add_argument(
         "--n-train",
         type=int,
@@ -885,14 +929,31 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=None,
         help=f"precision of ours (default on this CPU: {default_precision()}); the baseline is fp32",
     )
-    p.add_argument("--beta", choices=["pos", "zero", "both"], default="both", help="which runs (default both)")
+    p.add_argument(
+        "--beta",
+        choices=["pos", "zero", "both"],
+        default=None,
+        help="which runs: pos = beta > 0, zero = beta 0 (default both; pos against trl)",
+    )
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"repetitions (default {d.repeats})")
     p.add_argument(
-        "--steps", type=int, default=d.steps, help=f"measured steps per child, after the warm-up (default {d.steps})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"measured steps per child, after the warm-up (default {d.steps}; {TRL_DEFAULTS['steps']} against trl)",
     )
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"unmeasured steps per child (default {d.warmup})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: cores = {d.threads})")
-    p.add_argument("--no-quality", action="store_true", help="skip the log-prob / gradient comparison")
+    p.add_argument(
+        "--no-quality", action="store_true", help="skip the log-prob / gradient comparison (never run against trl)"
+    )
+    p.add_argument(
+        "--against",
+        choices=["baseline", "trl"],
+        default=d.against,
+        help="compare with the plain transformers step (baseline, default) or TRL's GRPOTrainer (trl; needs the "
+        "`bench` extra: pip install -e '.[bench]')",
+    )
     p.add_argument(
         "--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)"
     )
@@ -901,8 +962,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def spec_from_args(args) -> BenchSpec:
+    d = BenchSpec()
+    against = getattr(args, "against", d.against)
+    trl = against == "trl"
     prec = {"both": ["bf16", "fp32"], None: [default_precision()]}.get(args.precision, [args.precision])
-    betas = {"both": ["pos", "zero"]}.get(args.beta, [args.beta])
+    betas = {"both": ["pos", "zero"], None: TRL_DEFAULTS["betas"] if trl else d.betas}.get(args.beta, [args.beta])
+    lr = args.lr if args.lr is not None else (TRL_DEFAULTS["lr"] if trl else d.lr)
+    steps = args.steps if args.steps is not None else (TRL_DEFAULTS["steps"] if trl else d.steps)
     return BenchSpec(
         model=args.model,
         prompts=args.prompts,
@@ -912,17 +978,18 @@ def spec_from_args(args) -> BenchSpec:
         kl_coef=args.kl_coef,
         micro_batch_size=args.micro_batch_size,
         baseline_micro_batch_size=args.baseline_micro_batch_size,
-        lr=args.lr,
+        lr=lr,
         n_train=args.n_train,
         seed=args.seed,
         precisions=prec,
         betas=betas,
         repeats=args.repeats,
-        steps=args.steps,
+        steps=steps,
         warmup=args.warmup,
         threads=args.threads,
-        quality=not args.no_quality,
+        quality=not args.no_quality and not trl,
         peak_seconds=args.peak_seconds,
+        against=against,
     )
 
 
