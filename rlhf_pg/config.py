@@ -156,6 +156,9 @@ class RolloutConfig(_Section):
     own `path.py:function(text) -> list of calls`."""
     tool_timeout_s: float = Field(10.0, gt=0)
     """A tool call running longer becomes an error observation the model sees."""
+    env_timeout_s: float | None = Field(None, gt=0)
+    """An environment's reset or step that has not returned after this many seconds stops the run with one line
+    naming it (null = no limit). Tool calls have their own limit, `tool_timeout_s`."""
     max_turns: int = Field(4, ge=1)
     """Most model turns in an episode (with `env` or `tools`)."""
     max_episode_tokens: int = Field(512, ge=1)

@@ -167,11 +167,25 @@ def _preview(x: Any, limit: int = 80) -> str:
 
 
 # --------------------------------------------------------------------------- calling environments
-def call_all(calls: Sequence[Callable[[], Any]], errors: Sequence[str]) -> list[Any]:
+def call_all(
+    calls: Sequence[Callable[[], Any]], errors: Sequence[str], timeout_s: float | None = None, is_async: bool = False
+) -> list[Any]:
     """Run ``calls`` (each returns a value or a coroutine); coroutines run concurrently. An exception
-    becomes a one-line UserError naming ``errors[i]`` (what was called)."""
+    becomes a one-line UserError naming ``errors[i]`` (what was called). With ``timeout_s`` a call that
+    overruns is a one-line error too: a synchronous one (``is_async`` False) runs in a thread that is
+    abandoned when it overruns; coroutines are awaited under ``asyncio.wait_for`` (cancelled)."""
     results: list[Any] = []
     for call, what in zip(calls, errors):
+        if timeout_s is not None and not is_async:
+            ok, value = user_code.call_in_thread(call, {}, timeout_s, "env")
+            if ok is None:
+                raise _overran(what, timeout_s)
+            if not ok:
+                if isinstance(value, UserError):
+                    raise value
+                raise _raised(what, value) from value
+            results.append(value)
+            continue
         try:
             results.append(call())
         except UserError:
@@ -180,14 +194,23 @@ def call_all(calls: Sequence[Callable[[], Any]], errors: Sequence[str]) -> list[
             raise _raised(what, exc) from exc
     pending = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
     if pending:
-        done = _run_coroutines([results[i] for i in pending])
+        coros = [results[i] if timeout_s is None else asyncio.wait_for(results[i], timeout_s) for i in pending]
+        done = _run_coroutines(coros)
         for i, r in zip(pending, done):
             if isinstance(r, UserError):
                 raise r
+            if isinstance(r, asyncio.TimeoutError) and timeout_s is not None:
+                raise _overran(errors[i], timeout_s)
             if isinstance(r, BaseException):
                 raise _raised(errors[i], r) from r
             results[i] = r
     return results
+
+
+def _overran(what: str, timeout_s: float) -> UserError:
+    return UserError(
+        f"{what} did not return within rollout.env_timeout_s={timeout_s:g} s — make it faster or raise the timeout"
+    )
 
 
 def _raised(what: str, exc: BaseException) -> UserError:
@@ -294,6 +317,8 @@ class Episodes:
     system_prompt: str | None = None
     """data.system_prompt, applied to the first messages an environment gives."""
     max_prompt_tokens: int | None = None
+    timeout_s: float | None = None
+    """rollout.env_timeout_s: a reset or step that overruns stops the run with one line."""
     stat_keys: tuple[str, ...] = ("turns", "env_tokens", "truncated")
     """The per-episode counts logged as ``episode/<key>``: these, plus the environment class's
     ``info_keys`` (the same on every process, so they can be reduced)."""
@@ -345,6 +370,8 @@ def sample_episodes(backend, tokenizer, spec: Episodes, sub, group_size: int, pa
             for e, s in zip(eps, seeds)
         ],
         [f"environment {spec.name!r} reset() (dataset row {i // G})" for i in range(len(eps))],
+        spec.timeout_s,
+        inspect.iscoroutinefunction(eps[0].env.reset) if eps else False,
     )
     prompts, prompt_texts, prompt_ids = [], [], []
     for i, first in enumerate(firsts):
@@ -382,6 +409,8 @@ def sample_episodes(backend, tokenizer, spec: Episodes, sub, group_size: int, pa
             raw = call_all(
                 [(lambda e=e, r=r: eps[e].env.step(r[0], list(r[1][0]))) for e, r in zip(live, zip(texts, results))],
                 [f"environment {spec.name!r} step() at turn {turn + 1}" for _ in live],
+                spec.timeout_s,
+                inspect.iscoroutinefunction(eps[0].env.step),
             )
             going, segments = [], []
             for pos, (e, r, (ids, _)) in enumerate(zip(live, raw, results)):

@@ -166,6 +166,7 @@ def build_episodes(cfg: RunConfig, make_env, tokenizer, train_data) -> Episodes:
         max_episode_tokens=r.max_episode_tokens,
         system_prompt=d.system_prompt,
         max_prompt_tokens=d.max_prompt_tokens,
+        timeout_s=r.env_timeout_s,
         stat_keys=("turns", "env_tokens", "truncated", *getattr(make_env(), "info_keys", ())),
     )
 

@@ -157,12 +157,13 @@ class Trainer:
         batch.reward_extra = out.extra_columns  # what the functions logged with log_extra(...)
         times["rewards"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
         metrics: dict[str, float] = {}
+        times["reference"] = 0.0  # exactly 0 when no reference pass runs (β = 0)
         if self.use_ref:
+            t0 = time.perf_counter()
             batch.ref_logprobs = self.reference_logprobs(batch)
             release_memory()
-        times["reference"] = time.perf_counter() - t0
+            times["reference"] = time.perf_counter() - t0
         if self.use_ref and a.kl_in == "reward":
             kl_tok = self.algo.kl.fn(batch.old_logprobs, batch.ref_logprobs) * mask  # (B, T)
             batch.token_rewards = batch.token_rewards - self.kl_coef * kl_tok

@@ -578,3 +578,51 @@ def test_ppo_with_a_value_head_trains_on_episodes(tmp_path, one_thread):
     assert (batch.returns * batch.action_mask).abs().sum() > 0
     m = tr.step()
     assert math.isfinite(m["value_loss"]) and m["episode/turns"] == 2
+
+
+class HangingEnv:
+    """Hangs in step (sync or async): rollout.env_timeout_s must stop it."""
+
+    info_keys = ()
+
+    def __init__(self, event=None):
+        self.event = event
+
+    def reset(self, row):
+        return None
+
+    def step(self, text, token_ids):
+        self.event.wait(30)
+        return None
+
+
+class AsyncHangingEnv(HangingEnv):
+    async def step(self, text, token_ids):
+        import asyncio
+
+        await asyncio.sleep(30)
+
+
+@pytest.mark.parametrize("cls", [HangingEnv, AsyncHangingEnv], ids=["sync", "async"])
+def test_an_environment_that_hangs_is_stopped_by_the_timeout(cls, tiny_model, tokenizer, one_thread):
+    import threading
+
+    release = threading.Event()
+    data = small_data(tokenizer)
+    spec = spec_for(tokenizer, lambda: cls(release), max_turns=2, max_episode_tokens=50)
+    spec.timeout_s = 0.3
+    try:
+        with pytest.raises(UserError) as e:
+            sample(
+                HFBackend(tiny_model, tokenizer),
+                tokenizer,
+                data,
+                [0],
+                2,
+                SamplingParams(max_new_tokens=2),
+                episodes=spec,
+            )
+        msg = one_line(e)
+        assert "environment 'coin' step() at turn 1 did not return within rollout.env_timeout_s=0.3 s" in msg
+    finally:
+        release.set()

@@ -2,6 +2,7 @@
 resumed ends bit-identical to an uninterrupted run; SIGTERM stops cleanly with a checkpoint;
 non-finite updates are skipped and, repeated, stop the run with the last good state saved."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -70,6 +71,20 @@ def _steps_logged(out: Path) -> int:
         return sum('"reward"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
     except FileNotFoundError:
         return 0
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains ``text`` (read from /proc: no procps needed)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone already, or not ours to read
+            continue
+        if text in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
 
 
 def _kill_after_progress(proc, out: Path, steps: int, delay: float, kill) -> bool:
@@ -211,7 +226,7 @@ def test_two_processes_sigkill_then_resume_is_bit_identical(tmp_path, tiny_recip
 
         def crash():  # a machine crash: the launcher and every rank die at once
             os.killpg(proc.pid, signal.SIGKILL)
-            subprocess.run(["pkill", "-9", "-f", str(out)])
+            _kill_processes_mentioning(str(out))  # ranks in a session of their own, if any
 
         killed = kill_at is not None and _kill_after_progress(
             proc, out, kill_at, random.Random(1).uniform(0, 0.3), crash

@@ -82,7 +82,7 @@ def test_beta_zero_loads_no_reference(tmp_path, tiny_config):
     assert tr.ref is None
     tr.reference_logprobs = lambda batch: pytest.fail("β = 0 ran a reference pass")
     m = tr.step()
-    assert "kl" not in m and "kl_ref" not in m
+    assert "kl" not in m and "kl_ref" not in m and m["time/reference"] == 0.0
 
 
 def test_reference_is_frozen_copy(tmp_path, tiny_config):
