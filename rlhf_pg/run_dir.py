@@ -68,15 +68,19 @@ def _in_use(out: Path, holder: str) -> UserError:
 
 
 def lock_holder(out: Path) -> str | None:
-    """Who holds ``out``'s run lock ("pid N"), or None when nobody does (no file, or a dead holder)."""
+    """Who holds ``out``'s run lock ("pid N"), or None when nobody does (no file, or a dead holder).
+    Probes with a shared lock, so that probes (e.g. the processes of one launch) never see each other."""
+    import fcntl
+
     path = out / LOCK_NAME
     if not path.is_file():
         return None
-    try:
-        lock = DirLock(out)
-    except UserError:
-        return (path.read_text().strip() or "pid unknown") if path.is_file() else "pid unknown"
-    lock.release()
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "pid unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
