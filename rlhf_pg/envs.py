@@ -40,7 +40,6 @@ environment's tokens).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import math
 import numbers
@@ -195,7 +194,7 @@ def call_all(
     pending = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
     if pending:
         coros = [results[i] if timeout_s is None else asyncio.wait_for(results[i], timeout_s) for i in pending]
-        done = _run_coroutines(coros)
+        done = user_code.run_coroutines(coros)
         for i, r in zip(pending, done):
             if isinstance(r, UserError):
                 raise r
@@ -215,18 +214,6 @@ def _overran(what: str, timeout_s: float) -> UserError:
 
 def _raised(what: str, exc: BaseException) -> UserError:
     return UserError(f"{what} raised {type(exc).__name__}: {one_line(exc)} — fix the environment")
-
-
-def _run_coroutines(coros: list) -> list:
-    async def gather() -> list:
-        return await asyncio.gather(*coros, return_exceptions=True)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(gather())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop already runs here (a notebook)
-        return pool.submit(asyncio.run, gather()).result()
 
 
 # ---------------------------------------------------------------------------------- chat segments

@@ -43,7 +43,6 @@ and returns weighted sequence scores, per-function values for logging, and per-t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import difflib
 import functools
@@ -278,7 +277,8 @@ class RewardSet:
             keywords["completion_tokens"] = self._decode_tokens(completion_ids)
         raws = [self._invoke(name, fn, keywords, n) for name, fn in zip(self.names, self.functions)]
         pending = [i for i, raw in enumerate(raws) if inspect.isawaitable(raw)]
-        for i, raw in zip(pending, _run_coroutines([raws[i] for i in pending])):  # async functions run together
+        done = user_code.run_coroutines([raws[i] for i in pending])  # async functions run together
+        for i, raw in zip(pending, done):
             raws[i] = self._failed(self.names[i], raw, n) if isinstance(raw, BaseException) else raw
         lengths = [len(ids) for ids in completion_ids]
         results = [self._checked(name, raw, lengths) for name, raw in zip(self.names, raws)]
@@ -447,22 +447,6 @@ class _Log:
 
     def metric(self, name: str, value: float) -> None:
         self.metrics.setdefault(str(name), []).append(float(value))
-
-
-def _run_coroutines(coros: list) -> list:
-    """Await the async reward functions' results together; exceptions are returned, not raised."""
-    if not coros:
-        return []
-
-    async def gather() -> list:
-        return await asyncio.gather(*coros, return_exceptions=True)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(gather())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop already runs in this thread (a notebook)
-        return pool.submit(asyncio.run, gather()).result()
 
 
 class RewardTimeout(Exception):

@@ -146,3 +146,23 @@ def call_in_thread(
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def run_coroutines(coros: list) -> list:
+    """Await the user's coroutines together (async reward functions, environments); exceptions are
+    returned in place of results, not raised. Works inside a running event loop too (a notebook)."""
+    import asyncio
+    import concurrent.futures
+
+    if not coros:
+        return []
+
+    async def gather() -> list:
+        return await asyncio.gather(*coros, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop already runs in this thread
+        return pool.submit(asyncio.run, gather()).result()
