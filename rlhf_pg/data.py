@@ -313,7 +313,7 @@ def render_prompt(prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, s
         if not prompt:
             raise UserError(f"prompt in row {index} is empty: remove the row or fill it in")
         return prompt
-    if not isinstance(prompt, list) or not prompt or not all(_is_message(m) for m in prompt):
+    if not isinstance(prompt, list) or not prompt or not all(is_message(m) for m in prompt):
         raise UserError(
             f"prompt in row {index} is neither a string nor a non-empty list of "
             '{"role": ..., "content": ...} messages: fix that row'
@@ -331,7 +331,7 @@ def render_prompt(prompt: Any, index: int, tokenizer: PreTrainedTokenizerBase, s
     return str(text)
 
 
-def _is_message(message: Any) -> bool:
+def is_message(message: Any) -> bool:
     """Whether ``message`` is a ``{"role": str, "content": str}`` mapping."""
     return (
         isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)

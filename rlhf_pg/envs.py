@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from . import user_code
+from .data import is_message
 from .errors import UserError, one_line
 
 Messages = list[dict[str, Any]]
@@ -144,10 +145,10 @@ def check_observation(obs: Any, where: str) -> None:
     """An observation is None, a string or a non-empty list of {"role": str, "content": str} messages."""
     if obs is None or isinstance(obs, str):
         return
-    if isinstance(obs, list) and obs and all(_is_message(m) for m in obs):
+    if isinstance(obs, list) and obs and all(is_message(m) for m in obs):
         return
     raise UserError(
-        f"{where} returned observation {_preview(obs)}; an observation is a string, a list of "
+        f"{where} returned observation {preview(obs)}; an observation is a string, a list of "
         '{"role": ..., "content": ...} messages, or None to end the episode'
     )
 
@@ -156,11 +157,8 @@ def as_messages(obs: str | Messages, role: str = "user") -> Messages:
     return [{"role": role, "content": obs}] if isinstance(obs, str) else [dict(m) for m in obs]
 
 
-def _is_message(m: Any) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
-def _preview(x: Any, limit: int = 80) -> str:
+def preview(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` cut to ``limit`` characters, for quoting a user's value in a one-line error."""
     text = repr(x)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -167,7 +167,7 @@ def build_episodes(cfg: RunConfig, make_env, tokenizer, train_data) -> Episodes:
         system_prompt=d.system_prompt,
         max_prompt_tokens=d.max_prompt_tokens,
         timeout_s=r.env_timeout_s,
-        stat_keys=("turns", "env_tokens", "truncated", *getattr(make_env(), "info_keys", ())),
+        stat_keys=(*Episodes.stat_keys, *getattr(make_env(), "info_keys", ())),
     )
 
 

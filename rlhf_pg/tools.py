@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import user_code
-from .envs import Environment, EnvStep, Messages
+from .data import is_message
+from .envs import Environment, EnvStep, Messages, preview
 from .errors import UserError, one_line
 
 CALL_OPEN = "<tool_call>"
@@ -434,9 +435,9 @@ class ToolEnv(Environment):
         """The row's chat messages with the tools prompt in the system message (prepended to an existing
         first system message, or as a new one)."""
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(prompt, list) or not prompt or not all(_is_message(m) for m in prompt):
+        if not isinstance(prompt, list) or not prompt or not all(is_message(m) for m in prompt):
             raise UserError(
-                f"a tool episode got prompt {_preview(prompt)}; tools need conversational prompts (a 'prompt' "
+                f"a tool episode got prompt {preview(prompt, 60)}; tools need conversational prompts (a 'prompt' "
                 'column of [{"role": ..., "content": ...}] messages) — convert the dataset\'s prompts to messages'
             )
         messages = [dict(m) for m in prompt]
@@ -480,12 +481,3 @@ def load_tool_env(
 
     make.name = "tools"  # type: ignore[attr-defined]
     return make
-
-
-def _is_message(m: Any) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
-def _preview(x: Any, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
