@@ -194,6 +194,14 @@ def _launch(args) -> int:
     n = args.num_processes
     if n < 1:
         raise UserError(f"--num-processes {n}: give a positive number of processes")
+    # The checks that need no model, once and before any process starts (otherwise every process would
+    # print the same error after its imports): the recipe, the batch layout over n processes, output_dir.
+    from .config import batch_plan, load_config
+    from .run_dir import check_output_dir
+
+    cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    batch_plan(cfg, n)
+    check_output_dir(cfg)
     cmd = accelerate_launch(n, ["-m", "rlhf_pg", "train", args.recipe, *args.overrides]) + (
         ["--resume"] if args.resume else []
     )

@@ -295,6 +295,10 @@ def evaluate_policy(
     """
     if k < 1:
         raise UserError(f"k={k}: pass@k needs k >= 1")
+    if len(dataset) == 0:
+        raise UserError(
+            "the eval set is empty (0 prompts): nothing to evaluate — point data.eval at a dataset with rows"
+        )
     n = (k if k > 1 else 0) if n_samples is None else n_samples
     if n and n < k:
         raise UserError(f"{n} samples per prompt cannot estimate pass@{k}: use --samples >= k")
@@ -409,7 +413,6 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
     ``model.safetensors`` is loaded into the recipe's ``model.name`` (a value head, if saved, is
     dropped: evaluation needs only the policy).
     """
-    from .model_cache import ALIASES
     from .models import load_model, load_tokenizer
 
     m = cfg.model
@@ -417,14 +420,9 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
     if target["adapter"] is not None:
         from peft import PeftModel
 
-        adapter = Path(target["adapter"])
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not (Path(base).expanduser().exists() or base in ALIASES):
-            base = m.name
-        model = load_model(base, m.dtype, device, m.trust_remote_code, m.revision)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        tok_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
-        return model, load_tokenizer(tok_src)
+        model = load_model(_adapter_base(target, cfg), m.dtype, device, m.trust_remote_code, m.revision)
+        model = PeftModel.from_pretrained(model, str(target["adapter"])).merge_and_unload()
+        return model, load_tokenizer(eval_tokenizer_source(target, cfg))
     if target["state"] is not None:
         from safetensors.torch import load_file
 
@@ -444,6 +442,29 @@ def load_eval_model(target: dict[str, Any], cfg) -> tuple[Any, Any]:
     return model, load_tokenizer(target["model"])
 
 
+def _adapter_base(target: dict[str, Any], cfg) -> str:
+    """The base model of a LoRA adapter: its ``base_model_name_or_path`` when that exists locally or is
+    an alias, else the recipe's ``model.name``."""
+    from .model_cache import ALIASES
+
+    adapter = Path(target["adapter"])
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base).expanduser().exists() or base in ALIASES):
+        base = cfg.model.name
+    return base
+
+
+def eval_tokenizer_source(target: dict[str, Any], cfg) -> str:
+    """Where :func:`load_eval_model` reads the tokenizer from — loadable on its own, without weights, so
+    the data and reward checks can run before any model is loaded."""
+    if target["adapter"] is not None:
+        adapter = Path(target["adapter"])
+        return str(adapter) if (adapter / "tokenizer_config.json").is_file() else _adapter_base(target, cfg)
+    if target["state"] is not None:
+        return cfg.model.name
+    return target["model"]
+
+
 def run_eval(
     target_arg: str,
     recipe: str | None,
@@ -457,6 +478,8 @@ def run_eval(
     """``rlhf-pg eval``: evaluate MODEL_OR_RUN on the recipe's eval split; write ``eval.json`` and
     ``eval_samples.jsonl`` into ``out`` (default: the run directory, else ``./eval_<name>``)."""
     from .config import load_config
+    from .models import load_tokenizer
+    from .rollout import NON_REWARD_COLUMNS
     from .setup import build_datasets, build_episodes, build_rewards, environment_factory, stop_strings
 
     target = resolve_target(target_arg)
@@ -469,12 +492,21 @@ def run_eval(
         recipe = str(target["run_dir"] / "config.yaml")
     cfg = load_config(recipe, list(overrides))
     torch.manual_seed(cfg.seed)
-    make_env = environment_factory(cfg)  # the environment or tools load before the model
-    model, tokenizer = load_eval_model(target, cfg)
+    # Everything that needs no weights first (environment, tokenizer, data, rewards), so a mistake in
+    # the recipe is reported before a model is loaded.
+    make_env = environment_factory(cfg)
+    m = cfg.model
+    tokenizer = load_tokenizer(
+        eval_tokenizer_source(target, cfg), trust_remote_code=m.trust_remote_code, revision=m.revision
+    )
     d = cfg.data
     _, data = build_datasets(cfg, tokenizer, train=False)
     rewards = build_rewards(cfg, tokenizer)
+    rewards.check_keywords(
+        [c for c in data.column_names if c not in NON_REWARD_COLUMNS], f"eval data '{d.eval or d.train}'"
+    )
     episodes = build_episodes(cfg, make_env, tokenizer, data) if make_env is not None else None
+    model, tokenizer = load_eval_model(target, cfg)
     r = cfg.rollout
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     res = evaluate_policy(

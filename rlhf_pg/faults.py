@@ -15,13 +15,22 @@ Points (where each sits, in write order):
 * ``ckpt-before-rename``    checkpoint: every file written and fsynced, not yet renamed to step_*
 * ``ckpt-after-rename``     checkpoint: renamed, older checkpoints not yet pruned
 * ``metrics-mid-line``      half of a metrics.jsonl line written and flushed
+* ``step-after-update``     a training step: the optimizer has updated the weights, the step is not
+                            yet logged or checkpointed (a kill in the middle of the work)
 """
 
 from __future__ import annotations
 
 import os
 
-POINTS = ("ckpt-after-model", "ckpt-after-optimizer", "ckpt-before-rename", "ckpt-after-rename", "metrics-mid-line")
+POINTS = (
+    "ckpt-after-model",
+    "ckpt-after-optimizer",
+    "ckpt-before-rename",
+    "ckpt-after-rename",
+    "metrics-mid-line",
+    "step-after-update",
+)
 
 
 class InjectedFault(BaseException):

@@ -292,13 +292,17 @@ class RewardSet:
         out.extra_columns, out.logged_metrics = log.columns, log.metrics
         return out
 
-    def check_keywords(self, columns: Sequence[str]) -> None:
-        """Fail fast (before any sampling) when a function needs a keyword the data will not provide."""
+    def check_keywords(self, columns: Sequence[str], data: str | None = None) -> None:
+        """Fail fast (before any sampling) when a function needs a keyword the data will not provide;
+        ``data`` names the dataset in the message (e.g. "eval data 'x.jsonl'")."""
         names = [*TRL_KEYWORDS, *columns, *OWN_KEYWORDS]
         if self.tokenizer is None:
             names.remove("completion_tokens")
         for name, fn in zip(self.names, self.functions):
-            _keywords_for(name, fn, dict.fromkeys(names))
+            try:
+                _keywords_for(name, fn, dict.fromkeys(names))
+            except UserError as e:
+                raise UserError(f"{data}: {e}" if data else str(e)) from None
 
     def _decode_tokens(self, completion_ids: list[list[int]]) -> list[list[str]]:
         flat = self.tokenizer.batch_decode([[t] for ids in completion_ids for t in ids])

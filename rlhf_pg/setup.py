@@ -275,7 +275,10 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     tokenizer = build_tokenizer(cfg, acc)
     rewards = build_rewards(cfg, tokenizer)
     train_data, eval_data = build_datasets(cfg, tokenizer)
-    rewards.check_keywords([c for c in train_data.column_names if c not in NON_REWARD_COLUMNS])
+    d = cfg.data
+    for data, what in ((train_data, f"train data '{d.train}'"), (eval_data, f"eval data '{d.eval or d.train}'")):
+        # a column only the eval set lacks would otherwise fail at the first evaluation, after training
+        rewards.check_keywords([c for c in data.column_names if c not in NON_REWARD_COLUMNS], what)
     episodes = build_episodes(cfg, make_env, tokenizer, train_data) if make_env is not None else None
     module, critic, ref = build_policy(cfg, acc, needs_values)  # the weights, after every check above
     optimizer, scheduler = build_optimizer(

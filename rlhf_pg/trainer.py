@@ -37,6 +37,7 @@ from .batch import Batch
 from .config import RunConfig
 from .distributed import accumulation_boundary, gathered_for_generation
 from .errors import UserError
+from .faults import fault
 from .forward import forward, forward_no_grad
 from .memory import release_memory
 from .metrics import GradNoise, MetricSums, Reducer, format_eval, rollout_metrics, sample_rows
@@ -176,6 +177,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         metrics.update(self.optimise(batch))
+        fault("step-after-update", self.step_idx + 1)  # weights updated, the step not yet logged
         release_memory()
         times["train"] = time.perf_counter() - t0
         if self.algo.kl_ctl is not None and "kl_ref" in metrics:

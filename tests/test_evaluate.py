@@ -153,6 +153,13 @@ def test_samples_must_cover_k(tokenizer):
         )
 
 
+def test_an_empty_eval_set_is_said_in_words(tokenizer):
+    """Not a report of n=0 and None/nan means: one line saying there is nothing to evaluate."""
+    empty = _dataset(tokenizer).select([])
+    with pytest.raises(UserError, match="the eval set is empty"):
+        evaluate_policy(FakeModel(), tokenizer, empty, _rewards(), max_new_tokens=4, batch_size=2)
+
+
 # --------------------------------------------------------------------------------- eval command
 RECIPE = (
     "model: {name: tiny-random-llama}\n"
