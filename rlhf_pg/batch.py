@@ -80,6 +80,11 @@ class Batch:
     """(B, T) float. Â_t from the advantage estimator."""
     returns: torch.Tensor | None = None
     """(B, T) float. Return targets (value-function targets for gae)."""
+    sampler_logprobs: torch.Tensor | None = None
+    """(B, T) float. log μ(a_t|s_t) under the engine that sampled (vLLM), kept when ``old_logprobs`` are
+    recomputed with the trainer's model; None when the trainer's own model sampled (then μ = π_old)."""
+    is_weights: torch.Tensor | None = None
+    """(B, T) float. Importance weights π_old/μ of the policy loss (rollout.is_correction); None = 1."""
 
     def __post_init__(self) -> None:
         if self.action_mask is None:

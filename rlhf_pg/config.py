@@ -143,6 +143,19 @@ class RolloutConfig(_Section):
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none
     for hf."""
+    is_correction: Literal["auto", "none", "token", "sequence"] = "auto"
+    """Sampler/trainer mismatch: an engine's sampling distribution μ is not exactly the trainer's π_old (kernels,
+    precision), so the policy loss is weighted by w = π_old/μ of the sampled tokens — per token (`token`) or one
+    weight per completion, the product over its tokens (`sequence`) — truncated at `is_cap`. `auto`: `token` with
+    the vllm backend, `none` with hf (which samples with the trainer's own model: w = 1 exactly). Logged as
+    is/ratio_mean, is/ratio_max, is/truncated, is/masked. Biases: see the README's estimator table."""
+    is_cap: float | None = Field(3.0, gt=0)
+    """Truncation of the importance weight (truncated IS); null = untruncated (full IS: unbiased at the sequence
+    level, unbounded variance)."""
+    is_mask_above: float | None = Field(None, gt=0)
+    """Drop (weight 0) a token (`token`) or a whole completion (`sequence`) whose ratio is above this; null = off."""
+    is_mask_below: float | None = Field(None, ge=0)
+    """Drop a token or completion whose ratio is below this; null = off."""
     env: str | None = None
     """Multi-turn episodes: an environment class `path/to/env.py:Class` or `package.module:Class` (see
     rlhf_pg/envs.py), created per episode with `env_kwargs`. null = single completions."""
@@ -177,6 +190,18 @@ class RolloutConfig(_Section):
     def episodes(self) -> bool:
         """Multi-turn: an environment or tools are configured."""
         return bool(self.env or self.tools)
+
+    def is_correction_for(self, exact_logprobs: bool):
+        """The :class:`rlhf_pg.core.ISCorrection` of this section for a backend (``exact_logprobs``: it samples
+        with the trainer's own model), or None for no correction."""
+        from .core import ISCorrection
+
+        level = self.is_correction
+        if level == "auto":
+            level = "none" if exact_logprobs else "token"
+        if level == "none":
+            return None
+        return ISCorrection(level, self.is_cap, self.is_mask_above, self.is_mask_below)
 
 
 class RewardFunctionConfig(_Section):

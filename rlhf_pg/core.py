@@ -522,6 +522,51 @@ def agg_constant(per_token: Tensor, mask: Tensor, n: Normalisers, opts: Constant
     return (per_token * mask).sum() / (n.num_seqs * c)
 
 
+# ------------------------------------------------------------- sampler/trainer mismatch (IS correction)
+@dataclass(frozen=True)
+class ISCorrection:
+    """Importance weights for samples drawn from a sampler μ (an inference engine) instead of the trainer's
+    π_old. ``level``: ``token`` (w_t = π_old(a_t|s_t)/μ(a_t|s_t)) or ``sequence`` (one w = Π_t of those,
+    on every action of the row). ``cap``: w truncated at cap (None: untruncated). ``mask_above`` /
+    ``mask_below``: a token (``token``) or a whole row (``sequence``) whose ratio is outside the bounds
+    gets weight 0 (dropped). Biases (tests/test_exact_gradients.py, sampler-mismatch section):
+    ``sequence`` with no cap and no mask is unbiased for ∇J under π; ``token`` is not (it corrects each
+    action but not the state distribution it was reached under), and a cap or a mask adds bias in
+    exchange for bounded variance."""
+
+    level: Literal["token", "sequence"]
+    cap: float | None = 3.0
+    mask_above: float | None = None
+    mask_below: float | None = None
+
+
+def importance_weights(log_ratio: Tensor, mask: Tensor, c: ISCorrection) -> tuple[Tensor, dict[str, Tensor]]:
+    """(B, T) detached weights w for the policy loss, and per-unit stats (ratio, truncated, masked: per
+    action for ``token``, per row for ``sequence``, each with the mask it is averaged over).
+
+    ``log_ratio`` = log π_old − log μ of the sampled tokens (0 off the actions). A weight of exactly 1
+    where π_old = μ (the trainer sampled with its own model), so the correction then changes nothing."""
+    with torch.no_grad():
+        lr = (log_ratio * mask).float()
+        if c.level == "sequence":
+            unit = lr.sum(-1, keepdim=True)  # (B, 1): log Π_t ratio
+            unit_mask = (mask.sum(-1, keepdim=True) > 0).float()
+        else:
+            unit, unit_mask = lr, mask.float()
+        ratio = torch.exp(unit)
+        w = ratio if c.cap is None else ratio.clamp(max=c.cap)
+        truncated = (ratio > c.cap).float() if c.cap is not None else torch.zeros_like(ratio)
+        drop = torch.zeros_like(ratio, dtype=torch.bool)
+        if c.mask_above is not None:
+            drop |= ratio > c.mask_above
+        if c.mask_below is not None:
+            drop |= ratio < c.mask_below
+        w = w.masked_fill(drop, 0.0)
+        weights = torch.where(mask > 0, w, 0.0).to(log_ratio.dtype)  # where, not ×: an untruncated w may be inf
+        stats = {"ratio": ratio, "truncated": truncated * (~drop), "masked": drop.float()}
+        return weights, {k: (v, unit_mask) for k, v in stats.items()}
+
+
 # ------------------------------------------------------------------------------ log-probs, entropy
 def token_logprobs(
     logits: Tensor,

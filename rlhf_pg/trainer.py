@@ -59,6 +59,7 @@ class Trainer:
         self.tokenizer, self.rewards, self.backend = c.tokenizer, c.rewards, c.backend
         self.train_data, self.eval_data = c.train_data, c.eval_data
         self.plan, self.algo, self.passes = c.plan, c.algo, c.passes
+        self.is_correction = cfg.rollout.is_correction_for(self.backend.exact_logprobs)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.reduce = Reducer(self.acc)
         self.run = RunDir(cfg, c)
@@ -150,6 +151,7 @@ class Trainer:
         batch = self.rollout()
         mask = batch.action_mask  # (B, T) 1 on actions (model tokens)
         if not self.backend.exact_logprobs:  # the engine's log-probs are not this model's: recompute
+            batch.sampler_logprobs = batch.old_logprobs  # kept: the IS correction weighs π_old against them
             batch.old_logprobs = self.logprobs(self.acc.unwrap_model(self.model), batch) * mask
         times["rollout"] = time.perf_counter() - t0
 
@@ -169,6 +171,8 @@ class Trainer:
             kl_tok = self.algo.kl.fn(batch.old_logprobs, batch.ref_logprobs) * mask  # (B, T)
             batch.token_rewards = batch.token_rewards - self.kl_coef * kl_tok
             metrics["kl_ref"] = self.reduce.mean(kl_tok.sum(-1), torch.ones_like(batch.scores))
+        if self.is_correction is not None:
+            metrics.update(self._importance_weights(batch))
         if self.algo.advantage.needs_values:
             batch.values = self.values(batch) * mask
         self.compute_advantages(batch)
@@ -193,6 +197,18 @@ class Trainer:
         if self._due(cfg.train.samples_every):
             self.run.log_samples(self.reduce.gather_objects(sample_rows(batch, self.step_idx)), self.step_idx)
         return metrics
+
+    def _importance_weights(self, batch: Batch) -> dict[str, float]:
+        """``batch.is_weights`` = π_old/μ of the sampled tokens (rollout.is_correction) and the ratio's
+        metrics: mean, max, and the shares truncated (above is_cap) and masked (dropped)."""
+        mask = batch.action_mask
+        sampler = batch.sampler_logprobs if batch.sampler_logprobs is not None else batch.old_logprobs
+        batch.is_weights, stats = core.importance_weights(batch.old_logprobs - sampler, mask, self.is_correction)
+        out = {f"is/{k}" + ("_mean" if k == "ratio" else ""): self.reduce.mean(v, m) for k, (v, m) in stats.items()}
+        ratio, units = stats["ratio"]
+        top = ratio.masked_fill(units == 0, float("-inf")).max().reshape(1)
+        out["is/ratio_max"] = self.reduce.gather(top).max().item()
+        return out
 
     def rollout(self, step: int | None = None) -> Batch:
         """The rollout of RL step ``step`` (default: the next one): this process's prompts, each
@@ -339,6 +355,8 @@ class Trainer:
             sums.add("kl", kl, m)
         if a.entropy_coef > 0:
             policy_terms = policy_terms - a.entropy_coef * res.entropy
+        if mb.is_weights is not None:  # sampled by another engine: weigh by π_old/μ (rollout.is_correction)
+            policy_terms = policy_terms * mb.is_weights
         if self.step_idx < a.critic_warmup_steps:
             # critic warm-up: only the value loss trains. ×0 rather than dropping the terms keeps every
             # parameter in the graph (DDP expects a gradient for each); the policy's gradient is exactly 0.

@@ -136,6 +136,31 @@ is also a step, and the actions' block is biased too (turn 2's rewards reach tur
 instead of γ). Counting the reply also adds variance (reward-to-go 1.61 → 1.93). Without the compaction
 (the holed mask given to the estimator as it is) core.discounted_cumsum restarts at the hole: E[ĝ] is
 62 % of ‖∇J‖ off for reward-to-go, 47 % for GAE with the true V.
+
+Sampler/trainer mismatch (rollout.is_correction)
+------------------------------------------------
+The single-turn toy, sampled from μ = the policy with perturbed logits θ + δ (δ ~ N(0, 0.5²)) while
+the trainer differentiates π_θ; rloo advantages, the pg loss, seq-mean-token-sum; the per-token loss
+weighted by core.importance_weights as the trainer does. E[ĝ] = Σ_y μ(y) Σ_t w_t(y) (R(y) − E_μ R)
+∇log π(a_t|s_t), with the weights written by hand from their definition (``hand_weights``):
+
+    estimator                               rel.bias  exact   noise   scale   trCov/|g|^2
+    -------------------------------------------------------------------------------------
+    mismatch: no correction                   0.187   0.188   0.012   0.951      0.62
+    mismatch: sequence IS, no cap             0.014   0.000   0.014   1.008      0.76
+    mismatch: sequence IS, cap 2              0.016   0.010   0.013   1.005      0.72
+    mismatch: sequence, mask above 2          0.057   0.054   0.013   0.997      0.66
+    mismatch: token IS, no cap                0.120   0.123   0.013   0.982      0.69
+    mismatch: token IS, cap 3 (vllm default)  0.120   0.123   0.013   0.982      0.69
+    mismatch: token IS, cap 1.2               0.102   0.109   0.012   0.935      0.59
+
+Reading it. Uncorrected, sampling from another policy biases ĝ by 19 % of ‖∇J‖. The sequence weight
+π(y)/μ(y) removes it exactly (rel. bias = noise); capped at 2 it leaves 1 %; dropping the samples
+whose weight is above 2 leaves 5 %. Per-token weights leave 12 %: they correct each action's
+probability but not the μ-distribution of the states it is taken in (no token ratio here exceeds 3, so
+the default cap changes nothing; a cap of 1.2 shifts the bias, it does not remove it). The per-token
+weight is the usual choice for long completions nevertheless, because the sequence weight is a product
+over every token and its variance grows with the length (this toy has 3 tokens).
 """
 
 from __future__ import annotations
@@ -1054,6 +1079,120 @@ def test_episode_discount_counts_actions_only():
     assert max_z(g, episode_expected_gradient(EP_DISCOUNTED, clock="tokens")) > Z
 
 
+# ------------------------------------------------------------- sampler/trainer mismatch (IS correction)
+# The sampler μ is the toy policy with perturbed logits θ + δ (δ ~ N(0, 0.5²), fixed seed): an engine
+# whose distribution is not the trainer's (kernels, precision, an engine a step behind), exaggerated so
+# each estimator's bias shows. Estimator: rloo advantages (unbiased when sampling from π), the pg loss,
+# seq-mean-token-sum; the per-token loss weighted by core.importance_weights(log π − log μ), as the
+# trainer does with rollout.is_correction. Exact expectations: the rloo baseline is built from the other
+# samples (independent of y_i, mean m = E_μ[R]), so for weights w_t(y)
+#     E[ĝ] = Σ_y μ(y) Σ_t w_t(y) (R(y) − m) ∇log π(a_t|s_t),
+# enumerated over the 40 completions with weights written here independently of core. With the
+# sequence weight W = π(y)/μ(y) (no cap, no mask) that is ∇J − m·Σ_y ∇π(y) = ∇J: unbiased. Per-token
+# weights correct each action but not the distribution of the states it is taken in; a cap or a mask
+# trades bias for bounded weights.
+THETA_MU = THETA + 0.5 * torch.randn(NUM_STATES, VOCAB, generator=torch.Generator().manual_seed(1))
+IS_SPECS: dict[str, core.ISCorrection | None] = {
+    "mismatch: no correction": None,
+    "mismatch: sequence IS, no cap": core.ISCorrection("sequence", cap=None),
+    "mismatch: sequence IS, cap 2": core.ISCorrection("sequence", cap=2.0),
+    "mismatch: sequence, mask above 2": core.ISCorrection("sequence", cap=None, mask_above=2.0),
+    "mismatch: token IS, no cap": core.ISCorrection("token", cap=None),
+    "mismatch: token IS, cap 3 (vllm default)": core.ISCorrection("token", cap=3.0),
+    "mismatch: token IS, cap 1.2": core.ISCorrection("token", cap=1.2),
+}
+IS_UNBIASED = ["mismatch: sequence IS, no cap"]
+IS_BIASED = [k for k in IS_SPECS if k not in IS_UNBIASED]
+
+
+def rloo_advantages_of(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    x = core.AdvantageInputs(token_rewards("seq", ids, mask), mask, G, gamma=1.0)
+    return core.ADVANTAGES["rloo"].fn(x, None, None).advantages
+
+
+@functools.cache
+def is_mc_gradients(name: str, n: int = N, k: int = K, seed: int = SEED) -> torch.Tensor:
+    """(k, 52): ĝ of k batches of n completions sampled from μ, corrected by IS_SPECS[name]."""
+    c = IS_SPECS[name]
+    ids, mask = sample_completions(THETA_MU, k * n, torch.Generator().manual_seed(seed))
+    adv = rloo_advantages_of(ids, mask)
+    theta_k = THETA.expand(k, NUM_STATES, VOCAB).clone().requires_grad_()
+    logp = token_logp(theta_k, ids, rows_per_copy=n)
+    per_tok, _ = core.POLICY_LOSSES["pg"].fn(logp, logp.detach(), adv, mask)
+    if c is not None:
+        w, _ = core.importance_weights(logp.detach() - token_logp(THETA_MU, ids), mask, c)
+        per_tok = per_tok * w
+    agg = core.AGGREGATIONS["seq-mean-token-sum"].fn
+    shares = [
+        agg(l_b, m_b, core.Normalisers(num_tokens=m_b.sum(), num_seqs=n, max_tokens=T), None)
+        for l_b, m_b in zip(per_tok.view(k, n, T).unbind(0), mask.view(k, n, T).unbind(0))
+    ]
+    torch.stack(shares).sum().backward()
+    return -theta_k.grad.reshape(k, -1)
+
+
+def hand_weights(c: core.ISCorrection | None) -> torch.Tensor:
+    """(40, T) weights of each enumerated completion, written from the definition (not core)."""
+    if c is None:
+        return torch.ones(len(ENUM_IDS), T)
+    r_tok = ((token_logp(THETA, ENUM_IDS) - token_logp(THETA_MU, ENUM_IDS)) * ENUM_MASK).exp()
+    ratio = r_tok.prod(-1, keepdim=True).expand(-1, T) if c.level == "sequence" else r_tok
+    w = ratio.clamp(max=c.cap) if c.cap is not None else ratio.clone()
+    if c.mask_above is not None:
+        w[ratio > c.mask_above] = 0.0
+    return w * ENUM_MASK
+
+
+@functools.cache
+def is_expected_gradient(name: str) -> torch.Tensor:
+    """E[ĝ] = Σ_y μ(y) Σ_t w_t(y) (R(y) − E_μ[R]) ∇log π(a_t|s_t), exactly."""
+    mu = seq_prob(THETA_MU).detach()
+    R = token_rewards("seq", ENUM_IDS, ENUM_MASK).sum(-1)
+    w, m = hand_weights(IS_SPECS[name]).detach(), (mu * R).sum()
+    return grad_of(lambda th: (mu[:, None] * w * (R - m)[:, None] * token_logp(th, ENUM_IDS) * ENUM_MASK).sum())
+
+
+def test_full_sequence_importance_sampling_is_unbiased_under_another_sampler():
+    """Samples from μ ≠ π: uncorrected, ĝ is biased for ∇J (beyond Z·SE); weighted by π(y)/μ(y) it is
+    not (every coordinate within Z·SE), and its exact expectation is ∇J to float precision."""
+    g_true = true_gradient("seq")
+    assert max_z(is_mc_gradients("mismatch: no correction"), g_true) > Z
+    torch.testing.assert_close(is_expected_gradient("mismatch: sequence IS, no cap"), g_true, atol=2e-6, rtol=1e-5)
+    assert_mean_matches("sequence IS", is_mc_gradients("mismatch: sequence IS, no cap"), g_true, "the exact ∇J")
+
+
+@pytest.mark.parametrize("name", IS_BIASED)
+def test_each_mismatch_correction_has_its_exact_expectation(name):
+    """The trainer's weighting (core.importance_weights) gives, on average, the expectation derived by
+    hand; for the biased ones that expectation is measurably not ∇J."""
+    g = is_mc_gradients(name)
+    assert_mean_matches(name, g, is_expected_gradient(name), "its exact expectation")
+    assert max_z(g, true_gradient("seq")) > Z, f"{name}: no significant bias"
+
+
+def test_corrections_order_by_bias():
+    """Exact relative biases on this toy: full sequence IS 0; sequence IS capped at 2 close to 0 (a
+    little bias for bounded weights); per-token IS removes only part of the uncorrected bias (the state
+    distribution stays μ's), whatever its cap."""
+    g = true_gradient("seq")
+    b = {k: rel(is_expected_gradient(k) - g, g) for k in IS_SPECS}
+    token = [k for k in IS_SPECS if k.startswith("mismatch: token")]
+    assert b["mismatch: sequence IS, no cap"] < 1e-5 < b["mismatch: sequence IS, cap 2"]
+    assert b["mismatch: sequence IS, cap 2"] < min(b[k] for k in token), b
+    assert max(b[k] for k in token) < b["mismatch: no correction"], b
+
+
+def test_importance_weights_are_exactly_one_when_the_sampler_is_the_policy():
+    """μ = π (the HF backend samples with the trainer's model): every weight is exactly 1, so the corrected
+    batch gradient is bit-identical to the uncorrected one."""
+    ids, mask = sample_completions(THETA, 64, torch.Generator().manual_seed(3))
+    lp = token_logp(THETA, ids)
+    for c in IS_SPECS.values():
+        if c is not None:
+            w, _ = core.importance_weights(lp - lp, mask, c)
+            assert torch.equal(w, mask), c
+
+
 # ---------------------------------------------------------------------------------- the bias table
 def table_row(name: str, g: torch.Tensor, g_true: torch.Tensor, expected: torch.Tensor, width: int) -> str:
     mean, se = mean_se(g)
@@ -1072,6 +1211,7 @@ def bias_table() -> str:
     for specs, true, mc, expected in (
         (SPECS, lambda s: true_gradient(s.rewards), mc_gradients, expected_gradient),
         (EPISODE_SPECS, lambda s: episode_true_gradient(), episode_mc_gradients, episode_expected_gradient),
+        (IS_SPECS, lambda s: true_gradient("seq"), is_mc_gradients, is_expected_gradient),
     ):
         width = max(36, *map(len, specs))
         header = f"{'estimator':<{width}}rel.bias  exact   noise   scale   trCov/|g|^2"
