@@ -174,9 +174,10 @@ def _add_bench(sub) -> None:
     bench.build_parser(bm)
 
 
-def accelerate_launch(n: int, target: list[str]) -> list[str]:
+def accelerate_launch(n: int, target: list[str], launcher: str = "accelerate.commands.launch") -> list[str]:
     """The command that runs ``target`` (``-m module ...`` or a script and its arguments) on ``n`` local
-    processes under ``accelerate launch``, on a free rendezvous port (two runs on one machine do not collide)."""
+    processes under ``accelerate launch``, on a free rendezvous port (two runs on one machine do not collide).
+    ``launcher``: the module run as ``accelerate launch`` (``rlhf_pg.launch``: one line for a user error)."""
     import socket
 
     with socket.socket() as sock:
@@ -184,7 +185,30 @@ def accelerate_launch(n: int, target: list[str]) -> list[str]:
         port = sock.getsockname()[1]
     flags = ["--num_processes", str(n), "--num_machines", "1", "--main_process_port", str(port)]
     flags += ["--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *target]
+    return [sys.executable, "-m", launcher, *flags, *target]
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can use: 0 without CUDA or with ``CUDA_VISIBLE_DEVICES=`` (empty)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def launch_devices(n: int, gpus: int) -> str:
+    """What ``--num-processes n`` runs on, given ``gpus`` visible CUDA devices: ``"cpu"`` (no CUDA: CPU
+    processes synchronising over gloo) or ``"gpu"`` (one process per GPU, NCCL). Both launch the same way
+    (``--multi_gpu``: torchrun starts the processes; each one's Accelerator picks cuda:LOCAL_RANK or, without
+    CUDA, the CPU). Fewer GPUs than processes is a :class:`UserError`: ranks would share a GPU or look for a
+    ``cuda:N`` that is not there."""
+    if gpus == 0:
+        return "cpu"
+    if gpus >= n:
+        return "gpu"
+    raise UserError(
+        f"--num-processes {n} needs {n} GPUs, found {gpus}: use --num-processes {gpus}, "
+        "or CUDA_VISIBLE_DEVICES= for CPU processes"
+    )
 
 
 def _launch(args) -> int:
@@ -196,19 +220,31 @@ def _launch(args) -> int:
         raise UserError(f"--num-processes {n}: give a positive number of processes")
     # The checks that need no model, once and before any process starts (otherwise every process would
     # print the same error after its imports): the recipe, the batch layout over n processes, output_dir.
-    from .config import batch_plan, load_config
+    from .config import batch_plan, check_backend_processes, load_config
     from .run_dir import check_output_dir
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
     batch_plan(cfg, n)
+    check_backend_processes(cfg, n)
     check_output_dir(cfg)
-    cmd = accelerate_launch(n, ["-m", "rlhf_pg", "train", args.recipe, *args.overrides]) + (
+    launch_devices(n, visible_gpus())  # before any process starts
+    cmd = accelerate_launch(n, ["-m", "rlhf_pg", "train", args.recipe, *args.overrides], "rlhf_pg.launch") + (
         ["--resume"] if args.resume else []
     )
     env = dict(os.environ)
     # One BLAS/OpenMP pool per process that together fill the cores; oversubscription is very slow.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    return subprocess.call(cmd, env=env)
+    import tempfile
+
+    from .launch import ERROR_FILE_ENV, reported
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-pg-launch-", ignore_cleanup_errors=True) as tmp:
+        env[ERROR_FILE_ENV] = os.path.join(tmp, "error")  # a process's user error: one line, here, at the end
+        rc = subprocess.call(cmd, env=env)
+        message = reported(env[ERROR_FILE_ENV])
+    if message is not None:
+        raise UserError(message)
+    return rc
 
 
 def _cmd_train(args) -> int:
@@ -346,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as e:
-        print(f"rlhf-pg: error: {e}", file=sys.stderr)
+        from .launch import leave_for_launcher
+
+        if not leave_for_launcher(str(e)):  # under --num-processes N the launching CLI prints it, once
+            print(f"rlhf-pg: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("rlhf-pg: interrupted", file=sys.stderr)

@@ -60,7 +60,9 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     """Policy model: a built-in alias (`smollm2-135m-instruct`, `tiny-random-llama`), a local directory, or a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype. `auto` = float32 on CPU, bfloat16 on GPUs that support it (else float16)."""
+    """Weight dtype. `auto` = float32 for trained weights on every device (bf16 weights lose AdamW updates smaller than
+    their resolution; bf16 speed comes from `train.mixed_precision: bf16`); under LoRA the frozen base is bfloat16 on
+    GPUs that support it (else float16), float32 on CPU."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     trust_remote_code: bool = False
@@ -659,6 +661,17 @@ class BatchPlan:
             f"{'es' * (self.minibatches > 1)} of {self.minibatch_size}{per}; micro-batches of "
             f"{self.micro_batch_size} per process; {self.optimizer_steps} optimizer step"
             f"{'s' * (self.optimizer_steps > 1)} per RL step"
+        )
+
+
+def check_backend_processes(cfg: RunConfig, world: int) -> None:
+    """Refuse, in one line and before any model loads, a generation engine of its own (vllm) on several
+    processes: each process would build its own engine on the same GPU, and no data-parallel engine layout is
+    wired up (see :class:`rlhf_pg.backends.VLLMBackend`). Also for a launcher to call before it starts N processes."""
+    if cfg.rollout.backend != "hf" and world > 1:
+        raise UserError(
+            f"rollout.backend={cfg.rollout.backend} runs one engine in one process (got {world} processes): "
+            "launch one process or use rollout.backend=hf"
         )
 
 

@@ -8,6 +8,8 @@ sampling does one forward per generated *token*, and would repeat the all-gather
 the whole rollout, and re-shards afterwards.
 
 ``describe_distributed`` gives a one-line run-header description of the setup.
+
+``keep_fsdp_on_cpu`` lets an FSDP2 launch run as FSDP2 on a CPU machine (gloo) instead of silently as DDP.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["gathered_for_generation", "sharding_kind", "describe_distributed"]
+__all__ = ["gathered_for_generation", "sharding_kind", "engine_checkpoint", "describe_distributed", "keep_fsdp_on_cpu"]
 
 
 # ------------------------------------------------------------------------------------- detection
@@ -59,6 +61,15 @@ def sharding_kind(model: torch.nn.Module) -> str:
     if fsdp1_cls is not None and any(isinstance(m, fsdp1_cls) for m in modules):
         return "fsdp1"
     return "none"
+
+
+def engine_checkpoint(accelerator: Any, model: torch.nn.Module) -> bool:
+    """Whether checkpoints must go through ``accelerator.save_state`` (every rank writes its part): the
+    weights are sharded (FSDP, ZeRO-3), or — any DeepSpeed stage ≥ 1 — the optimizer state is, which a
+    ``torch.save(optimizer.state_dict())`` on the main process alone would write only rank 0's part of."""
+    from accelerate.utils import DistributedType
+
+    return sharding_kind(model) != "none" or accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 # ------------------------------------------------------------------------------------- the context
@@ -245,6 +256,41 @@ def _fsdp1_full_params(model: torch.nn.Module) -> Iterator[None]:
         finally:
             for w in wrappers:
                 w.__dict__.pop("forward", None)
+
+
+# ------------------------------------------------------------------------------------- FSDP2 on CPU
+def keep_fsdp_on_cpu(accelerator: Any) -> bool:
+    """Switch a CPU run launched for FSDP2 from accelerate's DDP to FSDP2; True if it did.
+
+    On a machine without GPUs rlhf-pg needs ``Accelerator(cpu=True)`` (else the processes never
+    synchronise), and accelerate then always decides ``DistributedType.MULTI_CPU``: its FSDP branch
+    exists only for GPU-like devices, so the plugin that ``accelerate launch --config_file
+    recipes/accelerate/fsdp2_full_shard.yaml`` describes in the environment (``ACCELERATE_USE_FSDP``,
+    ``FSDP_*``) is dropped and the run is plain DDP. FSDP2 itself (``fully_shard`` on CPU tensors over
+    gloo) works, and so does everything accelerate does for it once its state says FSDP: ``prepare``
+    (per-layer units, the optimizer re-pointed at the sharded parameters), ``no_sync``,
+    ``clip_grad_norm_``, ``get_state_dict``, ``save_state``/``load_state``. So the plugin is built
+    from the environment as ``Accelerator()`` builds it, and set on the state the way accelerate's GPU
+    path sets it. Nothing changes unless the run is MULTI_CPU *and* the launcher asked for FSDP
+    version 2 (FSDP1 on CPU is left as it was: DDP).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment variables
+    if plugin.fsdp_version != 2:
+        return False
+    if state.mixed_precision != "no":  # as AcceleratorState does for its FSDP plugin
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # gather/reduce read it here
+    return True
 
 
 # ------------------------------------------------------------------------------------- run header

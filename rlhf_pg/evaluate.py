@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,12 +373,14 @@ def resolve_target(target: str) -> dict[str, Any]:
         return base
     if (p / "config.yaml").is_file() and not (p / "model").is_dir() and not (p / "config.json").is_file():
         # a run without its final model (a saved model/ also holds the run's config.yaml, beside config.json)
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import usable_checkpoint
 
-        ckpt = latest_checkpoint(p)
+        ckpt, rejected = usable_checkpoint(p, needs=("model.safetensors",))  # verified, as a resume does
+        for bad, why in rejected:
+            print(f"warning: checkpoint {bad} is unusable ({why}); skipped", file=sys.stderr)
         if ckpt is None:
             raise UserError(
-                f"run directory '{target}' has neither model/ nor a checkpoint (trained with "
+                f"run directory '{target}' has neither model/ nor a usable checkpoint (trained with "
                 "train.save_model=false?): pass a run that saved its model, or a model directory"
             )
         return {**resolve_target(str(ckpt)), "kind": "run", "run_dir": p}

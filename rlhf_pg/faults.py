@@ -5,8 +5,13 @@ point is reached) and the process ends there with ``os._exit(137)`` — no ``fin
 cleanup, like a SIGKILL — so the tests can show, point by point, that the previous checkpoint stays
 usable and that a resumed run is bit-identical to an uninterrupted one. With
 ``RLHF_PG_FAULT_MODE=raise`` the point raises :class:`InjectedFault` instead (a ``BaseException``,
-which no ``except Exception`` in the code catches), for in-process tests. Unset, :func:`fault` is a
-dictionary lookup and nothing else.
+which no ``except Exception`` in the code catches), for in-process tests. With
+``RLHF_PG_FAULT_MODE=enospc`` or ``=erofs`` the point raises the ``OSError`` a full disk or a
+read-only filesystem gives (``OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)``, ``filename``
+the file or directory being written there) instead of ending the process: the tests use it to show
+that a write failure leaves the previous checkpoint intact and stops the run with one line
+(:mod:`rlhf_pg.run_dir`), on 1 and on 2 processes. These two modes are meant for the write points
+(``ckpt-*``, ``metrics-mid-line``). Unset, :func:`fault` is a dictionary lookup and nothing else.
 
 Points (where each sits, in write order):
 
@@ -21,6 +26,7 @@ Points (where each sits, in write order):
 
 from __future__ import annotations
 
+import errno
 import os
 
 POINTS = (
@@ -33,18 +39,27 @@ POINTS = (
 )
 
 
+OS_ERRORS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}  # RLHF_PG_FAULT_MODE → the errno raised
+
+
 class InjectedFault(BaseException):
     """Raised at a fault point with RLHF_PG_FAULT_MODE=raise."""
 
 
-def fault(point: str, step: int | None = None) -> None:
-    """End the process here if RLHF_PG_FAULT names this point (and this step, when it gives one)."""
+def fault(point: str, step: int | None = None, filename: str | os.PathLike | None = None) -> None:
+    """End the process here if RLHF_PG_FAULT names this point (and this step, when it gives one); with
+    RLHF_PG_FAULT_MODE=raise raise :class:`InjectedFault`, with ``enospc``/``erofs`` that ``OSError``
+    (naming ``filename``, what is being written at this point)."""
     spec = os.environ.get("RLHF_PG_FAULT")
     if not spec:
         return
     name, _, at = spec.partition("@")
     if name != point or (at and step is not None and int(at) != step):
         return
-    if os.environ.get("RLHF_PG_FAULT_MODE") == "raise":
+    mode = os.environ.get("RLHF_PG_FAULT_MODE")
+    if mode == "raise":
         raise InjectedFault(f"{point}@{step}")
+    if mode in OS_ERRORS:
+        code = OS_ERRORS[mode]
+        raise OSError(code, os.strerror(code), None if filename is None else os.fspath(filename))
     os._exit(137)

@@ -7,8 +7,17 @@
   process dies, so a killed run leaves nothing stuck); a second run into a directory in use stops with
   one line. :func:`check_output_dir` makes the checks that need no model (the CLI runs it first).
 * A fresh run refuses an ``output_dir`` that already holds a run (unless ``overwrite``); a resumed
-  run loads the latest complete checkpoint and cuts ``metrics.jsonl``/``samples.jsonl`` back to the
-  lines they held when it was written, so every step is logged exactly once.
+  run loads the newest checkpoint that verifies (:func:`rlhf_pg.checkpoint.problem`: its manifest's
+  sizes and hashes) and cuts ``metrics.jsonl``/``samples.jsonl`` back to the lines they held when it
+  was written, so every step is logged exactly once. A newer checkpoint that fails is named in one
+  warning line and renamed ``corrupt-step_…``; when none is usable the run stops with one line and
+  changes nothing. The main process verifies and decides, and tells the others which checkpoint to
+  load (a broadcast), so every process loads the same one and hashes are computed once.
+* A write the operating system refuses (a full disk, a read-only filesystem, a quota, permissions)
+  — of a checkpoint, a JSONL line, the final model — stops the run with one line naming the file and
+  the error, and how to resume; a failed checkpoint leaves the previous one intact. Where processes
+  used to meet at a barrier they now agree (:meth:`RunDir._together`: each says whether its part
+  failed), so when one process fails every process stops, and none waits for one that has gone.
 * Checkpoints hold the trained modules, optimizer and scheduler (sharded engines: every rank writes
   its shards), every process's RNGs and the trainer's small state (step, estimator state, KL
   controller).
@@ -32,8 +41,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import RunConfig, dump_config
-from .distributed import sharding_kind
-from .errors import UserError, one_line
+from .distributed import engine_checkpoint, sharding_kind
+from .errors import UserError, one_line, os_error_fix, os_error_of, os_error_text
 from .faults import fault
 from .model_card import push, write_model_card
 from .setup import Components, bare_policy
@@ -167,18 +176,25 @@ class RunDir:
             self.acc.end_training()
 
     def write_jsonl(self, name: str, rows: list[dict]) -> None:
-        """Append rows to ``output_dir/name`` (main process; the rows are already gathered)."""
-        if self.acc.is_main_process and rows:
+        """Append rows to ``output_dir/name`` (main process; the rows are already gathered). Every
+        process calls it: a refused write stops them all with one line."""
+        path = self.out / name
+
+        def append() -> None:
+            if not (self.acc.is_main_process and rows):
+                return
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / name, "a") as f:
+            with checkpoint.writing(path), open(path, "a") as f:
                 for row in rows:
                     line = json.dumps(row) + "\n"
                     if name == "metrics.jsonl" and os.environ.get("RLHF_PG_FAULT"):
                         f.write(line[: len(line) // 2])  # a torn line, as a crash mid-write leaves it
                         f.flush()
-                        fault("metrics-mid-line", row.get("step"))
+                        fault("metrics-mid-line", row.get("step"), path)
                         line = line[len(line) // 2 :]
                     f.write(line)
+
+        self._together(append, lambda f: f"could not write {path}: {f['reason']}; {self._how_to_resume(f)}")
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):
@@ -206,12 +222,25 @@ class RunDir:
 
     # ------------------------------------------------------------------------------ start / resume
     def prepare(self, generator: torch.Generator) -> dict | None:
-        """Fresh run: refuse to clobber a previous one. Resume: load the latest complete checkpoint
-        (restoring ``generator``) and return the trainer state it holds; None for a fresh start."""
-        cfg = self.cfg
-        if self.acc.is_main_process:
-            self.lock = DirLock(self.out)  # before anything in the directory is read or removed
-        ckpt = checkpoint.latest_checkpoint(self.out) if cfg.train.resume else None
+        """Fresh run: refuse to clobber a previous one. Resume: load the newest checkpoint that
+        verifies (restoring ``generator``) and return the trainer state it holds; None for a fresh
+        start (also when resuming a run that wrote no checkpoint)."""
+        cfg, main = self.cfg, self.acc.is_main_process
+        decision: dict[str, str | None] = {"ckpt": None, "error": None}
+        if main:  # the main process takes the lock, verifies and chooses; the others wait for its word
+            try:
+                self.lock = self._take_lock()  # before anything in the directory is read or removed
+                if cfg.train.resume:
+                    decision["ckpt"] = self._resume_from()
+            except UserError as e:
+                decision["error"] = str(e)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            decision = broadcast_object_list([decision], from_process=0)[0]
+        if decision["error"] is not None:
+            raise UserError(decision["error"])  # on every process, so none is left waiting for the others
+        ckpt = Path(decision["ckpt"]) if decision["ckpt"] is not None else None
         state = None
         if ckpt is not None:
             if (ckpt / "engine").is_dir():  # written under FSDP / ZeRO-3
@@ -227,59 +256,175 @@ class RunDir:
                     generator,
                     trainable_only=cfg.model.lora is not None,
                 )
-            if self.acc.is_main_process:
-                checkpoint.truncate_lines(self.out / "metrics.jsonl", state["metrics_lines"])
-                checkpoint.truncate_lines(self.out / "samples.jsonl", state["samples_lines"])
-            self.print(f"resumed from {ckpt} (step {state['step']})")
         elif (self.out / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.train.resume):
             raise _already_a_run(self.out)  # checked on every process, so none is left waiting for the others
-        elif self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(checkpoint.checkpoint_root(self.out), ignore_errors=True)
-        if self.acc.is_main_process:
-            (self.out / "config.yaml").write_text(dump_config(cfg))
-        self.acc.wait_for_everyone()
+
+        def write() -> None:
+            if not main:
+                return
+            if state is not None:
+                for name, key in (("metrics.jsonl", "metrics_lines"), ("samples.jsonl", "samples_lines")):
+                    with checkpoint.writing(self.out / name):
+                        checkpoint.truncate_lines(self.out / name, state[key])
+            else:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
+                root = checkpoint.checkpoint_root(self.out)
+                for old in sorted(root.iterdir()) if root.is_dir() else []:
+                    if old.name.startswith(checkpoint.CORRUPT_PREFIX) and not cfg.overwrite:
+                        continue  # set aside by an earlier resume: the user's to inspect or delete
+                    if old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        old.unlink(missing_ok=True)
+            with checkpoint.writing(self.out / "config.yaml"):
+                (self.out / "config.yaml").write_text(dump_config(cfg))
+
+        self._together(
+            write,
+            lambda f: (
+                f"could not write to output_dir '{self.out}': {f['reason']}{_in(f)} — "
+                f"{os_error_fix(f['errno'])}, or choose another output_dir"
+            ),
+        )
+        if ckpt is not None:
+            self.print(f"resumed from {ckpt} (step {state['step']})")
         return state
+
+    def _take_lock(self) -> DirLock:
+        try:
+            return DirLock(self.out)
+        except OSError as e:
+            raise UserError(
+                f"cannot use output_dir '{self.out}': {os_error_text(e)}{_in({'file': e.filename})} — "
+                f"{os_error_fix(e.errno)}, or choose another output_dir"
+            ) from e
+
+    def _resume_from(self) -> str | None:
+        """Main process: the checkpoint to resume from (None: there is none, start afresh). Newer ones
+        that fail verification get one warning line each and are renamed ``corrupt-step_…``; when none is
+        usable, a UserError and nothing is changed."""
+        chosen, rejected = checkpoint.usable_checkpoint(self.out)
+        root = checkpoint.checkpoint_root(self.out)
+        if chosen is None and rejected:
+            listing = "; ".join(f"{p.name} ({why})" for p, why in rejected)
+            raise UserError(
+                f"cannot resume: no checkpoint in {root} is usable — {listing}. Nothing was changed: put a good "
+                "checkpoint back, or start over with overwrite=true instead of --resume (this deletes them)"
+            )
+        for ckpt, why in rejected:
+            try:
+                moved = checkpoint.set_aside(ckpt)
+            except OSError as e:
+                raise UserError(
+                    f"checkpoint {ckpt} is unusable ({why}) and could not be renamed: {os_error_text(e)} — "
+                    f"{os_error_fix(e.errno)}, or move it out of {root} yourself, then resume again"
+                ) from e
+            self.print(
+                f"warning: checkpoint {ckpt} is unusable ({why}); moved to {moved.name}; resuming from {chosen.name}"
+            )
+        return str(chosen) if chosen is not None else None
+
+    # -------------------------------------------------------------------------------- agreement
+    def _together(self, part, message, cleanup=None) -> None:
+        """Run ``part()`` on this process, then agree with the others: a collective that every process
+        calls at the same point, in place of a barrier. If ``part`` failed on any process, every
+        process stops (after ``cleanup()`` on the main process): a refused write (an OSError, or a
+        library's error that carries one) is a UserError with ``message(failure)`` on every process —
+        ``failure`` has ``reason`` (``[Errno 28] No space left on device``), ``errno``, ``file`` and
+        ``rank`` —; any other exception (a bug) is re-raised where it happened and is a RuntimeError
+        naming it on the others. So no process waits at a barrier for one that has failed. (A
+        BaseException — an injected fault, a second Ctrl-C — is not caught: it stops this process at
+        once, as a kill would.)"""
+        own, failure = None, None
+        try:
+            part()
+        except Exception as e:
+            own, err = e, os_error_of(e)
+            failure = {"rank": self.rank, "os": err is not None, "errno": None, "file": None}
+            failure["reason"] = f"{type(e).__name__}: {one_line(e)}"
+            if err is not None:
+                file = os.fsdecode(err.filename) if err.filename is not None else None
+                failure.update(errno=err.errno, file=file, reason=os_error_text(err))
+        failure = self._agree(failure)
+        if failure is None:
+            return
+        if cleanup is not None and self.acc.is_main_process:
+            cleanup()
+        if own is not None and os_error_of(own) is None:
+            raise own
+        if not failure["os"]:
+            raise RuntimeError(f"process {failure['rank']} failed: {failure['reason']}")
+        raise UserError(message(failure)) from own
+
+    def _agree(self, failure: dict | None) -> dict | None:
+        """Collective: the failure of the lowest-ranked process that had one, or None (one all-reduce
+        of a flag when nothing failed; the failures are gathered only when something did)."""
+        if self.acc.num_processes == 1:
+            return failure
+        flag = torch.tensor(float(failure is not None), device=self.acc.device)
+        if self.acc.reduce(flag, reduction="sum").item() == 0:
+            return None
+        from accelerate.utils import gather_object
+
+        return next(f for f in gather_object([failure]) if f is not None)
+
+    def _how_to_resume(self, failure: dict) -> str:
+        fix = os_error_fix(failure["errno"])
+        last = checkpoint.latest_checkpoint(self.out)
+        if last is None:
+            return f"no checkpoint was completed yet — {fix} and start again with --resume (it starts from step 0)"
+        return f"the last complete checkpoint is {last.name} — {fix} and resume with --resume"
 
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int, trainer_state: dict[str, Any], generator: torch.Generator) -> Path:
         """Atomically write everything needed to resume exactly after ``step`` (see checkpoint.py)."""
-        acc, c = self.acc, self.c
+        acc, c, main = self.acc, self.c, self.acc.is_main_process
+        root = checkpoint.checkpoint_root(self.out)
         tmp = checkpoint.tmp_dir_for(self.out, step)
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        checkpoint.save_process_rng(tmp, self.rank, generator)
-        sharded = sharding_kind(c.model) != "none"
-        if sharded:  # every rank writes its shards of model, optimizer and scheduler
-            acc.save_state(str(tmp / "engine"))
-        if acc.is_main_process:
-            state = {
-                **trainer_state,
-                "step": step,
-                "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
-                "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl"),
-            }
-            if sharded:
-                (tmp / "trainer.json").write_text(json.dumps(state))
-            else:
-                checkpoint.write_main(
-                    tmp,
-                    self._checkpointed_module(),
-                    c.optimizer,
-                    c.scheduler,
-                    state,
-                    trainable_only=self.cfg.model.lora is not None,
-                )
-        acc.wait_for_everyone()
-        final = checkpoint.checkpoint_root(self.out) / f"step_{step:06d}"
-        if acc.is_main_process:
-            final = checkpoint.commit(self.out, step, self.cfg.train.keep_checkpoints)
-        acc.wait_for_everyone()
-        return final
+        sharded = engine_checkpoint(self.acc, c.model)  # FSDP, ZeRO-3, or a DeepSpeed-sharded optimizer
+
+        def make_tmp() -> None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with checkpoint.writing(tmp):
+                    tmp.mkdir(parents=True)
+
+        def write() -> None:
+            checkpoint.save_process_rng(tmp, self.rank, generator)
+            if sharded:  # every rank writes its shards of model, optimizer and scheduler
+                acc.save_state(str(tmp / "engine"))
+            if main:
+                state = {
+                    **trainer_state,
+                    "step": step,
+                    "metrics_lines": checkpoint.count_lines(self.out / "metrics.jsonl"),
+                    "samples_lines": checkpoint.count_lines(self.out / "samples.jsonl"),
+                }
+                if sharded:
+                    checkpoint.write_trainer_state(tmp, state)
+                else:
+                    checkpoint.write_main(
+                        tmp,
+                        self._checkpointed_module(),
+                        c.optimizer,
+                        c.scheduler,
+                        state,
+                        trainable_only=self.cfg.model.lora is not None,
+                    )
+
+        def commit() -> None:  # every process's files are in tmp: the manifest, fsync, rename, prune
+            if main:
+                checkpoint.commit(self.out, step, self.cfg.train.keep_checkpoints)
+
+        def message(f: dict) -> str:
+            where = f"{root}: {f['reason']}{_in(f, root)}"
+            return f"could not write checkpoint step {step} to {where}; {self._how_to_resume(f)}"
+
+        for part in (make_tmp, write, commit):  # a failed write is never picked; remove it now, not at the next commit
+            self._together(part, message, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
+        return root / f"step_{step:06d}"
 
     def _checkpointed_module(self) -> torch.nn.Module:
         """What a checkpoint's model.safetensors holds: the trained module (and the critic)."""
@@ -300,6 +445,19 @@ class RunDir:
         sharded = sharding_kind(c.model) != "none"
         full = acc.get_state_dict(c.model) if sharded else None
         critic_full = acc.get_state_dict(c.critic) if sharded and c.critic is not None else None
+        self._together(
+            lambda: self._write_model(path, policy, full, critic_full, history, steps),
+            lambda f: (
+                f"could not save the model to {path}: {f['reason']}{_in(f, path)}; {self._how_to_resume(f)} "
+                "(it saves the model again)"
+            ),
+        )
+        if self.cfg.train.push_to_hub and acc.is_main_process:
+            self.print(f"pushed to {push(path, self.cfg.train.push_to_hub)}")
+
+    def _write_model(self, path: Path, policy, full, critic_full, history: dict | None, steps: int) -> None:
+        """Main process: the files of :meth:`save_model`."""
+        acc, c = self.acc, self.c
         if acc.is_main_process:
             policy.config.use_cache = True
             # the policy, or the policy + value_head.safetensors (PolicyWithValue.save_pretrained)
@@ -314,11 +472,20 @@ class RunDir:
             policy.config.use_cache = False
             if c.critic is not None:
                 acc.unwrap_model(c.critic).save_pretrained(path / "critic", state_dict=critic_full)
-            (path / "config.yaml").write_text(dump_config(self.cfg))
-            write_model_card(path, self.cfg, steps, history or {}, self.out)
-        acc.wait_for_everyone()
-        if self.cfg.train.push_to_hub and acc.is_main_process:
-            self.print(f"pushed to {push(path, self.cfg.train.push_to_hub)}")
+            with checkpoint.writing(path / "config.yaml"):
+                (path / "config.yaml").write_text(dump_config(self.cfg))
+            with checkpoint.writing(path / "README.md"):
+                write_model_card(path, self.cfg, steps, history or {}, self.out)
+
+
+def _in(failure: dict, base: Path | None = None) -> str:
+    """`` (file)`` for a failure's file, relative to ``base`` when inside it; empty when it names none."""
+    if not failure.get("file"):
+        return ""
+    name = Path(failure["file"])
+    if base is not None and name.is_relative_to(base):
+        name = name.relative_to(base)
+    return f" ({name})"
 
 
 class StopSignals:

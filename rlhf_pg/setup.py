@@ -9,23 +9,33 @@ is loaded.
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from transformers import get_scheduler
 
 from .backends import GenerationBackend, make_backend
-from .config import BatchPlan, RunConfig, batch_plan
+from .config import BatchPlan, RunConfig, batch_plan, check_backend_processes
 from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController
 from .data import load_prompt_dataset
-from .distributed import describe_distributed, gathered_for_generation
+from .distributed import describe_distributed, gathered_for_generation, keep_fsdp_on_cpu
 from .envs import ChatFormat, Episodes, load_environment
 from .errors import UserError
 from .forward import PassSettings
-from .models import PolicyWithValue, ValueModel, apply_lora, bitsandbytes_config, load_model, load_tokenizer
+from .models import (
+    PolicyWithValue,
+    ValueModel,
+    apply_lora,
+    bitsandbytes_config,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from .rewards import RewardSet, RewardSpec
 from .rollout import NON_REWARD_COLUMNS
 from .trackers import check_trackers
@@ -52,9 +62,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
+        # The batch sizes are GLOBAL, split over the processes: one optimizer step is one step of the
+        # LR schedule on any number of processes (accelerate's default steps it num_processes times).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=report_to or None,
         project_dir=cfg.output_dir if report_to else None,
     )
+    keep_fsdp_on_cpu(acc)  # CPU + an FSDP2 launch: FSDP2 over gloo, not accelerate's silent fallback to DDP
     ds = acc.state.deepspeed_plugin
     if ds is not None:  # no dataloader goes through prepare(): DeepSpeed cannot infer its "auto" sizes
         conf = ds.deepspeed_config
@@ -179,6 +193,40 @@ def build_tokenizer(cfg: RunConfig, acc: Accelerator):
         return load_tokenizer(mc.name, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
 
 
+def trained_dtype(cfg: RunConfig) -> str:
+    """The dtype of the weights AdamW updates (and of the reference, so that KL starts at 0). ``auto`` is
+    float32 for a full fine-tune on every device: an update of about lr·|w| is below bfloat16's resolution
+    (8 bits of mantissa) and rounds away, so bf16 weights barely train. bf16 speed comes from autocast
+    (``train.mixed_precision: bf16``) over fp32 weights. Under LoRA the base is frozen, so ``auto`` keeps
+    its device default (bf16 on a GPU; peft keeps the adapters in fp32)."""
+    mc = cfg.model
+    if mc.dtype == "auto":
+        return "float32" if mc.lora is None else "auto"
+    if mc.dtype in ("bfloat16", "float16") and mc.lora is None:
+        warnings.warn(
+            f"model.dtype={mc.dtype} trains {mc.dtype} weights directly: AdamW updates below their resolution are "
+            "lost — for a full fine-tune use model.dtype=float32 (or auto) with train.mixed_precision=bf16",
+            stacklevel=2,
+        )
+    return mc.dtype
+
+
+@contextmanager
+def model_loading(acc: Accelerator, name: str):
+    """Around a model load: the main process first (it converts and caches the model; the others then read
+    the cache) — except under DeepSpeed ZeRO-3, where ``from_pretrained`` partitions the weights as it
+    loads, a collective every rank must join at once (a barrier around it would deadlock): there only the
+    conversion runs main process first, and the load itself on every rank together."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "zero_stage", 0) != 3:
+        with acc.main_process_first():
+            yield
+        return
+    with acc.main_process_first():
+        resolve_model(name)
+    yield
+
+
 def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
     """(trained module, separate critic or None, reference model or None).
 
@@ -186,9 +234,10 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
     (β > 0 only) is a frozen copy of the initial (or ``ref_name``) model; under LoRA it is None: the
     same weights with the adapter disabled serve as the reference."""
     mc, dev = cfg.model, acc.device
-    with acc.main_process_first():
+    dtype = trained_dtype(cfg)
+    with model_loading(acc, mc.name):
         policy = load_model(
-            mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision, quantization_config=bitsandbytes_config(mc.lora)
+            mc.name, dtype, dev, mc.trust_remote_code, mc.revision, quantization_config=bitsandbytes_config(mc.lora)
         )
     if mc.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -198,18 +247,18 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
     ref = None
     if cfg.algo.kl_coef > 0 and mc.lora is None:
         ref = (
-            load_model(mc.ref_name or mc.name, mc.dtype, dev, mc.trust_remote_code, mc.revision)
+            load_model(mc.ref_name or mc.name, dtype, dev, mc.trust_remote_code, mc.revision)
             .eval()
             .requires_grad_(False)
         )
     module = PolicyWithValue(policy) if needs_values and mc.critic == "shared" else policy
     critic = None
     if needs_values and mc.critic == "separate":
-        with acc.main_process_first():
+        with model_loading(acc, mc.critic_name or mc.name):
             critic = ValueModel(
                 load_model(
                     mc.critic_name or mc.name,
-                    mc.dtype,
+                    dtype,
                     dev,
                     mc.trust_remote_code,
                     mc.revision if mc.critic_name is None else None,
@@ -260,15 +309,11 @@ class Components:
 def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     acc = accelerator or make_accelerator(cfg)
     plan = batch_plan(cfg, acc.num_processes)  # before anything expensive
+    check_backend_processes(cfg, acc.num_processes)
     if cfg.train.push_to_hub and cfg.train.save_model:
         from .model_card import check_hub_access
 
         check_hub_access(cfg.train.push_to_hub)
-    if cfg.rollout.backend != "hf" and acc.num_processes > 1:
-        raise UserError(
-            f"rollout.backend={cfg.rollout.backend} runs one engine in one process: launch one process "
-            "or use rollout.backend=hf"
-        )
     algo = build_algorithm(cfg)
     make_env = environment_factory(cfg)  # the user's environment or tools load before any model
     needs_values = algo.advantage.needs_values

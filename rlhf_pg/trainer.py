@@ -285,7 +285,8 @@ class Trainer:
                 if noise is not None:
                     noise_stats.append(noise)
         out = sums.means(self.reduce)
-        out["loss"] = float(np.mean(self.reduce.mean_over_processes(losses)))
+        # each process's loss is its share of the globally normalised minibatch loss: the loss is their sum
+        out["loss"] = float(np.mean(self.reduce.sum(torch.tensor(losses, device=self.acc.device)).tolist()))
         out["grad_norm"] = float(np.mean(grad_norms))
         if noise_stats:
             out["grad_noise_scale"] = float(np.mean([b for b, _ in noise_stats]))

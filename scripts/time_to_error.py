@@ -58,6 +58,11 @@ CASES: tuple[Case, ...] = (
         ("batch.prompts_per_step=3", "--num-processes", "2"),
         "not divisible by the 2 processes",
     ),
+    Case(
+        "vllm engine on several processes",
+        ("rollout.backend=vllm", "--num-processes", "2"),
+        "runs one engine in one process",
+    ),
     Case("a previous run in output_dir", (), "already holds a run", previous_run=True),
     Case("output_dir in use by a live run", (), "is in use by a running rlhf-pg", live_run=True),
     Case("data file missing", ("data.train={d}/missing.jsonl", "data.eval=null"), "does not exist"),
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="recipes/grpo_arithmetic.yaml")
     ap.add_argument("--scratch", default="runs/time_to_error")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
     args = ap.parse_args(argv)
     import platform
     import shutil
@@ -200,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{sum(r['ok'] for r in rows)}/{len(rows)} cases gave one line and exit 2 ({args.recipe}; {cpu}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()})"
     )
+    if args.markdown:
+        print(
+            "\n| mistake | command | seconds to the error | the line (after `rlhf-pg: error: `) |\n|---|---|---:|---|"
+        )
+        for r in rows:
+            line = r["line"].replace("|", "\\|")
+            print(f"| {r['case']} | {r['command']} | {r['seconds']:.1f} | {line} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"recipe": args.recipe, "cpu": cpu, "rows": rows}, indent=2) + "\n")
     return 0 if all(r["ok"] for r in rows) else 1

@@ -9,11 +9,18 @@ The environment is set at import time, before any test module imports ``datasets
   retrying for ~20 s on a machine without network.
 
 Tests marked ``slow`` run only with ``--runslow`` or ``RLHF_PG_SLOW=1``.
+
+GPUs: tests marked ``gpu`` run only where CUDA is visible and are skipped, with the reason, elsewhere
+(``RLHF_PG_REQUIRE_GPU=1``, set by scripts/gpu_check.sh, turns that skip into a failure). Everything
+else must pass on a CPU machine and on a GPU machine alike: a test whose subject is the CPU path
+(bit-identical runs, 1-vs-2-process gloo runs) is marked ``cpu_only`` and runs in-process with CUDA
+hidden, and every subprocess a test starts gets its environment from :func:`cpu_subprocess_env`.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -40,8 +47,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the ``slow`` marker."""
+    """Register the ``slow``, ``gpu`` and ``cpu_only`` markers."""
     config.addinivalue_line("markers", "slow: needs the real SmolLM2 model or minutes of CPU; run with --runslow")
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU; skipped without one (a failure with RLHF_PG_REQUIRE_GPU=1)"
+    )
+    config.addinivalue_line(
+        "markers",
+        "cpu_only(reason): tests the CPU path; on a GPU machine it runs in-process with CUDA hidden "
+        "(as CUDA_VISIBLE_DEVICES= would), never skipped",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -102,7 +117,8 @@ def tiny_tree(path: Path, **sections) -> dict:
     tree = {
         "output_dir": str(path / "run"),
         "seed": 3,
-        "model": {"name": TINY_ALIAS},
+        # float32 on any device: `auto` would be bfloat16 on a GPU, and the tolerances below are fp32 ones
+        "model": {"name": TINY_ALIAS, "dtype": "float32"},
         "data": {"train": "arithmetic", "eval_limit": 4, "task_kwargs": {"n_train": 64, "n_eval": 8}},
         "batch": {"prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
         "rollout": {"max_new_tokens": 6},
@@ -139,3 +155,71 @@ def tiny_recipe():
         return recipe
 
     return write
+
+
+# ------------------------------------------------------------------------------------ CPU and GPU
+def cpu_subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's with CUDA hidden (``CUDA_VISIBLE_DEVICES``
+    empty), plus ``extra``. Every test that launches processes uses it, so the CPU suite's 2-process gloo
+    runs, CLI runs and benchmark children test the CPU path on a GPU machine too (and ``--num-processes 2``
+    starts CPU processes there instead of refusing a machine with one GPU)."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra)
+    return env
+
+
+def no_gpu_reason() -> str:
+    """Why a ``gpu`` test does not run here."""
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (
+        f"gpu: no CUDA device visible (torch {torch.__version__}, {build}); "
+        "run scripts/gpu_check.sh on a machine with a GPU"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``gpu`` tests: skipped without CUDA, with the reason; with ``RLHF_PG_REQUIRE_GPU=1`` (scripts/gpu_check.sh)
+    a missing GPU fails them instead, so a GPU check never passes by skipping."""
+    if item.get_closest_marker("gpu") is None or torch.cuda.is_available():
+        return
+    if os.environ.get("RLHF_PG_REQUIRE_GPU") == "1":
+        pytest.fail(no_gpu_reason() + " (RLHF_PG_REQUIRE_GPU=1: a missing GPU is a failure)", pytrace=False)
+    pytest.skip(no_gpu_reason())
+
+
+@contextlib.contextmanager
+def cuda_hidden():
+    """This process as if started with ``CUDA_VISIBLE_DEVICES=``: ``torch.cuda.is_available()`` is False, so
+    the trainer's Accelerator, evaluation and the loaders pick the CPU; processes started inside inherit
+    the empty ``CUDA_VISIBLE_DEVICES``. Accelerate's per-process state (its device is fixed when it is first
+    built) starts afresh on entry and on exit. Nothing changes on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch.cuda, "is_available", lambda: False)
+    patch.setenv("CUDA_VISIBLE_DEVICES", "")
+    try:
+        yield
+    finally:
+        patch.undo()
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_only_module(request):
+    """A module marked ``cpu_only`` (``pytestmark``): CUDA hidden for all of it, module fixtures included."""
+    with cuda_hidden() if request.node.get_closest_marker("cpu_only") else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only_test(request):
+    """A test marked ``cpu_only``: CUDA hidden for it."""
+    with cuda_hidden() if request.node.get_closest_marker("cpu_only") else contextlib.nullcontext():
+        yield

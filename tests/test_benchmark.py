@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cpu_subprocess_env
 
 from rlhf_pg import cli
 from rlhf_pg.labs import bench, trl_bench
 
 ROOT = Path(__file__).resolve().parents[1]
+# The benchmark measures a CPU: its baseline loads on "cpu" (labs/bench.py _Baseline), its MFU divides by a
+# CPU matmul peak, its memory is RSS. On a GPU machine "ours" would move to cuda and face a CPU baseline,
+# so these tests run with CUDA hidden (in-process) and CUDA_VISIBLE_DEVICES= (the children).
+pytestmark = pytest.mark.cpu_only(reason="the step benchmark compares CPU paths (baseline on cpu, CPU matmul peak)")
 TINY = dict(
     model="tiny-random-llama",
     prompts=2,
@@ -146,7 +151,7 @@ def test_cli_parser_does_not_import_torch():
         "import sys; from rlhf_pg import cli; cli._parser(); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=cpu_subprocess_env())
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
@@ -156,7 +161,9 @@ def test_child_peak_rss_is_its_own():
     big = bytearray(b"\x01") * (256 << 20)  # written, so resident in this (parent) process
     assert bench.peak_rss_mb() > 256
     code = "from rlhf_pg.labs.bench import peak_rss_mb; print(peak_rss_mb())"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=cpu_subprocess_env()
+    )
     del big
     assert 0 < float(out.stdout) < 128
 
@@ -185,6 +192,7 @@ def test_children_run_in_subprocesses(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=cpu_subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== GRPO step, beta=0.04 ==" in proc.stdout and "x ours-bf16" in proc.stdout
@@ -197,7 +205,11 @@ def test_children_run_in_subprocesses(tmp_path):
 
 def test_script_is_a_thin_wrapper():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=cpu_subprocess_env(),
     )
     assert "--precision" in proc.stdout and "--json" in proc.stdout
 
@@ -297,6 +309,7 @@ def test_against_trl_in_subprocesses(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=cpu_subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rlhf-pg vs TRL 1.16.0" in proc.stdout and "rlhf-pg/trl fp32" in proc.stdout

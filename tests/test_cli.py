@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cpu_subprocess_env
 
 from rlhf_pg.cli import main
 
@@ -35,7 +36,10 @@ def test_train_happy_path(tmp_path, capsys, tiny_recipe):
 
 def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_pg", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+        [sys.executable, "-m", "rlhf_pg", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        env=cpu_subprocess_env(),
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -24,6 +24,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import cpu_subprocess_env
 
 from rlhf_pg import distributed
 from rlhf_pg.distributed import describe_distributed, gathered_for_generation, sharding_kind
@@ -533,7 +534,7 @@ dist.destroy_process_group()
 def test_fsdp2_unshards_once_per_rollout_on_two_cpu_processes(tmp_path):
     script = tmp_path / "fsdp2_worker.py"
     script.write_text(f"REPO = {str(REPO)!r}\nOUT = {str(tmp_path)!r}\n" + _FSDP2_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cpu_subprocess_env(OMP_NUM_THREADS="1")  # CPU tensors over gloo: fully_shard would pick cuda if visible
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
         capture_output=True,
@@ -594,3 +595,43 @@ def test_describe_distributed(monkeypatch):
         describe_distributed(_fake_acc(D.MULTI_GPU, 8, "bf16", "cuda:0", backend="nccl"))
         == "DDP · 8 processes (nccl) · mixed precision bf16 · cuda:0"
     )  # one machine: no count
+
+
+def test_a_deepspeed_run_checkpoints_through_the_engine():
+    """ZeRO-1/2 keep the weights whole but shard the optimizer state: a main-process torch.save of the
+    optimizer would hold rank 0's part only, so any DeepSpeed run checkpoints with save_state."""
+    from accelerate.utils import DistributedType
+
+    from rlhf_pg.distributed import engine_checkpoint
+
+    lin = torch.nn.Linear(2, 2)
+    assert engine_checkpoint(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), lin)
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        assert not engine_checkpoint(SimpleNamespace(distributed_type=kind), lin)
+
+
+def test_under_zero3_every_rank_loads_the_model_together(monkeypatch):
+    """ZeRO-3 partitions weights inside from_pretrained, a collective: a main_process_first barrier around
+    the load would deadlock (rank 1 at the barrier, rank 0 in the broadcast). Only the conversion/caching
+    runs main process first there; elsewhere the whole load does."""
+    import contextlib
+
+    from rlhf_pg import setup
+
+    events = []
+
+    @contextlib.contextmanager
+    def first():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(setup, "resolve_model", lambda name: events.append(f"resolve {name}"))
+    for stage, expected in ((3, ["enter", "resolve m", "exit", "load"]), (2, ["enter", "load", "exit"])):
+        events.clear()
+        acc = SimpleNamespace(
+            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)), main_process_first=first
+        )
+        with setup.model_loading(acc, "m"):
+            events.append("load")
+        assert events == expected, (stage, events)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tree
+from conftest import cpu_subprocess_env, tiny_tree
 
 from rlhf_pg import envs
 from rlhf_pg.backends import HFBackend, VLLMEpisodeSession
@@ -439,6 +439,7 @@ def test_cli_exits_2_with_one_line_on_an_environment_error(tmp_path):
         text=True,
         cwd=ROOT,
         timeout=300,
+        env=cpu_subprocess_env(),
     )
     assert p.returncode == 2, p.stderr
     err = [x for x in p.stderr.splitlines() if x.strip()]

@@ -264,3 +264,24 @@ def test_a_finished_run_resolves_to_its_saved_model(tmp_path):
     (run / "model" / "config.json").write_text("{}")
     t = ev.resolve_target(str(run))
     assert t["kind"] == "run" and t["model"] == str(run / "model") and t["run_dir"] == run
+
+
+def test_eval_of_a_run_skips_a_corrupt_checkpoint(tmp_path, capsys):
+    """A run without model/: the newest checkpoint whose manifest verifies is evaluated, as a resume
+    would pick it; a corrupt newer one is named in a warning, not loaded."""
+    from rlhf_pg import checkpoint
+
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"x" * 100)
+        (ckpt / "trainer.json").write_text("{}")
+        checkpoint.write_manifest(ckpt)
+    newest = run / "checkpoints" / "step_000004" / "model.safetensors"
+    newest.write_bytes(b"y" * 100)  # same size, other bytes: only the hash tells
+    t = ev.resolve_target(str(run))
+    assert t["state"] == run / "checkpoints" / "step_000002" / "model.safetensors"
+    assert "step_000004 is unusable" in capsys.readouterr().err

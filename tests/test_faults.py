@@ -9,13 +9,13 @@ raises a BaseException that nothing catches, so no cleanup code can run that a k
 Two processes: real processes ended with ``os._exit`` on rank 0 (the launcher takes rank 1 down).
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_subprocess_env
 from safetensors.torch import load_file
 
 from rlhf_pg import checkpoint
@@ -40,7 +40,11 @@ FAULTS = dict(
 AT = 4
 VOLATILE = ("time/", "tokens_per_s")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Bit-identical runs of CPU processes (in-process and 2 processes over gloo): CUDA hidden on any machine.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.cpu_only(reason="bit-identical resume on CPU, 1 process and 2 gloo processes"),
+]
 
 
 def _records(path: Path) -> list[dict]:
@@ -107,7 +111,7 @@ def two_process_reference(tmp_path_factory, tiny_recipe):
 
 
 def _run2(recipe: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env(TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     env.pop("RLHF_PG_FAULT", None)
     if fault:
         env["RLHF_PG_FAULT"] = fault

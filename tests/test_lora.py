@@ -64,7 +64,7 @@ def test_reference_is_the_base_model(lora_run, tmp_path):
     tr, _, _ = lora_run
     batch = sample(tr.backend, tr.tokenizer, tr.train_data, [0, 1], 4, tr.sampling, generator=tr.gen)
     ref = tr.reference_logprobs(batch)
-    base = load_model("tiny-random-llama")
+    base = load_model("tiny-random-llama", dtype="float32", device=tr.acc.device)  # where the batch is
     torch.testing.assert_close(ref, tr.logprobs(base, batch), atol=1e-5, rtol=1e-5)
     # ...while the trained policy (adapter on) differs from it
     assert (tr.logprobs(tr.policy, batch) - ref).abs().max() > 1e-3
@@ -74,15 +74,20 @@ def test_saved_adapter_and_merged_model_reload(lora_run):
     tr, _, out = lora_run
     assert (out / "model" / "adapter_config.json").is_file()
     assert (out / "model" / "value_head.safetensors").is_file()
-    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    device = next(tr.policy.parameters()).device  # cuda where the trainer found a GPU
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]], device=device)
     with torch.no_grad():
         want = tr.policy(input_ids=ids).logits
-        adapter = PeftModel.from_pretrained(load_model("tiny-random-llama"), out / "model")
+        base = load_model("tiny-random-llama", dtype="float32", device=device)
+        adapter = PeftModel.from_pretrained(base, out / "model")
         torch.testing.assert_close(adapter(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
-        merged = AutoModelForCausalLM.from_pretrained(out / "model" / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(out / "model" / "merged").to(device)
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
+# Bit-identical resume needs CPU determinism (a GPU's kernels are not bit-reproducible without
+# CUBLAS_WORKSPACE_CONFIG set before CUDA starts): on a GPU machine these run with CUDA hidden.
+@pytest.mark.cpu_only(reason="bit-identical resume relies on CPU determinism")
 def test_lora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path, tiny_config):
     def cfg(d, **train):
         return tiny_config(
@@ -154,6 +159,7 @@ def test_critic_values_are_its_own(tmp_path, tiny_config):
     torch.testing.assert_close(values[0, :n], v[P - 1 : P - 1 + n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cpu_only(reason="bit-identical resume relies on CPU determinism")
 def test_critic_resume_is_exact(tmp_path, tiny_config):
     def cfg(d, **train):
         return tiny_config(

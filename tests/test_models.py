@@ -265,3 +265,23 @@ def _check_smollm2_alias() -> None:
         out = model.generate(**ids, do_sample=False, max_new_tokens=24)
     answer = tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert "5" in answer
+
+
+def test_auto_dtype_trains_float32_weights_on_every_device():
+    """bf16 weights lose AdamW updates below their resolution (an update of lr·|w| with lr = 1e-5 is
+    ~1/256 of bf16's spacing): `auto` means float32 for trained weights, GPU or not; under LoRA the
+    frozen base keeps the device default; explicit bf16 for a full fine-tune warns."""
+    import warnings
+
+    from rlhf_pg.config import build_config
+    from rlhf_pg.setup import trained_dtype
+
+    assert trained_dtype(build_config({})) == "float32"
+    assert trained_dtype(build_config({"model": {"lora": {"r": 4}}})) == "auto"
+    with pytest.warns(UserWarning, match="AdamW updates below their resolution"):
+        assert trained_dtype(build_config({"model": {"dtype": "bfloat16"}})) == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trained_dtype(build_config({"model": {"dtype": "bfloat16", "lora": {"r": 4}}})) == "bfloat16"
+    w = torch.ones(1000, dtype=torch.bfloat16)
+    assert torch.equal(w - 1e-5 * torch.randn(1000).sign().to(w), w)  # why: the update rounds away

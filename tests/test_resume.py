@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_subprocess_env
 from safetensors.torch import load_file
 
 from rlhf_pg import checkpoint
@@ -55,15 +56,17 @@ def _deterministic(path: Path) -> list[dict]:
 
 
 def _env():
-    env = dict(os.environ)
-    env["TQDM_DISABLE"] = "1"
-    env["OMP_NUM_THREADS"] = "1"  # the same thread count as the in-process runs (float sums differ by threads)
-    return env
+    # the same thread count as the in-process runs (float sums differ by threads); CPU processes on any machine
+    return cpu_subprocess_env(TQDM_DISABLE="1", OMP_NUM_THREADS="1")
 
 
 # Bit-identical comparisons between this process and CLI subprocesses (OMP_NUM_THREADS=1) need the
-# same thread count on both sides, whatever earlier tests left behind.
-pytestmark = pytest.mark.usefixtures("one_thread")
+# same thread count on both sides, whatever earlier tests left behind, and the same device: the CPU
+# (the subprocesses get CUDA_VISIBLE_DEVICES=; this process runs with CUDA hidden).
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.cpu_only(reason="bit-identical runs: this process against CPU subprocesses, 2 gloo processes"),
+]
 
 
 def _steps_logged(out: Path) -> int:

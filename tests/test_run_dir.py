@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import cpu_subprocess_env
 
 from rlhf_pg.cli import main
 from rlhf_pg.errors import UserError
@@ -44,7 +45,9 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=cpu_subprocess_env()
+    )
     assert p.returncode == -9 and "locked" in p.stdout
     assert (out / LOCK_NAME).read_text().startswith("pid ")  # the file stays ...
     assert lock_holder(out) is None  # ... but the kernel dropped the lock with the process

@@ -71,10 +71,12 @@ def test_smoke_every_parameter_changes_and_outputs_reload(tmp_path, tiny_config)
     assert f"| `eval/reward` | {evals[0]['eval/reward']:.4f} | {evals[-1]['eval/reward']:.4f} |" in card.text
     assert "kl_coef: 0.05" in card.text and "- transformers " in card.text and "for 2 RL steps" in card.text
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-    ids = torch.tensor([[1, 2, 3, 4]])
+    policy = tr.acc.unwrap_model(tr.model)
+    device = next(policy.parameters()).device  # cuda where the trainer found a GPU
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model").to(device)
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, tr.acc.unwrap_model(tr.model)(ids).logits)
+        torch.testing.assert_close(reloaded(ids).logits, policy(ids).logits)
 
 
 def test_beta_zero_loads_no_reference(tmp_path, tiny_config):

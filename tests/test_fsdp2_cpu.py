@@ -1,0 +1,145 @@
+"""FSDP2 on CPU (gloo): an ``accelerate launch --config_file recipes/accelerate/fsdp2_full_shard.yaml`` run
+really shards (rlhf_pg.distributed.keep_fsdp_on_cpu), trains like 1 process, checkpoints through
+accelerate's FSDP save_state, resumes bit-identically after a kill, and saves a plain transformers model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+from rlhf_pg.distributed import keep_fsdp_on_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = """
+import sys, torch
+from rlhf_pg.config import load_config
+from rlhf_pg.trainer import Trainer
+cfg = load_config(sys.argv[1], sys.argv[2:])
+tr = Trainer(cfg)
+tr.train()
+full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+params = {n: full(p.detach()).clone() for n, p in tr.acc.unwrap_model(tr.model).named_parameters()}
+torch.save({"params": params, "dt": str(tr.acc.distributed_type)}, f"{cfg.output_dir}/rank{tr.rank}.pt")
+"""
+
+SECTIONS = dict(
+    seed=11,
+    data={"eval_limit": 4},
+    batch={"prompts_per_step": 4, "group_size": 2, "micro_batch_size": 2, "eval_batch_size": 2},
+    algo={"name": "grpo", "kl_coef": 0.05},
+    train={
+        **{"lr": 1e-3, "max_steps": 2, "save_every": 1, "samples_every": 0},
+        **{"deterministic": True, "max_grad_norm": 1.0},
+    },
+)
+
+
+@pytest.mark.parametrize(
+    "dt,env,flips",
+    [
+        ("MULTI_CPU", {}, False),  # plain DDP launch on CPU: unchanged
+        ("NO", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False),  # single process: unchanged
+        ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, False),  # FSDP1: unchanged
+        ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True),
+    ],
+)
+def test_keep_fsdp_on_cpu_only_for_fsdp2_launches(dt, env, flips, monkeypatch):
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    acc = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType[dt], mixed_precision="no"))
+    with mock.patch.dict(os.environ, env, clear=False):
+        for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+            if k not in env:
+                os.environ.pop(k, None)
+        assert keep_fsdp_on_cpu(acc) is flips
+    if flips:
+        assert acc.state.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version == 2
+        assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    else:
+        assert acc.state.distributed_type == DistributedType[dt] and not hasattr(acc.state, "fsdp_plugin")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(worker, recipe, out, port, extra_env=None, *overrides):
+    from conftest import cpu_subprocess_env  # FSDP2 over gloo on CPU: CUDA hidden from the processes
+
+    env = cpu_subprocess_env(OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(extra_env or {}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate/fsdp2_full_shard.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(worker),
+        str(recipe),
+        f"output_dir={out}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
+def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_saves(
+    tmp_path, one_thread, tiny_recipe, tiny_config
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_pg.trainer import Trainer
+
+    recipe = tiny_recipe(tmp_path, **SECTIONS)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+
+    straight = tmp_path / "straight"
+    proc = _launch(worker, recipe, straight, _free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 · 2 processes (gloo)" in proc.stdout + proc.stderr  # the run header names the engine
+    r0, r1 = (torch.load(straight / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["dt"] == "DistributedType.FSDP"
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    engine = straight / "checkpoints" / "step_000002" / "engine"
+    assert (engine / "pytorch_model_fsdp.bin").is_file() and (engine / "optimizer.bin").is_file()
+
+    tr = Trainer(tiny_config(tmp_path, output_dir=str(tmp_path / "one"), **SECTIONS))  # the same run, 1 process
+    tr.train()
+    one = {n: p.detach() for n, p in tr.acc.unwrap_model(tr.model).named_parameters()}
+    for k, v in one.items():
+        torch.testing.assert_close(r0["params"][k], v, atol=5e-4, rtol=1e-3)
+
+    # killed in step 2 (after checkpoint 1), resumed: bit-identical to the uninterrupted run
+    resumed = tmp_path / "resumed"
+    proc = _launch(worker, recipe, resumed, _free_port(), {"RLHF_PG_FAULT": "step-after-update@2"})
+    assert proc.returncode != 0
+    proc = _launch(worker, recipe, resumed, _free_port(), None, "train.resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rr = torch.load(resumed / "rank0.pt", weights_only=True)
+    assert all(torch.equal(rr["params"][k], r0["params"][k]) for k in r0["params"])
+
+    # the final save: one ordinary state dict, the trained weights, loadable by plain transformers
+    saved = load_file(straight / "model" / "model.safetensors")
+    for k, v in saved.items():
+        if k in r0["params"]:
+            assert torch.equal(v, r0["params"][k]), k
+    assert type(AutoModelForCausalLM.from_pretrained(straight / "model")).__name__ == "LlamaForCausalLM"
