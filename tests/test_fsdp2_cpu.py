@@ -143,3 +143,41 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_saves(
         if k in r0["params"]:
             assert torch.equal(v, r0["params"][k]), k
     assert type(AutoModelForCausalLM.from_pretrained(straight / "model")).__name__ == "LlamaForCausalLM"
+
+
+PPO = dict(
+    SECTIONS,
+    batch={**SECTIONS["batch"], "epochs": 2, "minibatch_size": 4},
+    algo={"name": "ppo", "kl_coef": 0.05},
+    train={**SECTIONS["train"], "save_every": 0},
+)
+
+
+@pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
+def test_ppo_with_a_value_head_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny_recipe, tiny_config):
+    """PPO's value head rides on the sharded policy (one FSDP2 module): 2 epochs × 2 minibatches of
+    clipped updates on 2 processes train like 1, and the saved value head is the trained one."""
+    from safetensors.torch import load_file
+
+    from rlhf_pg.trainer import Trainer
+
+    recipe = tiny_recipe(tmp_path, **PPO)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "two"
+    proc = _launch(worker, recipe, out, _free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 · 2 processes (gloo)" in proc.stdout + proc.stderr
+    r0 = torch.load(out / "rank0.pt", weights_only=True)["params"]
+    assert any(k.startswith("value_head") for k in r0)
+
+    tr = Trainer(tiny_config(tmp_path, output_dir=str(tmp_path / "one"), **PPO))
+    tr.train()
+    one = {n: p.detach() for n, p in tr.acc.unwrap_model(tr.model).named_parameters()}
+    assert one.keys() == r0.keys()
+    for k, v in one.items():
+        torch.testing.assert_close(r0[k], v, atol=5e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+    head = load_file(out / "model" / "value_head.safetensors")
+    trained = {k.removeprefix("value_head."): v for k, v in r0.items() if k.startswith("value_head")}
+    assert head.keys() == trained.keys() and all(torch.equal(head[k], trained[k]) for k in head)
+    assert not all(torch.equal(v, torch.zeros_like(v)) for v in head.values())  # it trained (starts at 0)
