@@ -194,3 +194,49 @@ class GradNoise:
         g2 = (N * big - b * small) / (N - b)
         trace = (small - big) / (1 / b - 1 / N)
         return trace / g2 if g2 else float("nan"), g2 * N / trace if trace else float("nan")
+
+
+# ------------------------------------------------------------------------------ FLOP accounting
+FLOP_FORMULA = {
+    "S": "distinct tokens: prompt tokens of the distinct prompts + completion tokens",
+    "N": "parameters (tied embedding/LM head counted once); attention term omitted",
+    "rollout": "2*N*S",
+    "reference": "2*N*S*[beta>0]",
+    "train": "6*N*S per epoch (N: the policy and a separate critic)",
+    "step": "rollout + reference + train",
+}
+"""The model FLOPs a step needs — one accounting for the benchmark, the TRL comparison and every run's
+``perf/*`` metrics. Each distinct token counts once (a prompt once per group, as the shared-prefix passes
+run it); work done beyond that (padding, recomputation, G copies of a prompt) shows as a lower rate."""
+
+
+def step_flops(
+    n_params: int,
+    prompt_tokens: float,
+    completion_tokens: float,
+    reference: bool,
+    epochs: int = 1,
+    n_trained: int | None = None,
+) -> dict[str, float]:
+    """FLOPs of one RL step by :data:`FLOP_FORMULA`: ``{"rollout", "reference", "train", "step"}``.
+    ``n_params``: the policy's; ``n_trained``: what the training passes run (the policy and a separate
+    critic; default ``n_params``)."""
+    S = prompt_tokens + completion_tokens
+    n_trained = n_params if n_trained is None else n_trained
+    fl = {"rollout": 2 * n_params * S, "reference": 2 * n_params * S if reference else 0}
+    fl["train"] = 6 * n_trained * S * epochs
+    fl["step"] = fl["rollout"] + fl["reference"] + fl["train"]
+    return fl
+
+
+def count_params(*modules) -> int:
+    """Parameters of the modules, each counted once (tied weights once; ZeRO-3's partitioned ones whole)."""
+    seen, n = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += int(getattr(p, "ds_numel", p.numel()))
+    return n

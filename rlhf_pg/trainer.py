@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from transformers import TrainerState
 
 from . import core, order, setup
+from . import metrics as metrics_mod
 from .batch import Batch
 from .config import RunConfig
 from .distributed import accumulation_boundary, gathered_for_generation
@@ -60,6 +61,8 @@ class Trainer:
         self.train_data, self.eval_data = c.train_data, c.eval_data
         self.plan, self.algo, self.passes = c.plan, c.algo, c.passes
         self.is_correction = cfg.rollout.is_correction_for(self.backend.exact_logprobs)
+        self.n_params = metrics_mod.count_params(self.acc.unwrap_model(self.model))  # the FLOP accounting's N
+        self.n_trained = self.n_params + metrics_mod.count_params(self.critic)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.reduce = Reducer(self.acc)
         self.run = RunDir(cfg, c)
@@ -190,6 +193,7 @@ class Trainer:
         metrics.update(rollout_metrics(batch, self.reduce, self.tokenizer.eos_token_id))
         metrics.update({f"time/{k}": v for k, v in times.items()}, **{"time/step": sum(times.values())})
         metrics["tokens_per_s"] = self.reduce.sum(mask.sum()).item() / max(times["rollout"], 1e-9)
+        metrics.update(self._perf(batch, times))
         metrics.update(lr=self.scheduler.get_last_lr()[0], kl_coef=self.kl_coef, step=self.step_idx + 1)
         logged = self.reduce.mean_of_logged(out.logged_metrics)  # the functions' log_metric(name, value)
         metrics.update({k if k not in metrics else f"user/{k}": v for k, v in logged.items()})
@@ -197,6 +201,23 @@ class Trainer:
         if self._due(cfg.train.samples_every):
             self.run.log_samples(self.reduce.gather_objects(sample_rows(batch, self.step_idx)), self.step_idx)
         return metrics
+
+    def _perf(self, batch: Batch, times: dict[str, float]) -> dict[str, float]:
+        """Achieved GFLOP/s of each phase (and the step) by the FLOPs it needs (metrics.step_flops: the
+        accounting of the benchmark), and the distinct tokens they were counted on: the run's utilisation,
+        without running the benchmark (divide by the machine's matmul peak for an MFU)."""
+        prompt = batch.prompt_mask[:: batch.group_size].sum()  # each distinct prompt once per group
+        counts = self.reduce.sum(torch.stack([prompt, batch.completion_mask.sum()]).float()).tolist()
+        fl = metrics_mod.step_flops(
+            self.n_params, *counts, reference=self.use_ref, epochs=self.plan.epochs, n_trained=self.n_trained
+        )
+        phases = {"rollout": times["rollout"], "reference": times["reference"], "train": times["train"]}
+        phases["step"] = sum(times.values())  # the whole step, reward functions included
+        out = {"perf/tokens": counts[0] + counts[1]}
+        for k, t in phases.items():
+            if fl[k]:
+                out[f"perf/{k}_gflops"] = fl[k] / max(t, 1e-9) / 1e9
+        return out
 
     def _importance_weights(self, batch: Batch) -> dict[str, float]:
         """``batch.is_weights`` = π_old/μ of the sampled tokens (rollout.is_correction) and the ratio's

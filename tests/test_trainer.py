@@ -493,3 +493,26 @@ def test_a_step_without_learning_signal_is_said_in_words(tmp_path, tiny_config, 
     assert [m["no_signal"] for m in lines if "no_signal" in m] == [1.0, 1.0]
     tr2 = Trainer(tiny_config(tmp_path / "b", train={"max_steps": 1}))  # the vowel reward varies
     assert tr2.step()["no_signal"] == 0.0
+
+
+def test_every_step_logs_its_achieved_flop_rate_by_the_benchmarks_accounting(tmp_path, tiny_config):
+    """perf/<phase>_gflops = the FLOPs the phase needs (metrics.step_flops, the benchmark's formula) / its
+    time; perf/tokens = distinct prompt tokens (once per group) + completion tokens, over the batch."""
+    from rlhf_pg import metrics
+    from rlhf_pg.labs import bench
+
+    cfg = tiny_config(tmp_path, algo={"name": "grpo", "kl_coef": 0.05}, batch={"epochs": 2})
+    tr = Trainer(cfg)
+    batch = tr.rollout(0)
+    m = tr.step()
+    n = sum(p.numel() for p in tr.model.parameters())  # tied embedding / LM head once
+    assert tr.n_params == tr.n_trained == n
+    G = cfg.batch.group_size
+    assert m["perf/tokens"] == batch.prompt_mask[::G].sum().item() + batch.completion_mask.sum().item()
+    S = m["perf/tokens"]
+    for phase, flops in (("rollout", 2 * n * S), ("reference", 2 * n * S), ("train", 6 * n * S * 2)):
+        assert m[f"perf/{phase}_gflops"] == pytest.approx(flops / m[f"time/{phase}"] / 1e9, rel=1e-9), phase
+    assert m["perf/step_gflops"] == pytest.approx((2 + 2 + 12) * n * S / m["time/step"] / 1e9, rel=1e-9)
+    step = {"prompt_tokens": 7, "completion_tokens": 5}
+    assert bench.step_flops(step, n, 0.04) == metrics.step_flops(n, 7, 5, reference=True)  # one accounting
+    assert metrics.step_flops(n, 7, 5, reference=False)["reference"] == 0

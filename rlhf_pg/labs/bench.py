@@ -608,23 +608,11 @@ def _machine(spec: BenchSpec) -> dict:
     }
 
 
-FLOP_FORMULA = {
-    "S": "distinct tokens: prompt tokens of the distinct prompts + completion tokens",
-    "N": "parameters (tied embedding/LM head counted once); attention term omitted",
-    "rollout": "2*N*S",
-    "reference": "2*N*S*[beta>0]",
-    "train": "6*N*S",
-    "step": "rollout + reference + train",
-}
-"""Model FLOPs the step needs, the same for both paths (see the module docstring)."""
-
-
 def step_flops(step: dict, n_params: int, beta: float) -> dict[str, float]:
-    """FLOPs of one measured step (:data:`FLOP_FORMULA`) from its token counts."""
-    S = step["prompt_tokens"] + step["completion_tokens"]
-    fl = {"rollout": 2 * n_params * S, "reference": 2 * n_params * S if beta > 0 else 0, "train": 6 * n_params * S}
-    fl["step"] = fl["rollout"] + fl["reference"] + fl["train"]
-    return fl
+    """FLOPs of one measured step (:data:`rlhf_pg.metrics.FLOP_FORMULA`) from its token counts."""
+    from rlhf_pg.metrics import step_flops as flops
+
+    return flops(n_params, step["prompt_tokens"], step["completion_tokens"], reference=beta > 0)
 
 
 def _check_spec(spec: BenchSpec) -> None:
@@ -737,6 +725,8 @@ def _quality_runs(spec: BenchSpec, log: Callable[[str], None]) -> dict[str, dict
 
 def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole benchmark and return the report (see :func:`format_table`)."""
+    from rlhf_pg import metrics
+
     _check_spec(spec)
     if spec.against == "trl":
         from rlhf_pg.labs.trl_bench import run_trl_comparison
@@ -770,7 +760,7 @@ def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[s
         "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
         "machine": machine,
         "matmul_peak_flop_per_s": peak,
-        "flop_formula": FLOP_FORMULA,
+        "flop_formula": metrics.FLOP_FORMULA,
         "peak_rss": "VmHWM (own high-water mark) of each child process, median over repetitions",
         "results": results,
         "speedup": ratios,

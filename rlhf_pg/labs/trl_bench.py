@@ -449,6 +449,8 @@ def _ratios(ours: list[dict], trl: list[dict]) -> dict[str, float | None]:
 
 def run_trl_comparison(spec: bench.BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole comparison; the report's shape is :func:`format_table`'s input (and ``--json``'s)."""
+    from rlhf_pg import metrics
+
     version = check_available()
     started = time.perf_counter()
     machine = bench._machine(spec)
@@ -476,7 +478,7 @@ def run_trl_comparison(spec: bench.BenchSpec, log: Callable[[str], None] = print
         "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
         "machine": machine,
         "trl_grpo_config": config,
-        "flop_formula": bench.FLOP_FORMULA,
+        "flop_formula": metrics.FLOP_FORMULA,
         "matmul_peak": "per run: the mean of the peak measured right before and right after the child",
         "peak_rss": "VmHWM (own high-water mark) of each child process, median over repetitions",
         "ratio_definition": "rlhf-pg / TRL per repetition (ratio of the medians), median over repetitions",
