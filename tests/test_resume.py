@@ -211,6 +211,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch, tiny_con
     assert checkpoint.latest_checkpoint(tmp_path / "nan") is not None
 
 
+@pytest.mark.slow  # 50 s; in the fast suite, 2-process kills land at each fault point (test_faults, test_resume_matrix)
 def test_two_processes_sigkill_then_resume_is_bit_identical(tmp_path, tiny_recipe):
     """Data-parallel on 2 CPU processes (gloo): killed at a random moment and resumed, the run ends
     identical to an uninterrupted 2-process run (each rank restores its own RNG state)."""
