@@ -169,6 +169,31 @@ def cpu_subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def launch_with_config(config: str, worker, recipe, out, extra_env: dict | None = None, *overrides: str):
+    """``accelerate launch --config_file recipes/accelerate/<config> --num_processes 2`` of ``worker recipe
+    output_dir=out overrides…`` on CPU processes (CUDA hidden, one thread each, a free port); the finished
+    process. For the engine tests (FSDP2, DeepSpeed) that run the shipped configs as a user would."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "recipes/accelerate" / config),
+    ]
+    cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)]
+    cmd += [str(worker), str(recipe), f"output_dir={out}", *overrides]
+    env = cpu_subprocess_env(OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(extra_env or {}))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def no_gpu_reason() -> str:
     """Why a ``gpu`` test does not run here."""
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

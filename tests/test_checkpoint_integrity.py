@@ -52,7 +52,7 @@ INTEGRITY = dict(
         "deterministic": True,
     },
 )
-VOLATILE = ("time/", "tokens_per_s")
+VOLATILE = ("time/", "tokens_per_s", "perf/")  # timings and rates derived from them
 STEP = "step_{:06d}".format
 
 # Bit-identical runs of CPU processes (in-process and 2 processes over gloo): CUDA hidden on any machine.

@@ -7,7 +7,6 @@ extra (``pip install -e '.[deepspeed]'``)."""
 
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -96,36 +95,10 @@ def test_a_deepspeed_launch_on_cpu_keeps_deepspeed(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- 2 processes
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(stage, worker, recipe, out, extra_env=None, *overrides):
-    from conftest import cpu_subprocess_env  # DeepSpeed over gloo on CPU: CUDA hidden from the processes
+    from conftest import launch_with_config  # DeepSpeed over gloo on CPU processes
 
-    env = cpu_subprocess_env(OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(extra_env or {}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / f"recipes/accelerate/deepspeed_zero{stage}.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(worker),
-        str(recipe),
-        f"output_dir={out}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return launch_with_config(f"deepspeed_zero{stage}.yaml", worker, recipe, out, extra_env, *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ FAULTS = dict(
     },
 )
 AT = 4
-VOLATILE = ("time/", "tokens_per_s")
+VOLATILE = ("time/", "tokens_per_s", "perf/")  # timings and rates derived from them
 
 # Bit-identical runs of CPU processes (in-process and 2 processes over gloo): CUDA hidden on any machine.
 pytestmark = [

@@ -3,8 +3,6 @@ really shards (rlhf_pg.distributed.keep_fsdp_on_cpu), trains like 1 process, che
 accelerate's FSDP save_state, resumes bit-identically after a kill, and saves a plain transformers model."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -67,36 +65,10 @@ def test_keep_fsdp_on_cpu_only_for_fsdp2_launches(dt, env, flips, monkeypatch):
         assert acc.state.distributed_type == DistributedType[dt] and not hasattr(acc.state, "fsdp_plugin")
 
 
-def _free_port() -> int:
-    import socket
+def _launch(worker, recipe, out, extra_env=None, *overrides):
+    from conftest import launch_with_config  # FSDP2 over gloo on CPU processes
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(worker, recipe, out, port, extra_env=None, *overrides):
-    from conftest import cpu_subprocess_env  # FSDP2 over gloo on CPU: CUDA hidden from the processes
-
-    env = cpu_subprocess_env(OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(extra_env or {}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes/accelerate/fsdp2_full_shard.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(worker),
-        str(recipe),
-        f"output_dir={out}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return launch_with_config("fsdp2_full_shard.yaml", worker, recipe, out, extra_env, *overrides)
 
 
 @pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
@@ -113,7 +85,7 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_saves(
     worker.write_text(WORKER)
 
     straight = tmp_path / "straight"
-    proc = _launch(worker, recipe, straight, _free_port())
+    proc = _launch(worker, recipe, straight)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2 · 2 processes (gloo)" in proc.stdout + proc.stderr  # the run header names the engine
     r0, r1 = (torch.load(straight / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -130,9 +102,9 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_resumes_and_saves(
 
     # killed in step 2 (after checkpoint 1), resumed: bit-identical to the uninterrupted run
     resumed = tmp_path / "resumed"
-    proc = _launch(worker, recipe, resumed, _free_port(), {"RLHF_PG_FAULT": "step-after-update@2"})
+    proc = _launch(worker, recipe, resumed, {"RLHF_PG_FAULT": "step-after-update@2"})
     assert proc.returncode != 0
-    proc = _launch(worker, recipe, resumed, _free_port(), None, "train.resume=true")
+    proc = _launch(worker, recipe, resumed, None, "train.resume=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rr = torch.load(resumed / "rank0.pt", weights_only=True)
     assert all(torch.equal(rr["params"][k], r0["params"][k]) for k in r0["params"])
@@ -165,7 +137,7 @@ def test_ppo_with_a_value_head_under_fsdp2_matches_one_process(tmp_path, one_thr
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     out = tmp_path / "two"
-    proc = _launch(worker, recipe, out, _free_port())
+    proc = _launch(worker, recipe, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2 · 2 processes (gloo)" in proc.stdout + proc.stderr
     r0 = torch.load(out / "rank0.pt", weights_only=True)["params"]

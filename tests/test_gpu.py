@@ -40,7 +40,7 @@ from rlhf_pg.models import SMOLLM2_ALIAS
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_CONFIG = REPO / "recipes" / "accelerate" / "fsdp2_full_shard.yaml"
-VOLATILE = ("time/", "tokens_per_s")
+VOLATILE = ("time/", "tokens_per_s", "perf/")  # timings and rates derived from them
 
 
 def _require_bf16() -> None:

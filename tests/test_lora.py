@@ -30,7 +30,7 @@ def _params(module):
 
 def _steps(out):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in recs]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "perf/"))} for r in recs]
 
 
 @pytest.fixture(scope="module")

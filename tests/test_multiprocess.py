@@ -102,7 +102,7 @@ RECIPES = {
 
 def _records(out: Path) -> list[dict]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in recs]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "perf/"))} for r in recs]
 
 
 @pytest.mark.parametrize("algo", sorted(RECIPES))

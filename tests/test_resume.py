@@ -43,7 +43,7 @@ def _sections(**train):
     return {**RESUME, "train": {**RESUME["train"], **train}}
 
 
-VOLATILE = ("time/", "tokens_per_s")
+VOLATILE = ("time/", "tokens_per_s", "perf/")  # timings and rates derived from them
 
 
 def _cli(recipe, out, *extra):

@@ -55,7 +55,7 @@ BASE = dict(
         "deterministic": True,
     },
 )
-VOLATILE = ("time/", "tokens_per_s")
+VOLATILE = ("time/", "tokens_per_s", "perf/")  # timings and rates derived from them
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "save_merged": True}
 
 # Bit-identical runs on CPU (in-process, and 2 gloo processes against each other): CUDA hidden on any machine.
