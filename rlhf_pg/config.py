@@ -350,6 +350,10 @@ class TrainConfig(_Section):
     shared_prefix: bool = True
     """Training/reference passes run each prompt once and let its G completions attend to that one
     copy (same gradients as the padded batch, fewer FLOPs). Off under gradient checkpointing."""
+    packing: bool = True
+    """Training/reference passes pack each prompt's completions into one row after one copy of the
+    prompt, with no padding between them (a block attention mask; same gradients as the padded batch).
+    Needs an attention kernel that takes a custom mask (sdpa or eager); elsewhere ``shared_prefix`` applies."""
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
     config.yaml."""

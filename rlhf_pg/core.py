@@ -585,19 +585,28 @@ def token_logprobs(
     """
     B, T, V = logits.shape
     flat, flat_ids = logits.reshape(-1, V), ids.reshape(-1)
-    lps, ents = [], []
-    for s in range(0, flat.shape[0], chunk):
-        lg = flat[s : s + chunk].float()
+    picked = flat.gather(-1, flat_ids[:, None]).squeeze(-1).float() / temperature
+    lse, ent = logsumexp_entropy(flat, temperature, with_entropy, chunk, entropy_grad)
+    return (picked - lse).view(B, T), (ent.view(B, T) if ent is not None else None)
+
+
+def logsumexp_entropy(
+    logits: Tensor, temperature: float = 1.0, with_entropy: bool = True, chunk: int = 4096, entropy_grad: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Per row of (N, V) ``logits``: logsumexp(logits/τ) and the entropy of softmax(logits/τ), in
+    fp32, chunked over rows (see :func:`token_logprobs`; ``log π(a) = logits[a]/τ − lse``)."""
+    lses, ents = [], []
+    for s in range(0, logits.shape[0], chunk):
+        lg = logits[s : s + chunk].float()
         if temperature != 1.0:
             lg = lg / temperature
         lse = torch.logsumexp(lg, dim=-1)
-        lps.append(lg.gather(-1, flat_ids[s : s + chunk, None]).squeeze(-1) - lse)
+        lses.append(lse)
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 p = torch.softmax(lg, dim=-1)
                 ents.append(lse - (p * lg).sum(-1))
-    logp = torch.cat(lps).view(B, T)
-    return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
+    return torch.cat(lses), (torch.cat(ents) if with_entropy else None)
 
 
 def sample_from_logits(

@@ -10,8 +10,12 @@ Two savings, each checked against the plain computation in tests/test_trainer.py
 * padding is trimmed per micro-batch (leading prompt columns that are all padding, trailing
   completion columns past the longest completion) and logits are computed only over the completion
   positions (``logits_to_keep``);
-* with ``shared_prefix`` each distinct prompt is run once and its G completions attend to that one
-  copy of its keys/values (:func:`shared_prefix_forward`).
+* with ``packed`` (the default) each distinct prompt is run once with its completions packed after it
+  in ONE row, without padding between them: a block attention mask lets each completion see the
+  prompt and itself only, and position ids restart after the prompt (:func:`packed_forward`);
+* with ``shared_prefix`` (where packing cannot run: an attention kernel without custom masks) each
+  distinct prompt is run once and its G completions, padded to the longest, attend to that one copy
+  of its keys/values (:func:`shared_prefix_forward`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from .batch import Batch
 from .rollout import position_ids
 
 
+PACK_TOKENS = 512
+"""Default cap on the completion tokens of one packed row (see :class:`PassSettings`)."""
+
+
 @dataclass(frozen=True)
 class PassSettings:
     """How the passes run (from the config; the same for every pass of a run)."""
@@ -35,6 +43,12 @@ class PassSettings:
     """τ of the sampled policy softmax(logits/τ), whose log-probs are trained."""
     shared_prefix: bool = True
     """Run each distinct prompt once per micro-batch (off under gradient checkpointing)."""
+    packed: bool = False
+    """Pack each prompt's completions into one row after it, without padding (:func:`packed_forward`);
+    takes precedence over ``shared_prefix``."""
+    pack_tokens: int = PACK_TOKENS
+    """Most completion tokens in one packed row (a longer group is split over rows, each with its
+    own copy of the prompt): attention over a row costs its length squared."""
     entropy_grad: bool = False
     """Keep the entropy in the autograd graph (only when an entropy bonus is trained)."""
     autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
@@ -61,6 +75,9 @@ def forward(model, mb: Batch, s: PassSettings, with_entropy: bool = False) -> Fo
     pids, pmask = mb.prompt_ids[:, p0:], mb.prompt_mask[:, p0:]
     cids, cmask = mb.completion_ids[:, :t1], mb.completion_mask[:, :t1].long()
     with s.autocast():
+        if s.packed:
+            logp, ent, values = packed_forward(model, pids, pmask, cids, cmask, s, with_entropy)
+            return ForwardResult(_pad_to(logp, T), _pad_to(ent, T), _pad_to(values, T))
         if s.shared_prefix:
             logits, values = shared_prefix_forward(model, pids, pmask, cids, cmask)
         else:
@@ -78,10 +95,129 @@ def forward(model, mb: Batch, s: PassSettings, with_entropy: bool = False) -> Fo
     if logits is not None:
         logp, ent = core.token_logprobs(logits, cids, s.temperature, with_entropy, entropy_grad=s.entropy_grad)
 
-    def pad(x):  # (B, t1) → (B, T) float
-        return torch.nn.functional.pad(x.float(), (0, T - t1)) if x is not None else None
+    return ForwardResult(_pad_to(logp, T), _pad_to(ent, T), _pad_to(values, T))
 
-    return ForwardResult(pad(logp), pad(ent), pad(values))
+
+def _pad_to(x: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """(B, t1) → (B, T) float, zero-padded on the right."""
+    return torch.nn.functional.pad(x.float(), (0, T - x.shape[1])) if x is not None else None
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel a (possibly wrapped: DDP, value head, PEFT) model runs with, from its config."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module  # DDP / DeepSpeed engines
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention kernels that take a custom 4D mask (transformers passes a 4D mask through as it is)."""
+
+
+def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tensor]:
+    """Where every token of a micro-batch goes in the packed rows (see :func:`packed_forward`).
+
+    Row r holds distinct prompt ``prompt_of[r]`` (left-padded to the micro-batch's P columns) and
+    then, back to back, the completions assigned to it (in batch order, at most ``pack_tokens``
+    tokens per row unless one completion is longer). Returns the (R, L) ids-to-be, segment ids
+    (−1 real prompt, −2 padding, b ≥ 0 completion of batch row b), positions, and for every (b, t)
+    the packed column of token t of row b (``col``) and its row (``row``)."""
+    B, P = pids.shape
+    device = pids.device
+    uniq, inv = torch.unique(pids, dim=0, return_inverse=True)
+    first = torch.empty(uniq.shape[0], dtype=torch.long, device=device).scatter_(
+        0, inv, torch.arange(B, device=device)
+    )
+    umask = pmask[first]  # identical prompts have identical masks
+    nz = cmask.bool()
+    # a completion's length is up to its last real token (an episode's mask may have no holes, but be safe)
+    lengths = torch.where(nz.any(1), nz.shape[1] - nz.flip(1).float().argmax(1), torch.zeros_like(inv)).tolist()
+    rows_prompt: list[int] = []  # distinct prompt of each packed row
+    row_fill: list[int] = []
+    open_row: dict[int, int] = {}  # distinct prompt → its row being filled
+    row_of, off_of = [], []
+    for b, (u, n) in enumerate(zip(inv.tolist(), lengths)):
+        r = open_row.get(u)
+        if r is None or (row_fill[r] > 0 and row_fill[r] + n > pack_tokens):
+            r = open_row[u] = len(rows_prompt)
+            rows_prompt.append(u)
+            row_fill.append(0)
+        row_of.append(r)
+        off_of.append(row_fill[r])
+        row_fill[r] += n
+    R, Lc = len(rows_prompt), max(max(row_fill), 1)
+    prompt_of = torch.tensor(rows_prompt, device=device)
+    row = torch.tensor(row_of, device=device)
+    off = torch.tensor(off_of, device=device)
+    t1 = cmask.shape[1]
+    col = P + off[:, None] + torch.arange(t1, device=device)[None, :]  # (B, t1): packed column of token t
+    col = torch.where(nz, col, torch.zeros_like(col))
+    seg = torch.full((R, P + Lc), -2, dtype=torch.long, device=device)
+    seg[:, :P] = torch.where(umask[prompt_of].bool(), -1, -2)
+    rr, cc = row[:, None].expand_as(col)[nz], col[nz]
+    seg[rr, cc] = torch.arange(B, device=device)[:, None].expand_as(col)[nz]
+    pos = torch.zeros((R, P + Lc), dtype=torch.long, device=device)
+    plen = umask.sum(-1)  # (U,) prompt lengths
+    pos[:, :P] = position_ids(umask[prompt_of])
+    pos[rr, cc] = (plen[inv][:, None] + torch.arange(t1, device=device)[None, :]).expand_as(col)[nz]
+    return {"prompt_of": prompt_of, "uniq": uniq, "seg": seg, "pos": pos, "row": row, "col": col, "nz": nz}
+
+
+def block_mask(seg: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(R, 1, L, L) attention mask of packed rows: a prompt token sees the real prompt tokens before
+    it; a completion token sees the real prompt and its own completion's earlier tokens. Every token
+    also sees itself, so padding rows never softmax over nothing (their outputs are never read).
+    Boolean (True = attend) for SDPA; with ``dtype``, additive (0 / the dtype's minimum) for eager."""
+    L = seg.shape[1]
+    causal = torch.ones((L, L), dtype=torch.bool, device=seg.device).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = causal & ((k == -1) | ((k == q) & (q >= 0)))
+    allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def packed_forward(model, pids, pmask, cids, cmask, s: PassSettings, with_entropy: bool):
+    """(B, t1) log-probs, entropies (with ``with_entropy``) and values of a micro-batch, with each
+    distinct prompt's completions packed after ONE copy of it.
+
+    One forward over R rows [prompt | completion 1 | completion 2 | …], no padding between
+    completions; the block mask (:func:`block_mask`) keeps each completion to the prompt and itself,
+    and its positions continue the prompt's, so each token computes what the padded full-sequence
+    forward computes (tests/test_trainer.py checks log-probs, values and gradients). Logits are kept
+    from the last prompt column on (it predicts every completion's first token); the log-softmax runs
+    once per packed position and each token reads its own. Against :func:`shared_prefix_forward` it
+    drops the padding of shorter completions (about half the tokens of a typical GRPO batch)."""
+    lay = packed_layout(pids, pmask, cmask, s.pack_tokens)
+    R, L = lay["seg"].shape
+    P = pids.shape[1]
+    ids = torch.full((R, L), 0, dtype=torch.long, device=pids.device)
+    ids[:, :P] = lay["uniq"][lay["prompt_of"]]
+    nz, row, col = lay["nz"], lay["row"], lay["col"]
+    ids[row[:, None].expand_as(col)[nz], col[nz]] = cids[nz]
+    impl = attention_implementation(model)
+    mask = block_mask(lay["seg"], None if impl != "eager" else next(model.parameters()).dtype)
+    keep = L - P + 1  # logits from the last prompt column on
+    out = model(input_ids=ids, attention_mask=mask, position_ids=lay["pos"], logits_to_keep=keep, use_cache=False)
+    # kept index of the logits predicting token t of row b: the column before it, minus P − 1
+    pred = torch.where(torch.arange(col.shape[1], device=col.device)[None, :] == 0, 0, col - P)
+    pred = torch.where(nz, pred.clamp(min=0), torch.zeros_like(pred))
+    flat = row[:, None] * keep + pred  # (B, t1) rows of the flattened kept logits
+    logp = ent = values = None
+    if out.logits is not None:
+        V = out.logits.shape[-1]
+        lg = out.logits.reshape(-1, V)
+        lse, e = core.logsumexp_entropy(lg, s.temperature, with_entropy, entropy_grad=s.entropy_grad)
+        picked = lg[flat, cids].float() / s.temperature
+        logp = torch.where(nz, picked - lse[flat], torch.zeros((), device=picked.device))
+        ent = torch.where(nz, e[flat], torch.zeros((), device=e.device)) if e is not None else None
+    if "value_preds" in out:
+        v = out["value_preds"][:, -keep:].reshape(-1)
+        values = torch.where(nz, v[flat], torch.zeros((), dtype=v.dtype, device=v.device))
+    return logp, ent, values
 
 
 def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -31,7 +31,7 @@ from .distributed import (
 )
 from .envs import ChatFormat, Episodes, load_environment
 from .errors import UserError
-from .forward import PassSettings
+from .forward import PACKABLE_ATTENTION, PassSettings, attention_implementation
 from .models import (
     PolicyWithValue,
     ValueModel,
@@ -360,6 +360,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
     passes = PassSettings(
         temperature=cfg.rollout.temperature,
         shared_prefix=cfg.train.shared_prefix and not cfg.model.gradient_checkpointing,
+        packed=cfg.train.packing and attention_implementation(module) in PACKABLE_ATTENTION,
         entropy_grad=cfg.algo.entropy_coef > 0,
         autocast=acc.autocast,
     )

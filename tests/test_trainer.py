@@ -129,17 +129,45 @@ def test_existing_run_is_not_clobbered(tmp_path, tiny_config):
     Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0, "save_model": False})).train()
 
 
-def test_shared_prefix_pass_equals_padded_batch(tmp_path, tiny_config):
-    """Prompts run once per group give the same log-probs AND the same gradients as the padded
-    full-sequence forward of every row."""
+LAYOUTS = {
+    "packed": {"packed": True},
+    "packed-split": {"packed": True, "pack_tokens": 3},  # groups split over rows, one prompt copy per row
+    "shared_prefix": {"packed": False, "shared_prefix": True},
+    "padded": {"packed": False, "shared_prefix": False},
+}
+
+
+def _layout(passes, name):
+    return dataclasses.replace(passes, **LAYOUTS[name])
+
+
+def _ragged(batch, seed=0):
+    """The batch with completions cut to unequal lengths (1 … T tokens; the tiny model rarely samples
+    EOS), as EOS would cut them: what packing drops is the padding after the shorter ones."""
+    T = batch.completion_ids.shape[1]
+    n = torch.randint(1, T + 1, (batch.size,), generator=torch.Generator().manual_seed(seed))
+    n[0] = T
+    keep = (torch.arange(T)[None, :] < n[:, None]).float()
+    batch.completion_mask = batch.completion_mask * keep
+    batch.completion_ids = batch.completion_ids.masked_fill(keep == 0, 0)
+    batch.old_logprobs = batch.old_logprobs * keep
+    return batch
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed-split", "shared_prefix"])
+def test_pass_layout_equals_padded_batch(tmp_path, tiny_config, layout):
+    """Prompts run once per group (with completions packed or padded) give the same log-probs,
+    entropies AND gradients as the padded full-sequence forward of every row."""
     cfg = tiny_config(tmp_path, train={"max_steps": 0})
     tr = Trainer(cfg)
-    batch = tr.rollout(0)
+    assert tr.passes.packed  # the default where the attention takes a custom mask (sdpa here)
+    batch = _ragged(tr.rollout(0))
+    lengths = batch.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # unequal lengths: packing has padding to drop
     results = []
-    for shared in (True, False):
-        passes = dataclasses.replace(tr.passes, shared_prefix=shared)
+    for name in (layout, "padded"):
         tr.model.zero_grad()
-        res = forward(tr.model, batch, passes, with_entropy=True)
+        res = forward(tr.model, batch, _layout(tr.passes, name), with_entropy=True)
         logp, ent = res.logprobs, res.entropy
         (logp * batch.completion_mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
@@ -150,6 +178,28 @@ def test_shared_prefix_pass_equals_padded_batch(tmp_path, tiny_config):
     torch.testing.assert_close(l1, batch.old_logprobs, atol=1e-4, rtol=0)
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-3)
+
+
+def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
+    """A PPO minibatch holds rows of several prompts in any order and incomplete groups: packing by
+    distinct prompt still gives every row its own log-probs."""
+    tr = Trainer(tiny_config(tmp_path, train={"max_steps": 0}))
+    batch = _ragged(tr.rollout(0), seed=1)
+    rows = torch.randperm(batch.size, generator=torch.Generator().manual_seed(3))[: batch.size - 3]
+    mb = batch.select(rows)
+    with torch.no_grad():
+        a = forward(tr.model, mb, _layout(tr.passes, "packed")).logprobs
+        b = forward(tr.model, mb, _layout(tr.passes, "padded")).logprobs
+    torch.testing.assert_close(a * mb.completion_mask, b * mb.completion_mask, atol=1e-4, rtol=0)
+
+
+def test_packing_falls_back_where_the_attention_takes_no_custom_mask(tmp_path, tiny_config, monkeypatch):
+    from rlhf_pg import forward as fwd
+
+    monkeypatch.setattr(fwd, "PACKABLE_ATTENTION", ())
+    monkeypatch.setattr("rlhf_pg.setup.PACKABLE_ATTENTION", ())
+    tr = Trainer(tiny_config(tmp_path, train={"max_steps": 0}))
+    assert not tr.passes.packed and tr.passes.shared_prefix
 
 
 def test_ppo_value_head_trains_and_is_saved(tmp_path, tiny_config):
@@ -176,15 +226,16 @@ def test_ppo_value_head_trains_and_is_saved(tmp_path, tiny_config):
     assert not any("value_head" in n for n, _ in reloaded.named_parameters())
 
 
-def test_values_in_shared_prefix_pass_equal_padded_pass(tmp_path, tiny_config):
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+def test_values_in_shared_prompt_passes_equal_padded_pass(tmp_path, tiny_config, layout):
     tr = Trainer(tiny_config(tmp_path, algo={"name": "ppo"}, train={"max_steps": 0}))
     with torch.no_grad():
         torch.nn.init.normal_(tr.acc.unwrap_model(tr.model).value_head.weight)
-    batch = tr.rollout(0)
+    batch = _ragged(tr.rollout(0))
     vals = []
-    for shared in (True, False):
+    for name in (layout, "padded"):
         with torch.no_grad():
-            res = forward(tr.model, batch, dataclasses.replace(tr.passes, shared_prefix=shared))
+            res = forward(tr.model, batch, _layout(tr.passes, name))
             vals.append(res.values * batch.completion_mask)
     assert vals[0].abs().sum() > 0
     torch.testing.assert_close(vals[0], vals[1], atol=1e-4, rtol=1e-4)
