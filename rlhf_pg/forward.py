@@ -30,7 +30,6 @@ from . import core
 from .batch import Batch
 from .rollout import position_ids
 
-
 PACK_TOKENS = 512
 """Default cap on the completion tokens of one packed row (see :class:`PassSettings`)."""
 
@@ -126,9 +125,7 @@ def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tenso
     B, P = pids.shape
     device = pids.device
     uniq, inv = torch.unique(pids, dim=0, return_inverse=True)
-    first = torch.empty(uniq.shape[0], dtype=torch.long, device=device).scatter_(
-        0, inv, torch.arange(B, device=device)
-    )
+    first = torch.empty(uniq.shape[0], dtype=torch.long, device=device).scatter_(0, inv, torch.arange(B, device=device))
     umask = pmask[first]  # identical prompts have identical masks
     nz = cmask.bool()
     # a completion's length is up to its last real token (an episode's mask may have no holes, but be safe)
@@ -137,7 +134,7 @@ def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tenso
     row_fill: list[int] = []
     open_row: dict[int, int] = {}  # distinct prompt → its row being filled
     row_of, off_of = [], []
-    for b, (u, n) in enumerate(zip(inv.tolist(), lengths)):
+    for u, n in zip(inv.tolist(), lengths):
         r = open_row.get(u)
         if r is None or (row_fill[r] > 0 and row_fill[r] + n > pack_tokens):
             r = open_row[u] = len(rows_prompt)
