@@ -13,6 +13,7 @@ import pytest
 from conftest import cpu_subprocess_env
 
 from rlhf_pg import cli
+from rlhf_pg.errors import UserError
 from rlhf_pg.labs import bench, trl_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,3 +318,30 @@ def test_against_trl_in_subprocesses(tmp_path):
     assert res["rlhf-pg-fp32"]["median"]["completion_tokens"] == res["trl-fp32"]["median"]["completion_tokens"] == 16
     assert all(r["peak_rss_mb"] > 0 and r["rss_after_load_mb"] > 0 for r in res.values())
     assert res["trl-fp32"]["median"]["mfu_step"] is None  # --peak-seconds 0: no peak, no MFU
+
+
+def test_scaling_grid_tiny():
+    """--scaling: one TRL comparison per (G, length) cell; each side's step time, tokens and growth in G
+    over its own smallest-G time; the table; refused without --against trl and for bad lists."""
+    pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[bench]' (CI installs it)")
+    from rlhf_pg.labs import scaling
+
+    spec = bench.BenchSpec(**{**TRL_TINY, "peak_seconds": 0}, precisions=["fp32"], in_process=True)
+    report = scaling.run_scaling(spec, [2, 4], [2, 3], log=lambda s: None)
+    json.dumps(report)
+    cells = report["cells"]
+    assert [(c["group_size"], c["max_new_tokens"]) for c in cells] == [(2, 2), (2, 3), (4, 2), (4, 3)]
+    for c in cells:
+        for side in ("rlhf-pg", "trl"):
+            # the tiny model never samples EOS this early: every completion runs to the length
+            assert c[side]["completion_tokens"] == 2 * c["group_size"] * c["max_new_tokens"], (c, side)
+            assert c[side]["step"] > 0
+        assert c["ratio_completion_tokens_per_s"] > 0
+    for c in cells[:2]:
+        assert c["rlhf-pg"]["step_vs_smallest_g"] == c["trl"]["step_vs_smallest_g"] == 1.0
+    table = scaling.format_table(report)
+    assert "tok/s ratio" in table and len(table.splitlines()) == 4 + 4 + 1
+    with pytest.raises(UserError, match="add --against trl"):
+        scaling.run_scaling(bench.BenchSpec(**TINY), [2], [2])
+    with pytest.raises(UserError, match="comma-separated positive integers"):
+        scaling.parse_ints("4,x", "--scale-groups")

@@ -947,6 +947,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)"
     )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="step cost vs group size and completion length, against TRL (labs/scaling.py; with --against trl)",
+    )
+    p.add_argument("--scale-groups", default="4,8,16", help="--scaling: group sizes (default 4,8,16)")
+    p.add_argument("--scale-lengths", default="64,128,256", help="--scaling: max new tokens (default 64,128,256)")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the full report here")
     return p
 
@@ -984,8 +991,17 @@ def spec_from_args(args) -> BenchSpec:
 
 
 def run_from_args(args) -> dict:
-    report = run_benchmark(spec_from_args(args), log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_table(report))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if getattr(args, "scaling", False):
+        from rlhf_pg.labs import scaling
+
+        groups = scaling.parse_ints(args.scale_groups, "--scale-groups")
+        lengths = scaling.parse_ints(args.scale_lengths, "--scale-lengths")
+        report = scaling.run_scaling(spec_from_args(args), groups, lengths, log)
+        print(scaling.format_table(report))
+    else:
+        report = run_benchmark(spec_from_args(args), log=log)
+        print(format_table(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.json_path}")
