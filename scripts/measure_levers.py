@@ -3,6 +3,8 @@ workload (SmolLM2-135M-Instruct, 8 prompts x 4, <= 64 new tokens, beta 0.04), in
 
     .venv/bin/python scripts/measure_levers.py                 # bf16 autocast (the recipes' setting)
     .venv/bin/python scripts/measure_levers.py --precision no  # fp32
+    .venv/bin/python scripts/measure_levers.py --matmul        # also: linear-layer shapes, plain vs prepacked
+    .venv/bin/python scripts/measure_levers.py --compile-sampling   # also: torch.compile'd decoding (minutes)
 
 Each line is the best of ``--repeats`` timings of one phase with one lever changed, on the same batch:
 
@@ -11,7 +13,11 @@ Each line is the best of ``--repeats`` timings of one phase with one lever chang
 * a bf16 working copy of the policy for sampling instead of autocast over fp32 weights;
 * a bf16 frozen reference instead of autocast over fp32 weights: its time, and what it changes — the
   mean |delta log p| of the reference log-probs and the KL to the policy it reports at step 0 (0 by
-  construction with the fp32 reference: the policy and reference are the same weights).
+  construction with the fp32 reference: the policy and reference are the same weights);
+* ``--matmul``: the model's linear-layer shapes at decode-sized (8, 32) and training-sized (256) rows,
+  ``F.linear`` against weights prepacked for oneDNN (bf16, ``torch.utils.mkldnn``) and MKL (fp32);
+* ``--compile-sampling``: decoding with ``torch.compile(forward, dynamic=True)`` on a bf16 copy: the first
+  call (compilation) and the later ones, against eager.
 
 It times pieces of a step (``Trainer.optimise``, ``forward_no_grad``, ``rollout.generate``), not whole
 runs: the benchmark (``rlhf-pg bench``) measures what a user gets.
@@ -41,7 +47,11 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "no"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--micro-batches", default="8,16,32")
+    ap.add_argument("--matmul", action="store_true", help="also time linear-layer shapes, plain vs prepacked")
+    ap.add_argument("--compile-sampling", action="store_true", help="also time torch.compile'd decoding")
     args = ap.parse_args()
+    if args.matmul:
+        matmul_shapes()
     cfg = build_config(
         {
             "output_dir": tempfile.mkdtemp(prefix="rlhf_pg_levers_"),
@@ -136,7 +146,49 @@ def main() -> None:
             f"  completion tokens: {a.completion_mask.sum().item():.0f} / {b.completion_mask.sum().item():.0f} "
             f"(same uniforms); refreshing the copy after an update: {refresh:.2f} s"
         )
+        if args.compile_sampling:
+            pol16.eval()
+            pol16.forward = torch.compile(pol16.forward, dynamic=True)
+            with torch.inference_mode():
+                timed("sampling, bf16 copy, torch.compile: first call", lambda: gen(pol16, nullcontext))
+                c = timed("sampling, bf16 copy, torch.compile: compiled", lambda: gen(pol16, nullcontext))
+            print(f"  completion tokens compiled: {c.completion_mask.sum().item():.0f}")
     tr.run.release()
+
+
+def _ms(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+@torch.no_grad()
+def _shape_times(rows: int, k: int, n: int, repeats: int) -> tuple[float, ...]:
+    import torch.utils.mkldnn as mkldnn
+
+    x = torch.randn(rows, k)
+    w = torch.nn.Linear(k, n, bias=False).weight.detach()
+    w16, x16 = w.to(torch.bfloat16), x.to(torch.bfloat16)
+    packed16 = mkldnn.to_mkldnn(torch.nn.Linear(k, n, bias=False), torch.bfloat16)
+    packed32 = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return (
+        _ms(lambda: torch.nn.functional.linear(x16, w16), repeats),
+        _ms(lambda: packed16(x16), repeats),
+        _ms(lambda: torch.nn.functional.linear(x, w), repeats),
+        _ms(lambda: torch.ops.mkl._mkl_linear(x, packed32, w, None, rows), repeats),
+    )
+
+
+def matmul_shapes(repeats: int = 100) -> None:
+    """ms per call of the model's linear shapes: F.linear (bf16, fp32) and prepacked weights."""
+    print("linear shapes (ms per call): F.linear bf16 | oneDNN-prepacked bf16 | F.linear fp32 | MKL-prepacked fp32")
+    for rows in (8, 32, 256):
+        for k, n in ((576, 1536), (1536, 576), (576, 49152)):
+            vals = _shape_times(rows, k, n, repeats)
+            print(f"  {rows:4d} x {k} -> {n:6d}: " + " | ".join(f"{v:7.3f}" for v in vals), flush=True)
 
 
 if __name__ == "__main__":
