@@ -2,8 +2,9 @@
 
 On one rollout of a recipe (default: the main job), the gradient of −Σ Â·log π (token-mean, fixed
 random Â) is computed in fp32 without autocast (exact), then under the recipe's bf16 autocast with the
-trainer's contiguous micro-batches (a prompt's G samples together) and with shuffled ones, each with
-and without the shared-prefix pass. Prints the cosine to the exact gradient and the relative error.
+trainer's contiguous micro-batches (a prompt's G samples together) and with shuffled ones, each in the
+three pass layouts (packed, the default; shared prefix; padded). Prints the cosine to the exact gradient
+and the relative error.
 
     .venv/bin/python scripts/grad_precision.py [recipe.yaml] [key=value ...]
 """
@@ -18,6 +19,12 @@ from rlhf_pg import core
 from rlhf_pg.config import load_config
 from rlhf_pg.forward import forward
 from rlhf_pg.trainer import Trainer
+
+LAYOUTS = {
+    "packed": {"packed": True},
+    "shared prefix": {"packed": False, "shared_prefix": True},
+    "padded": {"packed": False, "shared_prefix": False},
+}
 
 
 def main(argv: list[str]) -> None:
@@ -41,18 +48,19 @@ def main(argv: list[str]) -> None:
 
     # accelerate's mixed precision wraps model.forward in autocast: the exact pass must not use it
     patched = tr.model.__dict__.pop("forward", None) if hasattr(tr.model, "_original_forward") else None
-    exact = grad(torch.arange(batch.size), dataclasses.replace(tr.passes, autocast=nullcontext, shared_prefix=False))
+    padded = {"packed": False, "shared_prefix": False}
+    exact = grad(torch.arange(batch.size), dataclasses.replace(tr.passes, autocast=nullcontext, **padded))
     if patched is not None:
         tr.model.forward = patched
     shuffled = torch.randperm(batch.size, generator=torch.Generator().manual_seed(2))
     precision = cfg.train.mixed_precision or "no"
     print(f"{precision} autocast vs exact fp32, {batch.size} completions, micro-batches of {mbs}")
     for name, order in (("contiguous", torch.arange(batch.size)), ("shuffled", shuffled)):
-        for shared in (True, False):
-            g = grad(order, dataclasses.replace(tr.passes, shared_prefix=shared)).double()
+        for layout, kw in LAYOUTS.items():
+            g = grad(order, dataclasses.replace(tr.passes, **kw)).double()
             cos = torch.nn.functional.cosine_similarity(g, exact.double(), dim=0).item()
             rel = ((g - exact.double()).norm() / exact.double().norm()).item()
-            print(f"  {name:10s} shared_prefix={shared!s:5s}  cosine {cos:.5f}  relative error {rel:.4f}")
+            print(f"  {name:10s} {layout:13s}  cosine {cos:.5f}  relative error {rel:.4f}")
 
 
 if __name__ == "__main__":
