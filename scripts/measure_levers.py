@@ -66,6 +66,8 @@ def main() -> None:
     tr = Trainer(cfg)
     tr.run.prepare(tr.gen)
 
+    last = [0.0]  # the best time of the latest timed() call
+
     def timed(label: str, fn):
         ts, out = [], None
         for _ in range(args.repeats):
@@ -73,6 +75,7 @@ def main() -> None:
             out = fn()
             ts.append(time.perf_counter() - t0)
         print(f"{label:52s} {min(ts):7.2f} s   (runs: {', '.join(f'{t:.2f}' for t in ts)})", flush=True)
+        last[0] = min(ts)
         return out
 
     batch = tr.rollout()
@@ -135,6 +138,7 @@ def main() -> None:
                 return generate(model, tr.tokenizer, prompts, 4, sp, uniforms=u)
 
         a = timed("sampling, autocast over fp32 weights", lambda: gen(tr.policy, tr.acc.autocast))
+        t_a = last[0]
         pol16 = copy.deepcopy(tr.policy).to(torch.bfloat16)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -142,6 +146,7 @@ def main() -> None:
                 p16.copy_(p32)
         refresh = time.perf_counter() - t0
         b = timed("sampling, bf16 working copy", lambda: gen(pol16, nullcontext))
+        t_b = last[0]
         print(
             f"  completion tokens: {a.completion_mask.sum().item():.0f} / {b.completion_mask.sum().item():.0f} "
             f"(same uniforms); refreshing the copy after an update: {refresh:.2f} s"
@@ -150,9 +155,16 @@ def main() -> None:
             pol16.eval()
             pol16.forward = torch.compile(pol16.forward, dynamic=True)
             with torch.inference_mode():
-                timed("sampling, bf16 copy, torch.compile: first call", lambda: gen(pol16, nullcontext))
+                t0 = time.perf_counter()
+                gen(pol16, nullcontext)
+                first = time.perf_counter() - t0
+                print(f"{'sampling, bf16 copy, torch.compile: first call':52s} {first:7.2f} s   (compiles)")
                 c = timed("sampling, bf16 copy, torch.compile: compiled", lambda: gen(pol16, nullcontext))
-            print(f"  completion tokens compiled: {c.completion_mask.sum().item():.0f}")
+            n = [x.completion_mask.sum().item() for x in (a, b, c)]
+            print(
+                f"  completion tokens: {n[2]:.0f} compiled; ms per completion token: autocast "
+                f"{1e3 * t_a / n[0]:.1f}, bf16 copy {1e3 * t_b / n[1]:.1f}, compiled {1e3 * last[0] / n[2]:.1f}"
+            )
     tr.run.release()
 
 
