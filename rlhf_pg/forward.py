@@ -114,6 +114,15 @@ PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention kernels that take a custom 4D mask (transformers passes a 4D mask through as it is)."""
 
 
+def distinct_prompts(pids: torch.Tensor, pmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct rows of (B, P) prompt ids: (U, P) ids, their (U, P) masks, and each row's index (B,)."""
+    uniq, inv = torch.unique(pids, dim=0, return_inverse=True)
+    first = torch.empty(uniq.shape[0], dtype=torch.long, device=pids.device).scatter_(
+        0, inv, torch.arange(pids.shape[0], device=pids.device)
+    )
+    return uniq, pmask[first], inv  # identical prompts have identical masks
+
+
 def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tensor]:
     """Where every token of a micro-batch goes in the packed rows (see :func:`packed_forward`).
 
@@ -124,9 +133,7 @@ def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tenso
     the packed column of token t of row b (``col``) and its row (``row``)."""
     B, P = pids.shape
     device = pids.device
-    uniq, inv = torch.unique(pids, dim=0, return_inverse=True)
-    first = torch.empty(uniq.shape[0], dtype=torch.long, device=device).scatter_(0, inv, torch.arange(B, device=device))
-    umask = pmask[first]  # identical prompts have identical masks
+    uniq, umask, inv = distinct_prompts(pids, pmask)
     nz = cmask.bool()
     # a completion's length is up to its last real token (an episode's mask may have no holes, but be safe)
     lengths = torch.where(nz.any(1), nz.shape[1] - nz.flip(1).float().argmax(1), torch.zeros_like(inv)).tolist()
@@ -227,11 +234,7 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
     the shared prompt pass; the result equals the padded full-sequence forward
     (tests/test_trainer.py checks logits and gradients) with (G−1)·P fewer token passes.
     """
-    uniq, inv = torch.unique(pids, dim=0, return_inverse=True)  # (U, P), (B,)
-    first = torch.empty(uniq.shape[0], dtype=torch.long, device=pids.device).scatter_(
-        0, inv, torch.arange(pids.shape[0], device=pids.device)
-    )
-    umask = pmask[first]  # identical prompts have identical masks
+    uniq, umask, inv = distinct_prompts(pids, pmask)  # (U, P), (U, P), (B,)
     pre = model(
         input_ids=uniq, attention_mask=umask, position_ids=position_ids(umask), use_cache=True, logits_to_keep=1
     )
