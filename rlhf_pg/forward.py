@@ -135,7 +135,7 @@ def packed_layout(pids, pmask, cmask, pack_tokens: int) -> dict[str, torch.Tenso
     device = pids.device
     uniq, umask, inv = distinct_prompts(pids, pmask)
     nz = cmask.bool()
-    # a completion's length is up to its last real token (an episode's mask may have no holes, but be safe)
+    # a completion runs to its last real token (masks are prefixes; this also bounds one with a hole)
     lengths = torch.where(nz.any(1), nz.shape[1] - nz.flip(1).float().argmax(1), torch.zeros_like(inv)).tolist()
     rows_prompt: list[int] = []  # distinct prompt of each packed row
     row_fill: list[int] = []
