@@ -20,6 +20,7 @@ Two savings, each checked against the plain computation in tests/test_trainer.py
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -52,6 +53,19 @@ class PassSettings:
     """Keep the entropy in the autograd graph (only when an entropy bonus is trained)."""
     autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
     """Mixed-precision context (the accelerator's autocast)."""
+
+
+LAYOUTS = {
+    "packed": {"packed": True},
+    "shared prefix": {"packed": False, "shared_prefix": True},
+    "padded": {"packed": False, "shared_prefix": False},
+}
+"""The pass layouts by name (what :class:`PassSettings` fields select each), for comparing them."""
+
+
+def with_layout(s: PassSettings, name: str) -> PassSettings:
+    """``s`` with the pass layout ``name`` of :data:`LAYOUTS`."""
+    return dataclasses.replace(s, **LAYOUTS[name])
 
 
 @dataclass

@@ -17,14 +17,8 @@ import torch
 
 from rlhf_pg import core
 from rlhf_pg.config import load_config
-from rlhf_pg.forward import forward
+from rlhf_pg.forward import LAYOUTS, forward, with_layout
 from rlhf_pg.trainer import Trainer
-
-LAYOUTS = {
-    "packed": {"packed": True},
-    "shared prefix": {"packed": False, "shared_prefix": True},
-    "padded": {"packed": False, "shared_prefix": False},
-}
 
 
 def main(argv: list[str]) -> None:
@@ -48,16 +42,15 @@ def main(argv: list[str]) -> None:
 
     # accelerate's mixed precision wraps model.forward in autocast: the exact pass must not use it
     patched = tr.model.__dict__.pop("forward", None) if hasattr(tr.model, "_original_forward") else None
-    padded = {"packed": False, "shared_prefix": False}
-    exact = grad(torch.arange(batch.size), dataclasses.replace(tr.passes, autocast=nullcontext, **padded))
+    exact = grad(torch.arange(batch.size), dataclasses.replace(with_layout(tr.passes, "padded"), autocast=nullcontext))
     if patched is not None:
         tr.model.forward = patched
     shuffled = torch.randperm(batch.size, generator=torch.Generator().manual_seed(2))
     precision = cfg.train.mixed_precision or "no"
     print(f"{precision} autocast vs exact fp32, {batch.size} completions, micro-batches of {mbs}")
     for name, order in (("contiguous", torch.arange(batch.size)), ("shuffled", shuffled)):
-        for layout, kw in LAYOUTS.items():
-            g = grad(order, dataclasses.replace(tr.passes, **kw)).double()
+        for layout in LAYOUTS:
+            g = grad(order, with_layout(tr.passes, layout)).double()
             cos = torch.nn.functional.cosine_similarity(g, exact.double(), dim=0).item()
             rel = ((g - exact.double()).norm() / exact.double().norm()).item()
             print(f"  {name:10s} {layout:13s}  cosine {cos:.5f}  relative error {rel:.4f}")

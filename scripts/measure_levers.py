@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 
 from rlhf_pg.config import build_config
-from rlhf_pg.forward import forward_no_grad
+from rlhf_pg.forward import LAYOUTS, forward_no_grad, with_layout
 from rlhf_pg.rewards import score_batch
 from rlhf_pg.rollout import SamplingParams, generate, sampling_mode
 from rlhf_pg.trainer import Trainer
@@ -85,11 +85,7 @@ def main() -> None:
         f"(longest {m.shape[1]}); precision {args.precision}; passes: packed={tr.passes.packed}"
     )
     base = tr.passes
-    layouts = {
-        "packed": dataclasses.replace(base, packed=True),
-        "shared prefix": dataclasses.replace(base, packed=False, shared_prefix=True),
-        "padded": dataclasses.replace(base, packed=False, shared_prefix=False),
-    }
+    layouts = {name: with_layout(base, name) for name in LAYOUTS}
     sizes = [int(x) for x in args.micro_batches.split(",")]
 
     # ---- reference pass: layouts x micro-batch sizes

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_pg import core
 from rlhf_pg.errors import UserError
-from rlhf_pg.forward import forward
+from rlhf_pg.forward import forward, with_layout
 from rlhf_pg.metrics import GradNoise
 from rlhf_pg.rewards import score_batch
 from rlhf_pg.trainer import Trainer
@@ -129,16 +129,10 @@ def test_existing_run_is_not_clobbered(tmp_path, tiny_config):
     Trainer(tiny_config(tmp_path, overwrite=True, train={"max_steps": 0, "save_model": False})).train()
 
 
-LAYOUTS = {
-    "packed": {"packed": True},
-    "packed-split": {"packed": True, "pack_tokens": 3},  # groups split over rows, one prompt copy per row
-    "shared_prefix": {"packed": False, "shared_prefix": True},
-    "padded": {"packed": False, "shared_prefix": False},
-}
-
-
 def _layout(passes, name):
-    return dataclasses.replace(passes, **LAYOUTS[name])
+    if name == "packed-split":  # groups split over rows, one prompt copy per row
+        return dataclasses.replace(with_layout(passes, "packed"), pack_tokens=3)
+    return with_layout(passes, name)
 
 
 def _ragged(batch, seed=0):
@@ -154,7 +148,7 @@ def _ragged(batch, seed=0):
     return batch
 
 
-@pytest.mark.parametrize("layout", ["packed", "packed-split", "shared_prefix"])
+@pytest.mark.parametrize("layout", ["packed", "packed-split", "shared prefix"])
 def test_pass_layout_equals_padded_batch(tmp_path, tiny_config, layout):
     """Prompts run once per group (with completions packed or padded) give the same log-probs,
     entropies AND gradients as the padded full-sequence forward of every row."""
@@ -226,7 +220,7 @@ def test_ppo_value_head_trains_and_is_saved(tmp_path, tiny_config):
     assert not any("value_head" in n for n, _ in reloaded.named_parameters())
 
 
-@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+@pytest.mark.parametrize("layout", ["packed", "shared prefix"])
 def test_values_in_shared_prompt_passes_equal_padded_pass(tmp_path, tiny_config, layout):
     tr = Trainer(tiny_config(tmp_path, algo={"name": "ppo"}, train={"max_steps": 0}))
     with torch.no_grad():
