@@ -19,7 +19,7 @@ from rlhf_pg.config import build_config
 from rlhf_pg.data import render_prompt
 from rlhf_pg.envs import ChatFormat, EnvStep, Episodes
 from rlhf_pg.errors import UserError
-from rlhf_pg.forward import PassSettings, forward
+from rlhf_pg.forward import LAYOUTS, PassSettings, forward, with_layout
 from rlhf_pg.rollout import SamplingParams, sample
 
 ROOT = Path(__file__).parents[1]
@@ -227,10 +227,10 @@ def test_sampled_logprobs_equal_the_training_forward_over_the_trajectory(tiny_mo
         episodes=spec,
     )
     assert batch.action_mask.sum() < batch.completion_mask.sum()  # there are environment tokens
-    for shared in (True, False):
-        res = forward(tiny_model.eval(), batch, PassSettings(shared_prefix=shared))
+    for layout in LAYOUTS:  # packed (the trainer's default), shared prefix, padded
+        res = forward(tiny_model.eval(), batch, with_layout(PassSettings(), layout))
         diff = ((res.logprobs - batch.old_logprobs) * batch.action_mask).abs().max().item()
-        assert diff < 1e-4, (shared, diff)
+        assert diff < 1e-4, (layout, diff)
 
 
 def test_uniform_draws_make_episodes_independent_of_their_batch(tiny_model, tokenizer, one_thread):
