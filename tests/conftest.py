@@ -40,6 +40,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from rlhf_pg.models import TINY_ALIAS, load_model, load_tokenizer, resolve_model  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under pytest-xdist (the README's test command runs ``-n 2``) the workers share the cores:
+    # one torch thread each instead of every worker spinning up a thread per core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--runslow``."""
@@ -248,3 +253,18 @@ def _cpu_only_test(request):
     """A test marked ``cpu_only``: CUDA hidden for it."""
     with cuda_hidden() if request.node.get_closest_marker("cpu_only") else contextlib.nullcontext():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_tmp_cleanup(request, tmp_path_factory):
+    """Remove the directories a module's fixtures made with ``tmp_path_factory`` (reference runs,
+    checkpoints: ~0.1–0.5 GB each) once the module is done, unless one of its tests failed. With
+    ``tmp_path_retention_policy = "failed"`` (pyproject.toml) a passed test's own ``tmp_path`` goes
+    right after it, so a whole run peaks at a few hundred MB of disk instead of ~8 GB kept."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
