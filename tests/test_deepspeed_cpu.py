@@ -113,7 +113,8 @@ def one_process(tmp_path_factory, one_thread, tiny_config) -> dict[str, torch.Te
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+# ZeRO-3 (parameters sharded too) in the fast suite; ZeRO-2 with --runslow (~1.5 min of CI each)
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3], ids=["zero2", "zero3"])
 def test_deepspeed_on_two_cpu_processes_trains_checkpoints_resumes_and_saves(
     stage, tmp_path, one_thread, tiny_recipe, one_process
 ):
