@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 from rlhf_pg.models import TINY_ALIAS, load_model, load_tokenizer, resolve_model  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # under pytest-xdist (the README's test command runs ``-n 2``) the workers share the cores:
+    # under pytest-xdist (pyproject.toml's addopts: ``-n 2``) the workers share the cores:
     # one torch thread each instead of every worker spinning up a thread per core
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
