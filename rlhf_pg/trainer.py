@@ -40,7 +40,7 @@ from .distributed import accumulation_boundary, gathered_for_generation
 from .errors import UserError
 from .faults import fault
 from .forward import forward, forward_no_grad
-from .memory import release_memory
+from .memory import release_memory, reuse_freed_memory
 from .metrics import GradNoise, MetricSums, Reducer, format_eval, rollout_metrics, sample_rows
 from .rewards import score_batch
 from .rollout import SamplingParams, sample
@@ -53,6 +53,8 @@ class Trainer:
         set_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if cfg.train.reuse_freed_memory:
+            reuse_freed_memory()
         c = self.components = setup.build(cfg, accelerator)
         self.acc: Accelerator = c.acc
         self.model, self.critic, self.ref = c.model, c.critic, c.ref
