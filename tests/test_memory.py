@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from rlhf_pg import memory
 from rlhf_pg import trainer as trainer_mod
 from rlhf_pg.trainer import Trainer
 
@@ -24,7 +25,7 @@ PROBE = textwrap.dedent(
     """
     import ctypes, ctypes.util, sys
     import torch
-    from rlhf_pg.memory import reuse_freed_memory
+    from rlhf_pg.memory import release_memory, reuse_freed_memory
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in (
@@ -43,7 +44,9 @@ PROBE = textwrap.dedent(
     before = mmapped_and_heap_mb(64 << 20)
     applied = reuse_freed_memory()
     after = mmapped_and_heap_mb(64 << 20)
-    print(applied, *before, *after)
+    heap_before_release = libc.mallinfo2().arena >> 20
+    release_memory()  # kept: no trim after reuse_freed_memory()
+    print(applied, *before, *after, heap_before_release, libc.mallinfo2().arena >> 20)
     """
 )
 
@@ -53,11 +56,24 @@ def test_reuse_freed_memory_serves_a_large_tensor_from_the_heap():
     """A fresh process: a 64 MiB tensor is its own mmap block by default; after reuse_freed_memory() it
     comes from the heap (which then keeps it when it is freed)."""
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
-    applied, mmap_before, heap_before, mmap_after, heap_after = out.stdout.split()
+    applied, mmap_before, _, mmap_after, heap_after, heap_unreleased, heap_released = out.stdout.split()
     assert applied == "True"
     assert int(mmap_before) >= 64  # default glibc: the tensor is its own mmap block
     assert int(mmap_after) <= int(mmap_before) - 64  # now it is not
-    assert int(heap_after) >= 64  # but in the heap
+    assert int(heap_after) >= 64  # but in the heap,
+    assert int(heap_released) == int(heap_unreleased) >= 64  # which keeps the freed block through release_memory()
+
+
+def test_release_memory_trims_unless_freed_memory_is_kept(monkeypatch):
+    """glibc's default policy: release_memory() calls malloc_trim(0); after reuse_freed_memory() it does not."""
+    calls = []
+    monkeypatch.setattr(memory, "_libc_function", lambda name: calls.append)
+    monkeypatch.setattr(memory, "_keep", False)
+    memory.release_memory()
+    assert calls == [0]
+    monkeypatch.setattr(memory, "_keep", True)
+    memory.release_memory()
+    assert calls == [0]
 
 
 @pytest.mark.parametrize("reuse", [True, False])
