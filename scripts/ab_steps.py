@@ -1,0 +1,86 @@
+"""A/B of config settings on the benchmark's workload: Trainer.step() phase times, runs alternating.
+
+    .venv/bin/python scripts/ab_steps.py train.reuse_freed_memory=false          # A = defaults, B = the override
+    .venv/bin/python scripts/ab_steps.py train.packing=false --precision no --rounds 3 --steps 8
+
+The workload is `rlhf-pg bench --against trl`'s rlhf-pg side (rlhf_pg/labs/bench.py: SmolLM2-135M-Instruct,
+8 prompts x 4, <= 64 new tokens, beta 0.04, micro-batches of 8, lr 1e-5). Each run is a fresh process (A, B,
+A, B, ...), so one setting's process-wide state (threads, allocator) cannot leak into the other. A run
+prints the median of each phase over its steps after the first (the first pays one-off costs) and its
+peak RSS; the last lines are the medians over the rounds. For a lever's effect on a phase, before
+building the whole benchmark's comparison; the machine must be otherwise idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+
+PHASES = ("rollout", "reference", "train", "step")
+
+
+def child(overrides: list[str], precision: str, steps: int) -> dict:
+    import torch
+
+    from rlhf_pg.config import parse_overrides
+    from rlhf_pg.labs.bench import BenchSpec, _config, peak_rss_mb
+    from rlhf_pg.trainer import Trainer
+
+    spec = BenchSpec(lr=1e-5)
+    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(spec, spec.kl_coef, precision, tmp)
+        if overrides:
+            from rlhf_pg.config import build_config
+
+            tree = cfg.model_dump(mode="json")
+            cfg = build_config(tree, parse_overrides(overrides))
+        tr = Trainer(cfg)
+        times: dict[str, list[float]] = {p: [] for p in PHASES}
+        for i in range(steps + 1):
+            m = tr.step()
+            if i:
+                for p in PHASES:
+                    times[p].append(m[f"time/{p}"])
+        tr.run.release()
+    return {"median": {p: statistics.median(v) for p, v in times.items()}, "steps": times, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="+", help="B's dotted key=value overrides (A: the benchmark's config)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "no"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per run (after one unmeasured)")
+    ap.add_argument("--child", choices=["A", "B"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        out = child(args.overrides if args.child == "B" else [], args.precision, args.steps)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    results: dict[str, list[dict]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for side in ("A", "B"):
+            cmd = [sys.executable, __file__, *args.overrides, "--precision", args.precision]
+            cmd += ["--steps", str(args.steps), "--child", side]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"run {side} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            res = json.loads(line[len("RESULT ") :])
+            results[side].append(res)
+            label = "defaults" if side == "A" else " ".join(args.overrides)
+            phases = "  ".join(f"{p} {res['median'][p]:6.2f} s" for p in PHASES)
+            print(f"round {r + 1} {side} ({label}): {phases}  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    for side in ("A", "B"):
+        med = {p: statistics.median(x["median"][p] for x in results[side]) for p in PHASES}
+        rss = statistics.median(x["peak_rss_mb"] for x in results[side])
+        print(f"median {side}: " + "  ".join(f"{p} {med[p]:6.2f} s" for p in PHASES) + f"  peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
