@@ -356,9 +356,10 @@ class TrainConfig(_Section):
     Needs an attention kernel that takes a custom mask (sdpa or eager); elsewhere ``shared_prefix`` applies."""
     reuse_freed_memory: bool = True
     """Keep freed memory in the process's heap for reuse (glibc ``mallopt``, once per process, lasting):
-    the large tensors of each step are then not fresh ``mmap`` blocks that the kernel must fault in and
-    zero. The training pass of the benchmark step ran ~30 % faster with it (README "Performance"). Phase
-    boundaries still hand free memory back to the OS. A no-op outside glibc."""
+    the large tensors of each step are then not fresh pages that the kernel must fault in and zero. The
+    benchmark step's training pass ran about twice as fast with it on a 2-core VM, for 0.2–0.3 GB more
+    peak RSS (README "Speed and memory"). false: glibc's defaults, and free memory handed back to the OS
+    between the phases of a step (lower RSS). A no-op outside glibc."""
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
     config.yaml."""
