@@ -359,7 +359,8 @@ class TrainConfig(_Section):
     the large tensors of each step are then not fresh pages that the kernel must fault in and zero. The
     benchmark step's training pass ran about twice as fast with it on a 2-core VM, for 0.2–0.3 GB more
     peak RSS (README "Speed and memory"). false: glibc's defaults, and free memory handed back to the OS
-    between the phases of a step (lower RSS). A no-op outside glibc."""
+    between the phases of a step (lower RSS), unless an earlier trainer of the same process set it. A
+    no-op outside glibc."""
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
     config.yaml."""

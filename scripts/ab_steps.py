@@ -26,7 +26,7 @@ PHASES = ("rollout", "reference", "train", "step")
 def child(overrides: list[str], precision: str, steps: int) -> dict:
     import torch
 
-    from rlhf_pg.config import parse_overrides
+    from rlhf_pg.config import build_config, parse_overrides
     from rlhf_pg.labs.bench import BenchSpec, _config, peak_rss_mb
     from rlhf_pg.trainer import Trainer
 
@@ -35,10 +35,7 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(spec, spec.kl_coef, precision, tmp)
         if overrides:
-            from rlhf_pg.config import build_config
-
-            tree = cfg.model_dump(mode="json")
-            cfg = build_config(tree, parse_overrides(overrides))
+            cfg = build_config(cfg.model_dump(mode="json"), parse_overrides(overrides))
         tr = Trainer(cfg)
         times: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(steps + 1):
