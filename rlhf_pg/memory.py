@@ -18,6 +18,13 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 """glibc's ``mallopt`` parameter numbers (``malloc.h``)."""
 
+TRIM_THRESHOLD = 2**31 - 1
+"""Bytes of free heap top above which glibc would trim on its own: the most ``mallopt`` takes, i.e. never."""
+
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+"""The same policy as :func:`reuse_freed_memory`, as glibc's environment variables (for another program's
+process, e.g. the benchmark's TRL children under ``--peer-heap same``)."""
+
 _keep = False
 """Whether :func:`reuse_freed_memory` applied (then :func:`release_memory` does nothing)."""
 
@@ -37,7 +44,7 @@ def reuse_freed_memory() -> bool:
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
-    _keep = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    _keep = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _keep
 
 

@@ -345,3 +345,26 @@ def test_scaling_grid_tiny():
         scaling.run_scaling(bench.BenchSpec(**TINY), [2], [2])
     with pytest.raises(UserError, match="comma-separated positive integers"):
         scaling.parse_ints("4,x", "--scale-groups")
+
+
+@pytest.mark.parametrize("peer_heap", ["default", "same"])
+def test_peer_heap_reaches_only_the_peers_children(monkeypatch, peer_heap):
+    """--peer-heap same: TRL's and the baseline's children get rlhf-pg's heap policy in their environment; ours
+    sets it itself, so its child's environment is left as it is."""
+    from rlhf_pg.memory import HEAP_ENV
+
+    envs = {}
+
+    def fake_run(cmd, env, **kw):
+        envs[json.loads(cmd[-1])["kind"]] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout=bench._MARK + "{}\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    for var in HEAP_ENV:
+        monkeypatch.delenv(var, raising=False)
+    spec = bench.spec_from_args(cli._parser().parse_args(["bench", "--against", "trl", "--peer-heap", peer_heap]))
+    for kind in ("trl", "baseline", "ours"):
+        bench._launch({"kind": kind, "spec": bench.asdict(spec)}, in_process=False)
+    for kind in ("trl", "baseline"):
+        assert all((envs[kind].get(k) == v) == (peer_heap == "same") for k, v in HEAP_ENV.items())
+    assert not any(k in envs["ours"] for k in HEAP_ENV)

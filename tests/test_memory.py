@@ -82,3 +82,16 @@ def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_config, monk
     monkeypatch.setattr(trainer_mod, "reuse_freed_memory", lambda: calls.append(1) or True)
     Trainer(tiny_config(tmp_path, train={"reuse_freed_memory": reuse}))
     assert calls == ([1] if reuse else [])
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_heap_env_is_the_same_policy_for_another_process():
+    """memory.HEAP_ENV (what the benchmark gives TRL's children under --peer-heap same): a process started with
+    it serves a 64 MiB tensor from the heap, as reuse_freed_memory() does in ours."""
+    import os
+
+    probe = PROBE.replace("applied = reuse_freed_memory()", "applied = True")
+    env = dict(os.environ, **memory.HEAP_ENV)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    _, mmap_first, heap_first, *_ = out.stdout.split()
+    assert int(mmap_first) < 64 <= int(heap_first)  # the very first tensor, before any mallopt call

@@ -130,6 +130,10 @@ class BenchSpec:
     """Run the children in this process (fast; peak RSS is then the process's, not per path). Tests only."""
     against: str = "baseline"
     """What ours is compared with: `baseline` (the plain transformers step) or `trl` (TRL's GRPOTrainer)."""
+    peer_heap: str = "default"
+    """The C heap of the other side's children (TRL, the baseline): `default` = glibc's, as a user runs them;
+    `same` = rlhf-pg's policy (``train.reuse_freed_memory``) through their environment
+    (:data:`rlhf_pg.memory.HEAP_ENV`), for a comparison of the code alone. Subprocess children only."""
 
 
 def usable_cores() -> int:
@@ -536,6 +540,10 @@ def _launch(job: dict, in_process: bool) -> dict:
     # A fresh interpreter running this very package: a source checkout's root goes first on the path
     # (an installed package is found by the child as by the parent).
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    if job["kind"] in ("trl", "baseline") and job["spec"].get("peer_heap") == "same":
+        from rlhf_pg.memory import HEAP_ENV
+
+        env.update(HEAP_ENV)
     root = Path(__file__).resolve().parents[2]  # rlhf_pg/labs/bench.py → the tree holding rlhf_pg
     if root.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)
@@ -948,6 +956,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         "--peak-seconds", type=float, default=d.peak_seconds, help="matmul-peak measurement time (0 = no MFU)"
     )
     p.add_argument(
+        "--peer-heap",
+        choices=["default", "same"],
+        default=d.peer_heap,
+        help="the C heap of TRL's / the baseline's children: glibc's default (as users run them) or rlhf-pg's "
+        "policy, for a comparison of the code alone (default: default)",
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="step cost vs group size and completion length, against TRL (labs/scaling.py; with --against trl)",
@@ -987,6 +1002,7 @@ def spec_from_args(args) -> BenchSpec:
         quality=not args.no_quality and not trl,
         peak_seconds=args.peak_seconds,
         against=against,
+        peer_heap=getattr(args, "peer_heap", d.peer_heap),
     )
 
 

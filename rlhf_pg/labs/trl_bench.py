@@ -523,7 +523,12 @@ def format_table(report: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load average at start {load}; "
         f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}",
         "rlhf-pg: Trainer.step() (token-mean, micro-batches); TRL: GRPOTrainer, loss_type dapo, scale_rewards "
-        "group, use_bias_correction_kl false, gradient_checkpointing false, shuffle_dataset false (ours' prompts)",
+        "group, use_bias_correction_kl false, gradient_checkpointing false, shuffle_dataset false (ours' prompts); "
+        + (
+            "TRL's C heap: rlhf-pg's policy (--peer-heap same)"
+            if w.get("peer_heap") == "same"
+            else "TRL's C heap: glibc's default"
+        ),
         "FLOPs (both sides alike, each for its own tokens): rollout 2*N*S, reference 2*N*S*[beta>0], train 6*N*S; "
         "MFU vs the matmul peak measured around each run, in the run's precision",
     ]
