@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,8 +89,6 @@ def test_trainer_applies_the_setting_only_when_asked(tmp_path, tiny_config, monk
 def test_heap_env_is_the_same_policy_for_another_process():
     """memory.HEAP_ENV (what the benchmark gives TRL's children under --peer-heap same): a process started with
     it serves a 64 MiB tensor from the heap, as reuse_freed_memory() does in ours."""
-    import os
-
     probe = PROBE.replace("applied = reuse_freed_memory()", "applied = True")
     env = dict(os.environ, **memory.HEAP_ENV)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
