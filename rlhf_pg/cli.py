@@ -221,6 +221,7 @@ def _launch(args) -> int:
     # The checks that need no model, once and before any process starts (otherwise every process would
     # print the same error after its imports): the recipe, the batch layout over n processes, output_dir.
     from .config import batch_plan, check_backend_processes, load_config
+    from .memory import PRELOADED_ENV, allocator_env
     from .run_dir import check_output_dir
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
@@ -228,10 +229,11 @@ def _launch(args) -> int:
     check_backend_processes(cfg, n)
     check_output_dir(cfg)
     launch_devices(n, visible_gpus())  # before any process starts
+    heap = allocator_env(cfg.train.allocator, cfg.train.reuse_freed_memory)  # every process starts with it
     cmd = accelerate_launch(n, ["-m", "rlhf_pg", "train", args.recipe, *args.overrides], "rlhf_pg.launch") + (
         ["--resume"] if args.resume else []
     )
-    env = dict(os.environ)
+    env = dict(os.environ, **heap, **({PRELOADED_ENV: "1"} if "LD_PRELOAD" in heap else {}))
     # One BLAS/OpenMP pool per process that together fill the cores; oversubscription is very slow.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     import tempfile
@@ -254,10 +256,14 @@ def _cmd_train(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    if args.from_command_line:  # not for main([...]) called in a Python process: it would be replaced
+        from .memory import exec_with_allocator
+
+        exec_with_allocator(cfg.train.allocator, cfg.train.reuse_freed_memory)  # before torch is imported
     from .run_dir import check_output_dir
-    from .trainer import Interrupted, Trainer
 
     check_output_dir(cfg)  # a previous run or a live one in output_dir: say so before loading anything
+    from .trainer import Interrupted, Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -366,6 +372,7 @@ def _cmd_push(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.from_command_line = argv is None
     if args.command is None:
         parser = _parser()
         parser.print_help()

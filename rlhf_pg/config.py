@@ -354,13 +354,21 @@ class TrainConfig(_Section):
     """Training/reference passes pack each prompt's completions into one row after one copy of the
     prompt, with no padding between them (a block attention mask; same gradients as the padded batch).
     Needs an attention kernel that takes a custom mask (sdpa or eager); elsewhere ``shared_prefix`` applies."""
+    allocator: Literal["auto", "mimalloc", "glibc"] = "auto"
+    """The process's C heap allocator. `mimalloc` (PyPI ``cmeel-mimalloc``, a dependency on Linux): reuses
+    freed blocks for the next step's tensors of the same size, which glibc 2.36 cannot for torch's
+    64-byte-aligned allocations (its heap grows and each step faults in fresh pages). It must be loaded
+    when the process starts: ``rlhf-pg train`` (also under ``--num-processes``) re-executes itself with
+    ``LD_PRELOAD`` before any work. `glibc`: the C library's malloc. `auto`: mimalloc where installed and
+    the process could start with it (the CLI), else glibc's; the run's log names which."""
     reuse_freed_memory: bool = True
-    """Keep freed memory in the process's heap for reuse (glibc ``mallopt``, once per process, lasting):
-    the large tensors of each step are then not fresh pages that the kernel must fault in and zero. The
-    benchmark step's training pass ran about twice as fast with it on a 2-core VM, for 0.2–0.3 GB more
-    peak RSS (README "Speed and memory"). false: glibc's defaults, and free memory handed back to the OS
-    between the phases of a step (lower RSS), unless an earlier trainer of the same process set it. A
-    no-op outside glibc."""
+    """Keep freed memory in the process for reuse rather than handing it back to the OS: the large
+    tensors of each step are then not fresh pages that the kernel must fault in and zero. Under mimalloc:
+    ``MIMALLOC_PURGE_DELAY=-1`` at start. Under glibc (``mallopt``, once per process, lasting): every
+    block from the heap, no trims. The benchmark step's training pass ran about twice as fast with it on a
+    2-core VM, for 0.2–0.3 GB more peak RSS (README "Speed and memory"). false: the allocator's defaults,
+    and under glibc free memory handed back to the OS between the phases of a step (lower RSS), unless an
+    earlier trainer of the same process set it."""
     save_model: bool = True
     """Save the final policy with save_pretrained into output_dir/model, with a model card (README.md) and
     config.yaml."""

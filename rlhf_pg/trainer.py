@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import TrainerState
 
-from . import core, order, setup
+from . import core, memory, order, setup
 from . import metrics as metrics_mod
 from .batch import Batch
 from .config import RunConfig
@@ -40,7 +40,7 @@ from .distributed import accumulation_boundary, gathered_for_generation
 from .errors import UserError
 from .faults import fault
 from .forward import forward, forward_no_grad
-from .memory import release_memory, reuse_freed_memory
+from .memory import release_memory
 from .metrics import GradNoise, MetricSums, Reducer, format_eval, rollout_metrics, sample_rows
 from .rewards import score_batch
 from .rollout import SamplingParams, sample
@@ -53,8 +53,7 @@ class Trainer:
         set_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if cfg.train.reuse_freed_memory:
-            reuse_freed_memory()
+        self.heap = memory.configure(cfg.train.allocator, cfg.train.reuse_freed_memory)
         c = self.components = setup.build(cfg, accelerator)
         self.acc: Accelerator = c.acc
         self.model, self.critic, self.ref = c.model, c.critic, c.ref
@@ -112,7 +111,7 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
-        run.print(setup.describe(cfg, self.components))
+        run.print(setup.describe(cfg, self.components) + f"\nC heap: {self.heap}")
         history: dict[str, Any] = {}
         if self.step_idx == 0 and cfg.train.eval_at_start:
             history["eval_start"] = ev = self.evaluate()

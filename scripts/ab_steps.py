@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/ab_steps.py train.reuse_freed_memory=false          # A = defaults, B = the override
     .venv/bin/python scripts/ab_steps.py train.packing=false --precision no --rounds 3 --steps 8
+    .venv/bin/python scripts/ab_steps.py --b-env LD_PRELOAD=/path/libmimalloc.so    # B = the same config, another env
 
 The workload is `rlhf-pg bench --against trl`'s rlhf-pg side (rlhf_pg/labs/bench.py: SmolLM2-135M-Instruct,
 8 prompts x 4, <= 64 new tokens, beta 0.04, micro-batches of 8, lr 1e-5). Each run is a fresh process (A, B,
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,40 +42,62 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
         tr = Trainer(cfg)
         times: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(steps + 1):
+            if i == 1:
+                before = resource.getrusage(resource.RUSAGE_SELF)
             m = tr.step()
             if i:
                 for p in PHASES:
                     times[p].append(m[f"time/{p}"])
+        after = resource.getrusage(resource.RUSAGE_SELF)
         tr.run.release()
-    return {"median": {p: statistics.median(v) for p, v in times.items()}, "steps": times, "peak_rss_mb": peak_rss_mb()}
+    per_step = {  # page faults and kernel CPU time: what a memory policy changes
+        "minor_faults": (after.ru_minflt - before.ru_minflt) / steps,
+        "sys_s": (after.ru_stime - before.ru_stime) / steps,
+    }
+    median = {p: statistics.median(v) for p, v in times.items()}
+    return {"median": median, "steps": times, "per_step": per_step, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="+", help="B's dotted key=value overrides (A: the benchmark's config)")
+    ap.add_argument("overrides", nargs="*", help="B's dotted key=value overrides (A: the benchmark's config)")
+    ap.add_argument(
+        "--b-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for B's processes only",
+    )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "no"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per run (after one unmeasured)")
     ap.add_argument("--child", choices=["A", "B"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    b_env = dict(kv.split("=", 1) for kv in args.b_env)
     if args.child:
         out = child(args.overrides if args.child == "B" else [], args.precision, args.steps)
         print("RESULT " + json.dumps(out), flush=True)
         return
+    if not args.overrides and not b_env:
+        ap.error("give B an override or a --b-env")
     results: dict[str, list[dict]] = {"A": [], "B": []}
     for r in range(args.rounds):
         for side in ("A", "B"):
             cmd = [sys.executable, __file__, *args.overrides, "--precision", args.precision]
             cmd += ["--steps", str(args.steps), "--child", side]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, **b_env} if side == "B" else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"run {side} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
             res = json.loads(line[len("RESULT ") :])
             results[side].append(res)
-            label = "defaults" if side == "A" else " ".join(args.overrides)
+            label = "defaults" if side == "A" else " ".join(args.overrides + args.b_env)
             phases = "  ".join(f"{p} {res['median'][p]:6.2f} s" for p in PHASES)
-            print(f"round {r + 1} {side} ({label}): {phases}  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            kernel = f"faults/step {res['per_step']['minor_faults']:.0f}  sys {res['per_step']['sys_s']:.2f} s/step"
+            print(
+                f"round {r + 1} {side} ({label}): {phases}  peak RSS {res['peak_rss_mb']:.0f} MB  {kernel}", flush=True
+            )
     for side in ("A", "B"):
         med = {p: statistics.median(x["median"][p] for x in results[side]) for p in PHASES}
         rss = statistics.median(x["peak_rss_mb"] for x in results[side])

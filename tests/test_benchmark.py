@@ -349,9 +349,9 @@ def test_scaling_grid_tiny():
 
 @pytest.mark.parametrize("peer_heap", ["default", "same"])
 def test_peer_heap_reaches_only_the_peers_children(monkeypatch, peer_heap):
-    """--peer-heap same: TRL's and the baseline's children get rlhf-pg's heap policy in their environment; ours
-    sets it itself, so its child's environment is left as it is."""
-    from rlhf_pg.memory import HEAP_ENV
+    """Ours starts with rlhf-pg's default allocator and policy (as `rlhf-pg train` does); TRL's and the
+    baseline's children get the same only under --peer-heap same, and otherwise glibc's defaults."""
+    from rlhf_pg.memory import HEAP_ENV, allocator_env
 
     envs = {}
 
@@ -360,11 +360,14 @@ def test_peer_heap_reaches_only_the_peers_children(monkeypatch, peer_heap):
         return subprocess.CompletedProcess(cmd, 0, stdout=bench._MARK + "{}\n", stderr="")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    for var in HEAP_ENV:
+    for var in (*HEAP_ENV, "LD_PRELOAD", "MIMALLOC_PURGE_DELAY"):
         monkeypatch.delenv(var, raising=False)
+    ours = allocator_env("auto", keep=True)
+    assert ours  # mimalloc's LD_PRELOAD, or glibc's variables
     spec = bench.spec_from_args(cli._parser().parse_args(["bench", "--against", "trl", "--peer-heap", peer_heap]))
     for kind in ("trl", "baseline", "ours"):
         bench._launch({"kind": kind, "spec": bench.asdict(spec)}, in_process=False)
     for kind in ("trl", "baseline"):
-        assert all((envs[kind].get(k) == v) == (peer_heap == "same") for k, v in HEAP_ENV.items())
-    assert not any(k in envs["ours"] for k in HEAP_ENV)
+        assert all((envs[kind].get(k) == v) == (peer_heap == "same") for k, v in ours.items())
+    assert all(envs["ours"].get(k) == v for k, v in ours.items())
+    assert ("same" in bench.heaps(spec)["peer"]) == (peer_heap == "same")

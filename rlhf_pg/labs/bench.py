@@ -131,9 +131,10 @@ class BenchSpec:
     against: str = "baseline"
     """What ours is compared with: `baseline` (the plain transformers step) or `trl` (TRL's GRPOTrainer)."""
     peer_heap: str = "default"
-    """The C heap of the other side's children (TRL, the baseline): `default` = glibc's, as a user runs them;
-    `same` = rlhf-pg's policy (``train.reuse_freed_memory``) through their environment
-    (:data:`rlhf_pg.memory.HEAP_ENV`), for a comparison of the code alone. Subprocess children only."""
+    """The C heap of the other side's children (TRL, the baseline): `default` = the C library's malloc with
+    glibc's defaults, as a user runs them; `same` = rlhf-pg's (``train.allocator: auto`` with
+    ``train.reuse_freed_memory``, :func:`rlhf_pg.memory.allocator_env`) through their environment, for a
+    comparison of the code alone. Subprocess children only."""
 
 
 def usable_cores() -> int:
@@ -506,6 +507,25 @@ def _child_quality(spec: BenchSpec, precision: str) -> dict:
         }
 
 
+def heap_env(kind: str, peer_heap: str) -> dict[str, str]:
+    """The environment a child of ``kind`` gets for its C heap: ours (and, under ``--peer-heap same``, TRL's
+    and the baseline's) rlhf-pg's default allocator and policy, as ``rlhf-pg train`` starts with; the peers
+    otherwise none (glibc's defaults, as a user runs them)."""
+    from rlhf_pg.memory import allocator_env
+
+    if kind in ("trl", "baseline") and peer_heap != "same":
+        return {}
+    return allocator_env("auto", keep=True)
+
+
+def heaps(spec: BenchSpec) -> dict[str, str]:
+    """Each side's C heap, for the report: ``{"rlhf-pg": ..., "peer": ...}``."""
+    from rlhf_pg.memory import resolve_allocator
+
+    ours = f"{resolve_allocator('auto')}, freed memory kept"
+    return {"rlhf-pg": ours, "peer": ours + " (--peer-heap same)" if spec.peer_heap == "same" else "glibc's default"}
+
+
 def run_child(job: dict) -> dict:
     """Run one measurement job (``kind``: ours | baseline | quality | trl) and add its peak RSS."""
     spec = BenchSpec(**job["spec"])
@@ -522,7 +542,10 @@ def run_child(job: dict) -> dict:
         res = child_trl(spec, job["beta"], job["precision"])
     else:
         raise ValueError(f"unknown job kind {kind!r}")
+    from rlhf_pg.memory import active_allocator
+
     res["peak_rss_mb"] = peak_rss_mb()
+    res["allocator"] = active_allocator()
     return res
 
 
@@ -540,10 +563,7 @@ def _launch(job: dict, in_process: bool) -> dict:
     # A fresh interpreter running this very package: a source checkout's root goes first on the path
     # (an installed package is found by the child as by the parent).
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    if job["kind"] in ("trl", "baseline") and job["spec"].get("peer_heap") == "same":
-        from rlhf_pg.memory import HEAP_ENV
-
-        env.update(HEAP_ENV)
+    env.update(heap_env(job["kind"], job["spec"].get("peer_heap", "default")))
     root = Path(__file__).resolve().parents[2]  # rlhf_pg/labs/bench.py → the tree holding rlhf_pg
     if root.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)
@@ -767,6 +787,7 @@ def run_benchmark(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[s
     return {
         "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
         "machine": machine,
+        "c_heap": heaps(spec),
         "matmul_peak_flop_per_s": peak,
         "flop_formula": metrics.FLOP_FORMULA,
         "peak_rss": "VmHWM (own high-water mark) of each child process, median over repetitions",
@@ -808,6 +829,8 @@ def _table_header(report: dict) -> list[str]:
     load = m["loadavg_at_start"]
     load = "/".join(f"{x:.2f}" for x in load) if load else "?"
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load average at start {load}")
+    if "c_heap" in report:
+        lines.append(f"C heap: rlhf-pg {report['c_heap']['rlhf-pg']}; baseline {report['c_heap']['peer']}")
     peak = report["matmul_peak_flop_per_s"]
     if peak:
         lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
@@ -960,7 +983,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         choices=["default", "same"],
         default=d.peer_heap,
         help="the C heap of TRL's / the baseline's children: glibc's default (as users run them) or rlhf-pg's "
-        "policy, for a comparison of the code alone (default: default)",
+        "allocator and policy, for a comparison of the code alone (default: default)",
     )
     p.add_argument(
         "--scaling",

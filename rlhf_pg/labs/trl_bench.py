@@ -477,6 +477,7 @@ def run_trl_comparison(spec: bench.BenchSpec, log: Callable[[str], None] = print
         "against": "trl",
         "workload": {k: v for k, v in asdict(spec).items() if k not in ("in_process",)},
         "machine": machine,
+        "c_heap": bench.heaps(spec),
         "trl_grpo_config": config,
         "flop_formula": metrics.FLOP_FORMULA,
         "matmul_peak": "per run: the mean of the peak measured right before and right after the child",
@@ -525,9 +526,9 @@ def format_table(report: dict) -> str:
         "rlhf-pg: Trainer.step() (token-mean, micro-batches); TRL: GRPOTrainer, loss_type dapo, scale_rewards "
         "group, use_bias_correction_kl false, gradient_checkpointing false, shuffle_dataset false (ours' prompts); "
         + (
-            "TRL's C heap: rlhf-pg's policy (--peer-heap same)"
-            if w.get("peer_heap") == "same"
-            else "TRL's C heap: glibc's default"
+            f"C heap: rlhf-pg {report['c_heap']['rlhf-pg']}; TRL {report['c_heap']['peer']}"
+            if "c_heap" in report  # a report written before it was recorded: the option only
+            else f"TRL's C heap: --peer-heap {w.get('peer_heap', 'default')}"
         ),
         "FLOPs (both sides alike, each for its own tokens): rollout 2*N*S, reference 2*N*S*[beta>0], train 6*N*S; "
         "MFU vs the matmul peak measured around each run, in the run's precision",
