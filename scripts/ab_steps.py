@@ -2,11 +2,12 @@
 
     .venv/bin/python scripts/ab_steps.py train.reuse_freed_memory=false          # A = defaults, B = the override
     .venv/bin/python scripts/ab_steps.py train.packing=false --precision no --rounds 3 --steps 8
-    .venv/bin/python scripts/ab_steps.py --b-env LD_PRELOAD=/path/libmimalloc.so    # B = the same config, another env
+    .venv/bin/python scripts/ab_steps.py train.allocator=glibc --b-env MALLOC_ARENA_MAX=1   # an override and an env
 
 The workload is `rlhf-pg bench --against trl`'s rlhf-pg side (rlhf_pg/labs/bench.py: SmolLM2-135M-Instruct,
 8 prompts x 4, <= 64 new tokens, beta 0.04, micro-batches of 8, lr 1e-5). Each run is a fresh process (A, B,
-A, B, ...), so one setting's process-wide state (threads, allocator) cannot leak into the other. A run
+A, B, ...), so one setting's process-wide state (threads, allocator) cannot leak into the other; each starts
+with its config's ``train.allocator``, as ``rlhf-pg train`` does. A run
 prints the median of each phase over its steps after the first (the first pays one-off costs) and its
 peak RSS; the last lines are the medians over the rounds. For a lever's effect on a phase, before
 building the whole benchmark's comparison; the machine must be otherwise idle.
@@ -27,19 +28,26 @@ PHASES = ("rollout", "reference", "train", "step")
 
 
 def child(overrides: list[str], precision: str, steps: int) -> dict:
-    import torch
-
     from rlhf_pg.config import build_config, parse_overrides
     from rlhf_pg.labs.bench import BenchSpec, _config, peak_rss_mb
-    from rlhf_pg.trainer import Trainer
+    from rlhf_pg.memory import exec_with_allocator
 
     spec = BenchSpec(lr=1e-5)
+
+    def config(out: str):
+        cfg = _config(spec, spec.kl_coef, precision, out)
+        return build_config(cfg.model_dump(mode="json"), parse_overrides(overrides)) if overrides else cfg
+
+    # as `rlhf-pg train` starts: with the config's allocator (this process starts over, before torch)
+    train = config("unused").train
+    exec_with_allocator(train.allocator, train.reuse_freed_memory)
+    import torch
+
+    from rlhf_pg.trainer import Trainer
+
     torch.set_num_threads(spec.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _config(spec, spec.kl_coef, precision, tmp)
-        if overrides:
-            cfg = build_config(cfg.model_dump(mode="json"), parse_overrides(overrides))
-        tr = Trainer(cfg)
+        tr = Trainer(config(tmp))
         times: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(steps + 1):
             if i == 1:
@@ -55,7 +63,7 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
         "sys_s": (after.ru_stime - before.ru_stime) / steps,
     }
     median = {p: statistics.median(v) for p, v in times.items()}
-    return {"median": median, "steps": times, "per_step": per_step, "peak_rss_mb": peak_rss_mb()}
+    return {"median": median, "steps": times, "per_step": per_step, "peak_rss_mb": peak_rss_mb(), "heap": tr.heap}
 
 
 def main() -> None:
@@ -94,6 +102,7 @@ def main() -> None:
             results[side].append(res)
             label = "defaults" if side == "A" else " ".join(args.overrides + args.b_env)
             phases = "  ".join(f"{p} {res['median'][p]:6.2f} s" for p in PHASES)
+            print(f"round {r + 1} {side}: C heap {res['heap']}", flush=True)
             kernel = f"faults/step {res['per_step']['minor_faults']:.0f}  sys {res['per_step']['sys_s']:.2f} s/step"
             print(
                 f"round {r + 1} {side} ({label}): {phases}  peak RSS {res['peak_rss_mb']:.0f} MB  {kernel}", flush=True
