@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .memory import Allocator
 
 TooLong = Literal["truncate", "error"]
 """data.too_long: what to do with a prompt over max_prompt_tokens (data.load_prompt_dataset takes it too)."""
@@ -354,7 +355,7 @@ class TrainConfig(_Section):
     """Training/reference passes pack each prompt's completions into one row after one copy of the
     prompt, with no padding between them (a block attention mask; same gradients as the padded batch).
     Needs an attention kernel that takes a custom mask (sdpa or eager); elsewhere ``shared_prefix`` applies."""
-    allocator: Literal["auto", "mimalloc", "glibc"] = "auto"
+    allocator: Allocator = "auto"
     """The process's C heap allocator. `mimalloc` (PyPI ``cmeel-mimalloc``, a dependency on Linux): reuses
     freed blocks for the next step's tensors of the same size, which glibc 2.36 cannot for torch's
     64-byte-aligned allocations (its heap grows and each step faults in fresh pages). It must be loaded

@@ -20,11 +20,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from typing import Literal
 
 from .errors import UserError
 
-ALLOCATORS = ("auto", "mimalloc", "glibc")
-"""``train.allocator``: `auto` = mimalloc where its library is installed (Linux), else the C library's."""
+Allocator = Literal["auto", "mimalloc", "glibc"]
+"""``train.allocator`` (the config validates it): `auto` = mimalloc where its library is installed (Linux),
+else the C library's."""
 
 PRELOADED_ENV = "RLHF_PG_PRELOADED"
 """Set in the environment of a process this module re-executed with an allocator (no second attempt)."""
@@ -92,11 +94,9 @@ def active_allocator() -> str:
     return "glibc" if _libc_function("mallopt") is not None else "libc"
 
 
-def resolve_allocator(allocator: str) -> str:
+def resolve_allocator(allocator: Allocator) -> str:
     """`mimalloc` or `glibc` for a ``train.allocator`` value; a clear error when mimalloc is asked for
     and missing."""
-    if allocator not in ALLOCATORS:
-        raise UserError(f"train.allocator={allocator!r}: choose one of {', '.join(ALLOCATORS)}")
     if allocator == "glibc":
         return "glibc"
     if mimalloc_library() is not None:
@@ -109,7 +109,7 @@ def resolve_allocator(allocator: str) -> str:
     )
 
 
-def allocator_env(allocator: str, keep: bool) -> dict[str, str]:
+def allocator_env(allocator: Allocator, keep: bool) -> dict[str, str]:
     """The environment variables that give a new process ``allocator`` (a ``train.allocator`` value) with
     the ``reuse_freed_memory`` policy ``keep``: ``LD_PRELOAD`` (prepended to the current one) for mimalloc,
     glibc's ``MALLOC_*`` variables (:data:`HEAP_ENV`) for glibc when keeping."""
@@ -119,7 +119,7 @@ def allocator_env(allocator: str, keep: bool) -> dict[str, str]:
     return dict(HEAP_ENV) if keep else {}
 
 
-def exec_with_allocator(allocator: str, keep: bool) -> None:
+def exec_with_allocator(allocator: Allocator, keep: bool) -> None:
     """Re-execute this process (the same interpreter and command line, ``sys.orig_argv``) with
     ``allocator`` preloaded, when it asks for mimalloc and runs without it. Only for a command-line
     entry point, before any work: the process image is replaced (the PID stays, so launchers that
@@ -133,7 +133,7 @@ def exec_with_allocator(allocator: str, keep: bool) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def configure(allocator: str, keep: bool) -> str:
+def configure(allocator: Allocator, keep: bool) -> str:
     """Apply ``train.allocator`` / ``train.reuse_freed_memory`` in this process (a trainer calls it once);
     returns a description for the run's log. An explicit `mimalloc` that this process does not run with
     (it must be preloaded at start: ``rlhf-pg train`` does it) is an error; `auto` then falls back to glibc."""
