@@ -121,6 +121,7 @@ class HFBackend(GenerationBackend):
         model: torch.nn.Module,
         tokenizer,
         context: Callable[[], AbstractContextManager] | None = None,
+        decode: str = "auto",
         **options: Any,
     ):
         if options:
@@ -129,6 +130,7 @@ class HFBackend(GenerationBackend):
                 "remove rollout.backend_options"
             )
         self.model, self.tokenizer, self.context = model, tokenizer, context
+        self.decode = resolve_decode(decode, model)
 
     def sampling_context(self) -> AbstractContextManager:
         return self.context() if self.context is not None else nullcontext()
@@ -142,12 +144,30 @@ class HFBackend(GenerationBackend):
         generator: torch.Generator | None = None,
     ) -> Batch:
         with rollout.sampling_mode(self.model) as model:
-            return rollout.generate(model, self.tokenizer, prompt_ids, group_size, params, generator, uniforms)
+            return rollout.generate(
+                model, self.tokenizer, prompt_ids, group_size, params, generator, uniforms, decode=self.decode
+            )
 
     @contextmanager
     def episodes(self, prompt_ids, params, uniforms=None, generator=None) -> Iterator[rollout.EpisodeSession]:
         with rollout.sampling_mode(self.model) as model:
-            yield rollout.HFEpisodeSession(model, self.tokenizer, prompt_ids, params, uniforms, generator)
+            session = rollout.LeanEpisodeSession if self.decode == "lean" else rollout.HFEpisodeSession
+            yield session(model, self.tokenizer, prompt_ids, params, uniforms, generator)
+
+
+def resolve_decode(decode: str, model: torch.nn.Module) -> str:
+    """`lean` or `hf` for ``rollout.decode`` on ``model`` (see rlhf_pg/decode.py); an explicit `lean` on a
+    model the lean step does not cover is a user error that says why."""
+    from .decode import unsupported
+
+    if decode == "hf":
+        return "hf"
+    reason = unsupported(model)
+    if reason is None:
+        return "lean"
+    if decode == "lean":
+        raise UserError(f"rollout.decode=lean cannot decode this model: {reason} — use rollout.decode=auto or hf")
+    return "hf"
 
 
 # ----------------------------------------------------------------------------------------- vllm
@@ -562,10 +582,12 @@ def make_backend(
     model: torch.nn.Module,
     tokenizer,
     context: Callable[[], AbstractContextManager] | None = None,
+    decode: str = "auto",
     **options: Any,
 ) -> GenerationBackend:
     """The backend called ``name`` (``rollout.backend``) with ``options`` (``rollout.backend_options``).
-    ``context`` reaches backends that sample with the training module (``uses_training_module``)."""
+    ``context`` and ``decode`` (``rollout.decode``) reach backends that sample with the training module
+    (``uses_training_module``)."""
     cls = BACKENDS.get(name)
     if cls is None:
         raise UserError(
@@ -573,6 +595,9 @@ def make_backend(
         )
     if cls.uses_training_module:
         options["context"] = context
+        options["decode"] = decode
+    elif decode != "auto":
+        raise UserError(f"rollout.decode={decode} applies to rollout.backend=hf only: remove it for {name}")
     return cls(model, tokenizer, **options)
 
 
@@ -583,6 +608,7 @@ __all__ = [
     "VLLMBackend",
     "VLLMEpisodeSession",
     "VLLM_MISSING",
+    "resolve_decode",
     "hf_weights",
     "make_backend",
     "merged_adapter",

@@ -143,6 +143,11 @@ class RolloutConfig(_Section):
     """Generation engine: `hf` samples with the training model itself (log-probs recorded while sampling are exact);
     `vllm` runs a vLLM engine on the GPU (pip install vllm; one process) that receives the policy's weights after each
     RL step, and the trainer recomputes the old log-probs."""
+    decode: Literal["auto", "lean", "hf"] = "auto"
+    """How the hf backend runs each decoding step: `lean` = rlhf-pg's own step for Llama-architecture models
+    (Llama, SmolLM, Mistral, Qwen2: the same arithmetic as the model's forward, the same tokens, with a preallocated
+    KV cache and none of the per-token bookkeeping; rlhf_pg/decode.py), `hf` = the model's own forward, `auto` =
+    lean where the model is covered, else hf. Single completions, multi-turn episodes and evaluation alike."""
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Backend options, e.g. for vllm `{gpu_memory_utilization: 0.3, dtype: bfloat16, max_model_len: 2048}`; none
     for hf."""

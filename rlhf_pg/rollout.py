@@ -79,12 +79,15 @@ def generate(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    decode: str = "hf",
 ) -> Batch:
     """Sample ``group_size`` completions for each prompt (token id lists) with a KV cache.
 
     Returns a :class:`Batch` of B = len(prompts)·G rows; rows i·G … i·G+G−1 belong to prompt i.
     ``uniforms`` (B, max_new_tokens) in [0, 1), if given, drive the sampling by inverse CDF (row b's
     token t uses uniforms[b, t]); otherwise ``generator`` feeds ``torch.multinomial``.
+    ``decode``: `hf` runs the model's own forward at each token, `lean` rlhf-pg's decode step
+    (:mod:`rlhf_pg.decode`, Llama-architecture models; the same arithmetic with less around it).
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -92,13 +95,13 @@ def generate(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
-    cache, logits = _prefill(model, prompt_ids, prompt_mask, G)
+    T = params.max_new_tokens
+    decoding = (_LeanDecoding if decode == "lean" else _HFDecoding)(model, prompt_ids.shape[1] + T)
+    logits = decoding.start(prompt_ids, prompt_mask, G)
     B = P * G
-    attn = prompt_mask.repeat_interleave(G, 0)  # (B_active, P + t)
-    next_pos = attn.sum(-1, keepdim=True)  # (B_active, 1): position of the next token
+    next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(G, 0)  # (B_active, 1): next position
     active = torch.arange(B, device=device)  # rows of the full batch still decoding
 
-    T = params.max_new_tokens
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((B, T), dtype=torch.float32, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
@@ -117,32 +120,72 @@ def generate(
             keep = (~done).nonzero().squeeze(-1)
             if keep.numel() == 0:
                 break
-            active, attn, next_pos, tok = active[keep], attn[keep], next_pos[keep], tok[keep]
-            cache.batch_select_indices(keep)
+            active, next_pos, tok = active[keep], next_pos[keep], tok[keep]
+            decoding.select(keep)
         if t == T - 1:
             break
-        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        logits = decoding.step(tok, next_pos)
         next_pos = next_pos + 1
 
     return _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G, pad_id)
 
 
-def _prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int):
-    """Run each prompt once; repeat its KV cache and last logits for its G samples: ((B, ...), (B, V))."""
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids(prompt_mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache, logits = out.cache, out.logits[:, -1]
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-        logits = logits.repeat_interleave(G, 0)
-    return cache, logits
+class _HFDecoding:
+    """Decoding with the model's own forward and a transformers ``DynamicCache``."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int) -> torch.Tensor:
+        """Run each prompt once; repeat its KV cache and last logits for its G samples: (B, V) logits."""
+        out = self.model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids(prompt_mask),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache, logits = out.cache, out.logits[:, -1]
+        self.attn = prompt_mask.repeat_interleave(G, 0)  # (B_active, P + t)
+        if G > 1:
+            self.cache.batch_repeat_interleave(G)
+            logits = logits.repeat_interleave(G, 0)
+        return logits
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.attn = self.attn[keep]
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=1)
+        out = self.model(
+            input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, cache=self.cache, use_cache=True
+        )
+        self.cache = out.cache
+        return out.logits[:, -1]
+
+
+class _LeanDecoding:
+    """Decoding with :class:`rlhf_pg.decode.LeanDecoder` (its own preallocated cache)."""
+
+    def __init__(self, model, capacity: int):
+        from .decode import LeanDecoder, matmul_dtype
+
+        self.dec, self.capacity = LeanDecoder(model, matmul_dtype(model)), capacity
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int) -> torch.Tensor:
+        self.dec.start(prompt_ids.shape[0], self.capacity, prompt_ids.device)
+        logits = self.dec.feed(prompt_ids, prompt_mask, position_ids(prompt_mask))
+        if G > 1:
+            self.dec.select(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(G))
+            logits = logits.repeat_interleave(G, 0)
+        return logits
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.dec.select(keep)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.dec.feed(tok[:, None], torch.ones_like(pos, dtype=torch.bool), pos)
 
 
 def _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G: int, pad_id: int) -> Batch:
@@ -277,22 +320,28 @@ class HFEpisodeSession(EpisodeSession):
         inv = torch.tensor([uniq.index(k) for k in keys], device=self.device)
         ids, mask = left_pad([list(k) for k in uniq], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
-        )
-        self.cache = out.cache
-        self.cache.batch_select_indices(inv)  # (U, ...) → (B, ...): one prefill per distinct prompt
-        self.logits = out.logits[:, -1][inv]  # (B, V): predicts each episode's first token
+        logits = self._start(ids, mask)  # (U, V)
+        self._select(inv)  # (U, ...) → (B, ...): one prefill per distinct prompt
+        self.logits = logits[inv]  # (B, V): predicts each episode's first token
         self.attn = mask[inv]  # (B, L) attention over the cache's columns (0 = padding or hole)
         self.pos = self.attn.sum(-1)  # (B,) position of each episode's next real token
         self.live = torch.arange(len(prompts), device=self.device)  # episode ids, in cache order
         self.n_actions = torch.zeros(len(prompts), dtype=torch.long, device=self.device)  # per episode
 
-    def _feed(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
-        """Run (n, L) ``tokens`` through the model; ``real`` (n, L) marks real tokens (right-aligned)."""
-        real_l = real.long()
-        self.attn = torch.cat([self.attn, real_l], 1)
-        pos = self.pos[:, None] + (real_l.cumsum(1) - 1).clamp(min=0)  # (n, L): holes reuse a position
+    # the model calls (the lean session below makes them with rlhf_pg.decode instead)
+    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Prefill the distinct prompts; their last logits (U, V)."""
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
+        )
+        self.cache = out.cache
+        return out.logits[:, -1]
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def _forward(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed (n, L) ``tokens`` at positions ``pos`` (``self.attn`` already covers them): last logits."""
         out = self.model(
             input_ids=tokens,
             attention_mask=self.attn,
@@ -302,8 +351,16 @@ class HFEpisodeSession(EpisodeSession):
             logits_to_keep=1,
         )
         self.cache = out.cache
+        return out.logits[:, -1]
+
+    def _feed(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
+        """Run (n, L) ``tokens`` through the model; ``real`` (n, L) marks real tokens (right-aligned)."""
+        real_l = real.long()
+        self.attn = torch.cat([self.attn, real_l], 1)
+        pos = self.pos[:, None] + (real_l.cumsum(1) - 1).clamp(min=0)  # (n, L): holes reuse a position
+        last = self._forward(tokens, real, pos)
         fed = real.any(1)  # episodes with at least one real token: their last one is in the last column
-        self.logits = torch.where(fed[:, None], out.logits[:, -1], self.logits)
+        self.logits = torch.where(fed[:, None], last, self.logits)
         self.pos = self.pos + real_l.sum(1)
 
     def turn(self, max_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
@@ -341,10 +398,28 @@ class HFEpisodeSession(EpisodeSession):
         idx = torch.tensor(positions, dtype=torch.long, device=self.device)
         self.live, self.attn, self.pos, self.logits = self.live[idx], self.attn[idx], self.pos[idx], self.logits[idx]
         if positions:
-            self.cache.batch_select_indices(idx)
+            self._select(idx)
 
     def extend(self, segments: list[list[int]]) -> None:
         if not segments or not any(segments):
             return
         ids, real = left_pad(segments, self.pad_id)  # holes on the left: last real token in the last column
         self._feed(ids.to(self.device), real.to(self.device).bool())
+
+
+class LeanEpisodeSession(HFEpisodeSession):
+    """:class:`HFEpisodeSession` with its model calls made by :class:`rlhf_pg.decode.LeanDecoder` (its
+    own KV cache, grown as episodes get longer): the same tokens, holes and positions."""
+
+    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from .decode import LeanDecoder, matmul_dtype
+
+        self.dec = LeanDecoder(self.model, matmul_dtype(self.model))
+        self.dec.start(ids.shape[0], ids.shape[1] + self.params.max_new_tokens, ids.device)
+        return self.dec.feed(ids, mask, position_ids(mask))
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.dec.select(rows)
+
+    def _forward(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.dec.feed(tokens, real, pos)

@@ -401,7 +401,9 @@ def build_backend(cfg: RunConfig, acc: Accelerator, model: torch.nn.Module, toke
         return stack
 
     r = cfg.rollout
-    return make_backend(r.backend, bare_policy(acc, model), tokenizer, context=context, **r.backend_options)
+    return make_backend(
+        r.backend, bare_policy(acc, model), tokenizer, context=context, decode=r.decode, **r.backend_options
+    )
 
 
 def describe(cfg: RunConfig, c: Components) -> str:

@@ -102,8 +102,8 @@ def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer
     rows, G = [3, 1], 2
     u = torch.rand(len(rows) * G, 6, generator=torch.Generator().manual_seed(0))
     tiny_model.config.use_cache = False
-    with torch.no_grad():
-        raw = generate(tiny_model, tokenizer, [prompts[r] for r in rows], G, params, uniforms=u)
+    with torch.no_grad():  # the model's forward (decode=hf), so that a hook sees each forward in the context
+        raw = generate(tiny_model, tokenizer, [prompts[r] for r in rows], G, params, uniforms=u, decode="hf")
     ref = attach_rows(raw, data.select(rows), tokenizer, G)
 
     forwards, events = [], []
@@ -116,7 +116,7 @@ def test_sample_through_hf_equals_generate_and_attach_rows(tiny_model, tokenizer
         events.append(("exit", len(forwards)))
 
     try:
-        backend = HFBackend(tiny_model, tokenizer, context=context)
+        backend = HFBackend(tiny_model, tokenizer, context=context, decode="hf")
         got = sample(backend, tokenizer, data, rows, G, params, uniforms=u)
     finally:
         hook.remove()

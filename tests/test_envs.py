@@ -626,3 +626,24 @@ def test_an_environment_that_hangs_is_stopped_by_the_timeout(cls, tiny_model, to
         assert "environment 'coin' step() at turn 1 did not return within rollout.env_timeout_s=0.3 s" in msg
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("source", ["uniforms", "generator"])
+def test_lean_decoding_samples_the_same_episodes_as_the_model_forward(tiny_model, tokenizer, one_thread, source):
+    """rollout.decode=lean (rlhf_pg/decode.py: its own cache, grown as segments arrive) against the
+    model's forward with a DynamicCache: the same episodes, tokens and log-probs bit for bit."""
+    data = small_data(tokenizer)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    out = {}
+    for decode in ("hf", "lean"):
+        spec = spec_for(tokenizer, lambda: CoinEnv(turns=3, seed=7), max_turns=3, max_episode_tokens=200)
+        backend = HFBackend(tiny_model, tokenizer, decode=decode)
+        assert backend.decode == decode
+        u = torch.rand(6, 200, generator=torch.Generator().manual_seed(3))
+        kw = {"uniforms": u} if source == "uniforms" else {"generator": torch.Generator().manual_seed(3)}
+        out[decode] = sample(backend, tokenizer, data, [0, 1, 2], 2, params, episodes=spec, **kw)
+    hf, lean = out["hf"], out["lean"]
+    assert hf.action_mask.sum() < hf.completion_mask.sum()  # there are environment segments
+    assert torch.equal(hf.completion_ids, lean.completion_ids)
+    assert torch.equal(hf.action_mask, lean.action_mask)
+    assert torch.equal(hf.old_logprobs, lean.old_logprobs)

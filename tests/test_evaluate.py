@@ -62,7 +62,7 @@ def _dataset(tokenizer):
 def _scripted_generate(tokenizer):
     by_ids = {tuple(tokenizer(q, add_special_tokens=False)["input_ids"]): q for q in QUESTIONS}
 
-    def fake(model, tok, prompts, group_size, params, generator=None, uniforms=None):
+    def fake(model, tok, prompts, group_size, params, generator=None, uniforms=None, decode="hf"):
         fake.modes.append((model.training, model.config.use_cache))
         texts = []
         for p in prompts:
