@@ -44,6 +44,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
     if name not in ARCHITECTURES:
         return f"{name} is not one of the architectures it covers ({', '.join(ARCHITECTURES)})"
     c = model.config
+    attention = getattr(c, "_attn_implementation", None)
+    if attention != "sdpa":
+        return f"it runs {attention!r} attention (the lean step reproduces 'sdpa')"
     rope = getattr(c, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"rotary scaling {rope.get('rope_type')!r} is not covered"

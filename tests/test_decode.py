@@ -116,3 +116,9 @@ def test_models_it_does_not_cover_are_named_with_the_reason(tiny_model, tokenize
         make_backend("vllm", gpt2, tokenizer, decode="lean")
     lora = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"])).get_base_model()  # in place
     assert "q_proj is a peft.tuners.lora.layer.Linear, not a torch.nn.Linear (adapters" in unsupported(lora)
+
+
+def test_a_model_running_another_attention_kernel_is_decoded_by_its_forward(tiny_model):
+    tiny_model.set_attn_implementation("eager")
+    assert "'eager' attention" in unsupported(tiny_model)
+    assert resolve_decode("auto", tiny_model) == "hf"
