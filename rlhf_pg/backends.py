@@ -151,8 +151,9 @@ class HFBackend(GenerationBackend):
     @contextmanager
     def episodes(self, prompt_ids, params, uniforms=None, generator=None) -> Iterator[rollout.EpisodeSession]:
         with rollout.sampling_mode(self.model) as model:
-            session = rollout.LeanEpisodeSession if self.decode == "lean" else rollout.HFEpisodeSession
-            yield session(model, self.tokenizer, prompt_ids, params, uniforms, generator)
+            yield rollout.HFEpisodeSession(
+                model, self.tokenizer, prompt_ids, params, uniforms, generator, decode=self.decode
+            )
 
 
 def resolve_decode(decode: str, model: torch.nn.Module) -> str:
@@ -608,11 +609,11 @@ __all__ = [
     "VLLMBackend",
     "VLLMEpisodeSession",
     "VLLM_MISSING",
-    "resolve_decode",
     "hf_weights",
     "make_backend",
     "merged_adapter",
     "request_seeds",
+    "resolve_decode",
     "vllm_engine_kwargs",
     "vllm_logprobs_match_policy",
     "vllm_outputs_to_batch",

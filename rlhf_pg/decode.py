@@ -197,10 +197,6 @@ class LeanDecoder:
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         self._reserve(L1)
         self.valid[:, L0:L1] = real.bool()
-        # a query sees the valid columns up to its own, and always itself (padding queries stay finite)
-        cols = torch.arange(L1, device=ids.device)
-        own = torch.arange(L0, L1, device=ids.device)[:, None]
-        mask = (self.valid[:, None, :L1] & (cols[None, :] <= own)[None]) | (cols[None, :] == own)[None]  # (B, n, L1)
         freqs = positions[..., None].float() * self.inv_freq.to(ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         h = F.embedding(ids, self.embed)  # (B, n, d): the residual stream's dtype is the embedding's
@@ -210,9 +206,13 @@ class LeanDecoder:
         )
         # as transformers' sdpa path: no mask at all when no column is padding and the queries are one
         # column or the whole square (then the causal flag)
-        attn_mask, causal = mask[:, None], False  # (B, 1, n, L1)
-        if (n == 1 or L0 == 0) and bool(self.valid[:, :L1].all()):
-            attn_mask, causal = None, n > 1
+        attn_mask, causal = None, n > 1
+        if not ((n == 1 or L0 == 0) and bool(self.valid[:, :L1].all())):
+            # a query sees the valid columns up to its own, and always itself (padding queries stay finite)
+            cols = torch.arange(L1, device=ids.device)
+            own = torch.arange(L0, L1, device=ids.device)[:, None]
+            allowed = (self.valid[:, None, :L1] & (cols[None, :] <= own)[None]) | (cols[None, :] == own)[None]
+            attn_mask, causal = allowed[:, None], False  # (B, 1, n, L1)
         dt = self.dtype
 
         def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, 1, D) → (B, Hkv, H/Hkv, D)

@@ -96,8 +96,8 @@ def generate(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
     T = params.max_new_tokens
-    decoding = (_LeanDecoding if decode == "lean" else _HFDecoding)(model, prompt_ids.shape[1] + T)
-    logits = decoding.start(prompt_ids, prompt_mask, G)
+    dec = decoding(decode, model, prompt_ids.shape[1] + T)
+    logits = dec.start(prompt_ids, prompt_mask, G)
     B = P * G
     next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(G, 0)  # (B_active, 1): next position
     active = torch.arange(B, device=device)  # rows of the full batch still decoding
@@ -121,17 +121,18 @@ def generate(
             if keep.numel() == 0:
                 break
             active, next_pos, tok = active[keep], next_pos[keep], tok[keep]
-            decoding.select(keep)
+            dec.select(keep)
         if t == T - 1:
             break
-        logits = decoding.step(tok, next_pos)
+        logits = dec.feed(tok[:, None], torch.ones_like(next_pos, dtype=torch.bool), next_pos)
         next_pos = next_pos + 1
 
     return _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G, pad_id)
 
 
 class _HFDecoding:
-    """Decoding with the model's own forward and a transformers ``DynamicCache``."""
+    """Decoding with the model's own forward and a transformers ``DynamicCache`` (the attention mask
+    over the cache's columns kept here: 0 = padding or a hole)."""
 
     def __init__(self, model, capacity: int):
         self.model = model
@@ -145,28 +146,36 @@ class _HFDecoding:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache, logits = out.cache, out.logits[:, -1]
-        self.attn = prompt_mask.repeat_interleave(G, 0)  # (B_active, P + t)
+        self.cache, logits, self.attn = out.cache, out.logits[:, -1], prompt_mask
         if G > 1:
-            self.cache.batch_repeat_interleave(G)
+            self.select(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(G))
             logits = logits.repeat_interleave(G, 0)
         return logits
 
-    def select(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-        self.attn = self.attn[keep]
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only cache rows ``rows``, in that order."""
+        self.cache.batch_select_indices(rows)
+        self.attn = self.attn[rows]
 
-    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=1)
+    def feed(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Append (B, n) ``tokens`` at positions ``pos``; ``real`` marks those later tokens attend to.
+        The logits of the last column, (B, V)."""
+        self.attn = torch.cat([self.attn, real.to(self.attn.dtype)], dim=1)
         out = self.model(
-            input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, cache=self.cache, use_cache=True
+            input_ids=tokens,
+            attention_mask=self.attn,
+            position_ids=pos,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self.cache = out.cache
         return out.logits[:, -1]
 
 
-class _LeanDecoding:
-    """Decoding with :class:`rlhf_pg.decode.LeanDecoder` (its own preallocated cache)."""
+class _LeanDecoding(_HFDecoding):
+    """The same calls made by :class:`rlhf_pg.decode.LeanDecoder` (its own preallocated cache, grown
+    when a feed would overflow it)."""
 
     def __init__(self, model, capacity: int):
         from .decode import LeanDecoder, matmul_dtype
@@ -177,15 +186,20 @@ class _LeanDecoding:
         self.dec.start(prompt_ids.shape[0], self.capacity, prompt_ids.device)
         logits = self.dec.feed(prompt_ids, prompt_mask, position_ids(prompt_mask))
         if G > 1:
-            self.dec.select(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(G))
+            self.select(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(G))
             logits = logits.repeat_interleave(G, 0)
         return logits
 
-    def select(self, keep: torch.Tensor) -> None:
-        self.dec.select(keep)
+    def select(self, rows: torch.Tensor) -> None:
+        self.dec.select(rows)
 
-    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.dec.feed(tok[:, None], torch.ones_like(pos, dtype=torch.bool), pos)
+    def feed(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.dec.feed(tokens, real, pos)
+
+
+def decoding(decode: str, model, capacity: int) -> _HFDecoding:
+    """The decoding calls of ``rollout.decode`` (`lean` or `hf`) for a cache of ``capacity`` columns."""
+    return (_LeanDecoding if decode == "lean" else _HFDecoding)(model, capacity)
 
 
 def _to_batch(prompt_ids, prompt_mask, tokens, logps, lengths, G: int, pad_id: int) -> Batch:
@@ -304,12 +318,13 @@ class HFEpisodeSession(EpisodeSession):
     are masked out of attention and skipped by the explicit position ids, so each episode computes
     exactly what a forward over its own compact token sequence computes (tests/test_envs.py checks
     the sampled log-probs against the trainer's forward over the trajectory). Ended episodes leave
-    the cache (``batch_select_indices``).
+    the cache. ``decode`` (``rollout.decode``): the model's forward (`hf`) or :mod:`rlhf_pg.decode`
+    (`lean`) makes the calls.
 
     ``uniforms`` (B, W): episode b's k-th sampled token uses uniforms[b, k] (k counts its actions over
     all turns), so the draws depend only on (seed, step, global row), as in :func:`generate`."""
 
-    def __init__(self, model, tokenizer, prompts, params, uniforms=None, generator=None):
+    def __init__(self, model, tokenizer, prompts, params, uniforms=None, generator=None, decode: str = "hf"):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.uniforms, self.generator = uniforms, generator
         self.device = next(model.parameters()).device
@@ -320,45 +335,19 @@ class HFEpisodeSession(EpisodeSession):
         inv = torch.tensor([uniq.index(k) for k in keys], device=self.device)
         ids, mask = left_pad([list(k) for k in uniq], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self._start(ids, mask)  # (U, V)
-        self._select(inv)  # (U, ...) → (B, ...): one prefill per distinct prompt
+        self.dec = decoding(decode, model, ids.shape[1] + params.max_new_tokens)  # (lean: grows as needed)
+        logits = self.dec.start(ids, mask, 1)  # (U, V)
+        self.dec.select(inv)  # (U, ...) → (B, ...): one prefill per distinct prompt
         self.logits = logits[inv]  # (B, V): predicts each episode's first token
-        self.attn = mask[inv]  # (B, L) attention over the cache's columns (0 = padding or hole)
-        self.pos = self.attn.sum(-1)  # (B,) position of each episode's next real token
+        self.pos = mask[inv].sum(-1)  # (B,) position of each episode's next real token
         self.live = torch.arange(len(prompts), device=self.device)  # episode ids, in cache order
         self.n_actions = torch.zeros(len(prompts), dtype=torch.long, device=self.device)  # per episode
-
-    # the model calls (the lean session below makes them with rlhf_pg.decode instead)
-    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Prefill the distinct prompts; their last logits (U, V)."""
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
-        )
-        self.cache = out.cache
-        return out.logits[:, -1]
-
-    def _select(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-
-    def _forward(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed (n, L) ``tokens`` at positions ``pos`` (``self.attn`` already covers them): last logits."""
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self.attn,
-            position_ids=pos,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.cache
-        return out.logits[:, -1]
 
     def _feed(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Run (n, L) ``tokens`` through the model; ``real`` (n, L) marks real tokens (right-aligned)."""
         real_l = real.long()
-        self.attn = torch.cat([self.attn, real_l], 1)
         pos = self.pos[:, None] + (real_l.cumsum(1) - 1).clamp(min=0)  # (n, L): holes reuse a position
-        last = self._forward(tokens, real, pos)
+        last = self.dec.feed(tokens, real, pos)
         fed = real.any(1)  # episodes with at least one real token: their last one is in the last column
         self.logits = torch.where(fed[:, None], last, self.logits)
         self.pos = self.pos + real_l.sum(1)
@@ -396,30 +385,12 @@ class HFEpisodeSession(EpisodeSession):
         if len(positions) == self.live.numel():
             return
         idx = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.live, self.attn, self.pos, self.logits = self.live[idx], self.attn[idx], self.pos[idx], self.logits[idx]
+        self.live, self.pos, self.logits = self.live[idx], self.pos[idx], self.logits[idx]
         if positions:
-            self._select(idx)
+            self.dec.select(idx)
 
     def extend(self, segments: list[list[int]]) -> None:
         if not segments or not any(segments):
             return
         ids, real = left_pad(segments, self.pad_id)  # holes on the left: last real token in the last column
         self._feed(ids.to(self.device), real.to(self.device).bool())
-
-
-class LeanEpisodeSession(HFEpisodeSession):
-    """:class:`HFEpisodeSession` with its model calls made by :class:`rlhf_pg.decode.LeanDecoder` (its
-    own KV cache, grown as episodes get longer): the same tokens, holes and positions."""
-
-    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from .decode import LeanDecoder, matmul_dtype
-
-        self.dec = LeanDecoder(self.model, matmul_dtype(self.model))
-        self.dec.start(ids.shape[0], ids.shape[1] + self.params.max_new_tokens, ids.device)
-        return self.dec.feed(ids, mask, position_ids(mask))
-
-    def _select(self, rows: torch.Tensor) -> None:
-        self.dec.select(rows)
-
-    def _forward(self, tokens: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.dec.feed(tokens, real, pos)
