@@ -16,6 +16,9 @@ Each line is the best of ``--repeats`` timings of one phase with one lever chang
   construction with the fp32 reference: the policy and reference are the same weights);
 * ``--matmul``: the model's linear-layer shapes at decode-sized (8, 32) and training-sized (256) rows,
   ``F.linear`` against weights prepacked for oneDNN (bf16, ``torch.utils.mkldnn``) and MKL (fp32);
+* ``--compile-layers``: the training and reference passes with every decoder layer compiled
+  (``layer.compile(dynamic=True)``, regional compilation: one graph serves all layers) against eager,
+  on the same batch: the first calls (compilation) and the compiled ones, and how far the log-probs move;
 * ``--compile-sampling``: decoding with ``torch.compile(forward, dynamic=True)`` on a bf16 copy: the first
   call (compilation) and the later ones, against eager.
 
@@ -49,7 +52,10 @@ def main() -> None:
     ap.add_argument("--micro-batches", default="8,16,32")
     ap.add_argument("--matmul", action="store_true", help="also time linear-layer shapes, plain vs prepacked")
     ap.add_argument("--compile-sampling", action="store_true", help="also time torch.compile'd decoding")
+    ap.add_argument("--compile-layers", action="store_true", help="also time the passes with compiled layers")
+    ap.add_argument("--only-compile-layers", action="store_true", help="skip the other levers (implies the above)")
     args = ap.parse_args()
+    args.compile_layers |= args.only_compile_layers
     if args.matmul:
         matmul_shapes()
     cfg = build_config(
@@ -85,6 +91,10 @@ def main() -> None:
         f"(longest {m.shape[1]}); precision {args.precision}; passes: packed={tr.passes.packed}"
     )
     base = tr.passes
+    if args.only_compile_layers:
+        compile_layers(tr, batch, timed, last)
+        tr.run.release()
+        return
     layouts = {name: with_layout(base, name) for name in LAYOUTS}
     sizes = [int(x) for x in args.micro_batches.split(",")]
 
@@ -122,6 +132,8 @@ def main() -> None:
             tr.passes, tr.cfg.batch.micro_batch_size = ps, mbs
             timed(f"train (fwd+bwd+AdamW), {name}, micro-batch {mbs}", lambda: tr.optimise(batch))
     tr.passes, tr.cfg.batch.micro_batch_size = base, 8
+    if args.compile_layers:
+        compile_layers(tr, batch, timed, last)
 
     # ---- sampling: autocast over fp32 weights vs a bf16 working copy
     if args.precision == "bf16":
@@ -162,6 +174,40 @@ def main() -> None:
                 f"{1e3 * t_a / n[0]:.1f}, bf16 copy {1e3 * t_b / n[1]:.1f}, compiled {1e3 * last[0] / n[2]:.1f}"
             )
     tr.run.release()
+
+
+def compile_layers(tr: Trainer, batch, timed, last) -> None:
+    """The reference and training passes (packed, micro-batches of 8) eager, then with each decoder layer of
+    the policy and the reference compiled (``layer.compile(dynamic=True)``); the first compiled calls pay
+    the compilation. Prints the times and the largest change of the log-probs."""
+    if batch.ref_logprobs is None:
+        batch.ref_logprobs = forward_no_grad(tr.ref, batch, tr.passes, 8).logprobs
+        score_batch(tr.rewards, batch, tr.trainer_state())
+        tr.compute_advantages(batch)
+        tr.optimise(batch)  # AdamW's moments exist before anything is timed
+    m = batch.completion_mask
+    ref_eager = timed("reference pass, eager layers", lambda: forward_no_grad(tr.ref, batch, tr.passes, 8))
+    t_ref = last[0]
+    timed("train (fwd+bwd+AdamW), eager layers", lambda: tr.optimise(batch))
+    t_train = last[0]
+    for model in (tr.policy, tr.ref):
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    t0 = time.perf_counter()
+    first = forward_no_grad(tr.ref, batch, tr.passes, 8)
+    print(f"{'reference pass, compiled layers: first call':52s} {time.perf_counter() - t0:7.2f} s   (compiles)")
+    t0 = time.perf_counter()
+    tr.optimise(batch)
+    print(f"{'train, compiled layers: first call':52s} {time.perf_counter() - t0:7.2f} s   (compiles)")
+    comp = timed("reference pass, compiled layers", lambda: forward_no_grad(tr.ref, batch, tr.passes, 8))
+    c_ref = last[0]
+    timed("train (fwd+bwd+AdamW), compiled layers", lambda: tr.optimise(batch))
+    d = ((comp.logprobs - ref_eager.logprobs) * m).abs()
+    print(
+        f"  compiled / eager: reference {c_ref / t_ref:.2f}, train {last[0] / t_train:.2f}; reference log-probs "
+        f"move by {d.sum().item() / m.sum().item():.1e} on average (max {d.max().item():.1e}); first-call "
+        f"log-probs equal the later ones: {torch.equal(first.logprobs, comp.logprobs)}"
+    )
 
 
 def _ms(fn, repeats: int) -> float:

@@ -4,8 +4,10 @@ GFLOP/s (the run's own perf/* metrics), then the ops by self CPU time.
     .venv/bin/python scripts/profile_step.py                       # SmolLM2, 8 prompts x 4, 64 tokens, bf16
     .venv/bin/python scripts/profile_step.py --precision no --rows 40
 
-One unprofiled warm-up step first; the profiled step is the second. For finding where a step's time
-goes before changing anything (issue 14); the benchmark (`rlhf-pg bench`) is what measures speed-ups.
+One unprofiled warm-up step first; the profiled step is the second. The process starts with the C heap
+that `rlhf-pg train` gives a run (mimalloc where installed), so the profile shows the allocator users get.
+For finding where a step's time goes before changing anything (issue 14); the benchmark (`rlhf-pg bench`)
+is what measures speed-ups.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rlhf_pg.config import build_config
+from rlhf_pg.memory import exec_with_allocator
 from rlhf_pg.trainer import Trainer
 
 
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--rows", type=int, default=25, help="ops to list")
     args = ap.parse_args()
+    exec_with_allocator("auto", keep=True)  # as `rlhf-pg train` starts (the process starts over once)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(
