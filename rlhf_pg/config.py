@@ -123,7 +123,15 @@ class BatchConfig(_Section):
     """Completions per optimizer step, GLOBAL; divides the rollout and is a multiple of the process count.
     null = the whole rollout (one optimizer step per epoch)."""
     micro_batch_size: int = Field(8, ge=1)
-    """Completions per forward/backward, PER PROCESS; a minibatch is accumulated over micro-batches."""
+    """Completions per forward/backward, PER PROCESS; a minibatch is accumulated over micro-batches. With
+    `micro_batch_tokens`, the most completions in one."""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Token budget of one forward/backward, PER PROCESS (null = off: fixed micro-batches of `micro_batch_size`).
+    Consecutive completions share a micro-batch while their tokens (completions' real tokens, each distinct
+    prompt once, as the packed passes run them) fit the budget and they are at most `micro_batch_size`: the
+    activations' memory is bounded by tokens, not by completions, and short completions make larger, faster
+    micro-batches. The same gradient up to rounding (every loss is normalised by the minibatch's global counts).
+    E.g. `micro_batch_size: 64, micro_batch_tokens: 2048`."""
     eval_batch_size: int = Field(64, ge=1)
     """Prompts per generation batch during evaluation (greedy decoding), PER PROCESS."""
 
@@ -662,6 +670,7 @@ class BatchPlan:
     minibatch_size: int
     micro_batch_size: int
     world: int
+    micro_batch_tokens: int | None = None
 
     @property
     def rollout(self) -> int:
@@ -678,13 +687,19 @@ class BatchPlan:
         """Optimizer steps per RL step."""
         return self.epochs * self.minibatches
 
+    @property
+    def _micro(self) -> str:
+        if self.micro_batch_tokens is None:
+            return str(self.micro_batch_size)
+        return f"≤ {self.micro_batch_size} completions and ≤ {self.micro_batch_tokens} tokens"
+
     def describe(self) -> str:
         per = f" ({self.minibatch_size // self.world} per process)" if self.world > 1 else ""
         return (
             f"{self.rollout} completions = {self.prompts} prompts × {self.group_size}; "
             f"{self.epochs} epoch{'s' * (self.epochs > 1)} of {self.minibatches} minibatch"
             f"{'es' * (self.minibatches > 1)} of {self.minibatch_size}{per}; micro-batches of "
-            f"{self.micro_batch_size} per process; {self.optimizer_steps} optimizer step"
+            f"{self._micro} per process; {self.optimizer_steps} optimizer step"
             f"{'s' * (self.optimizer_steps > 1)} per RL step"
         )
 
@@ -714,7 +729,7 @@ def batch_plan(cfg: RunConfig, world: int) -> BatchPlan:
             f"batch.minibatch_size={mb} is not divisible by the {world} processes (each process "
             f"takes an equal share of every minibatch): choose a multiple of {world}"
         )
-    return BatchPlan(b.prompts_per_step, b.group_size, b.epochs, mb, b.micro_batch_size, world)
+    return BatchPlan(b.prompts_per_step, b.group_size, b.epochs, mb, b.micro_batch_size, world, b.micro_batch_tokens)
 
 
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

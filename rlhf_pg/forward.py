@@ -278,12 +278,18 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def forward_no_grad(model, batch: Batch, s: PassSettings, micro_batch_size: int) -> ForwardResult:
-    """:func:`forward` over the whole batch in micro-batches, without gradients; results concatenated."""
-    parts = [
-        forward(model, batch.select(torch.arange(i, min(i + micro_batch_size, batch.size))), s)
-        for i in range(0, batch.size, micro_batch_size)
-    ]
+def forward_no_grad(
+    model, batch: Batch, s: PassSettings, micro_batch_size: int = 8, *, micro_batches: list[torch.Tensor] | None = None
+) -> ForwardResult:
+    """:func:`forward` over the whole batch in micro-batches, without gradients; results concatenated in the
+    batch's order. The micro-batches: ``micro_batches`` (row indices, consecutive, e.g. from
+    :func:`rlhf_pg.order.micro_batches` with a token budget), else chunks of ``micro_batch_size`` completions."""
+    rows = (
+        micro_batches
+        if micro_batches is not None
+        else [torch.arange(i, min(i + micro_batch_size, batch.size)) for i in range(0, batch.size, micro_batch_size)]
+    )
+    parts = [forward(model, batch.select(r.to(batch.completion_mask.device)), s) for r in rows]
 
     def cat(name: str) -> torch.Tensor | None:
         xs = [getattr(p, name) for p in parts]

@@ -7,12 +7,15 @@ uninterrupted single-process run with the same global batch:
   split contiguously across processes (a prompt's G samples stay on one process);
 * :func:`rollout_uniforms` — the step's (completions, max_new_tokens) sampling uniforms, one row per
   GLOBAL completion, sliced to this process's rows;
-* :func:`minibatch_partition` — this process's rows of each minibatch, derived from global rows.
+* :func:`minibatch_partition` — this process's rows of each minibatch, derived from global rows;
+* :func:`micro_batches` — how a minibatch (or a whole batch, for the passes without gradients) is cut
+  into micro-batches: a fixed number of completions, or as many as fit a token budget.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,3 +81,50 @@ def minibatch_partition(
     deal = torch.argsort(torch.rand(n_completions // K, K, generator=g), dim=1).reshape(-1)  # (B,) minibatch of a row
     mine = deal[rank * per_rank : (rank + 1) * per_rank]  # (B/N,)
     return [(mine == k).nonzero().squeeze(-1) for k in range(K)]
+
+
+def micro_batches(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    max_rows: int,
+    max_tokens: int | None = None,
+    count_max: Callable[[int], int] | None = None,
+) -> list[torch.Tensor]:
+    """Row indices (consecutive, in order) of each micro-batch of a (B, ·) batch.
+
+    Without ``max_tokens``: chunks of ``max_rows`` rows. With it, rows join the current micro-batch
+    until the next one would take its tokens over ``max_tokens`` or its rows over ``max_rows``; a
+    micro-batch's tokens are its completions' real tokens plus each distinct prompt's once, which is
+    what the packed passes run (forward.packed_forward), so the budget bounds their activations
+    whatever the completions' lengths. A single row longer than the budget is a micro-batch of its own.
+
+    ``count_max`` (several processes): maps this process's number of micro-batches to the largest over
+    the processes; the largest micro-batches are then halved until every process runs that many, since
+    sharded models (FSDP, ZeRO-3) meet in collectives at every forward."""
+    B = completion_mask.shape[0]
+    if max_tokens is None:
+        return [torch.arange(i, min(i + max_rows, B)) for i in range(0, B, max_rows)]
+    _, prompt_of = torch.unique(prompt_ids, dim=0, return_inverse=True)
+    plen, clen = prompt_mask.sum(-1).tolist(), completion_mask.sum(-1).tolist()
+    bounds: list[list[int]] = []  # [first row, end row) of each micro-batch
+    tokens, seen = 0, set()
+    for b, u in enumerate(prompt_of.tolist()):
+        add = clen[b] + (plen[b] if u not in seen else 0)
+        if bounds and bounds[-1][1] - bounds[-1][0] < max_rows and tokens + add <= max_tokens:
+            bounds[-1][1] = b + 1
+            tokens += add
+        else:
+            bounds.append([b, b + 1])
+            tokens, seen = clen[b] + plen[b], set()
+        seen.add(u)
+    if count_max is not None:
+        target = count_max(len(bounds))
+        while len(bounds) < target:
+            i = max(range(len(bounds)), key=lambda j: bounds[j][1] - bounds[j][0])
+            lo, hi = bounds[i]
+            if hi - lo < 2:
+                raise RuntimeError(f"cannot cut {B} rows into {target} micro-batches")
+            mid = (lo + hi) // 2
+            bounds[i : i + 1] = [[lo, mid], [mid, hi]]
+    return [torch.arange(lo, hi) for lo, hi in bounds]

@@ -251,9 +251,34 @@ class Trainer:
         release_memory()
         return batch
 
+    def micro_batches(self, batch: Batch) -> list[torch.Tensor]:
+        """Row indices of each micro-batch of ``batch`` (a minibatch, or a whole batch for the passes without
+        gradients): ``batch.micro_batch_size`` completions, within ``batch.micro_batch_tokens`` tokens when set,
+        as many on every process (order.micro_batches)."""
+        b = self.cfg.batch
+        count_max = None
+        if self.world > 1 and b.micro_batch_tokens is not None:
+
+            def count_max(n: int) -> int:
+                return int(self.reduce.gather(torch.tensor([n], device=self.acc.device)).max().item())
+
+        return order.micro_batches(
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_mask,
+            b.micro_batch_size,
+            b.micro_batch_tokens,
+            count_max,
+        )
+
+    def _no_grad_pass(self, model, batch: Batch):
+        """:func:`forward_no_grad` of ``model`` over ``batch``, in this run's micro-batches."""
+        rows = self.micro_batches(batch)
+        return forward_no_grad(model, batch, self.passes, micro_batches=rows)
+
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
         """(B, T) log π(a_t|s_t) of ``model`` (no gradients, micro-batched)."""
-        return forward_no_grad(model, batch, self.passes, self.cfg.batch.micro_batch_size).logprobs
+        return self._no_grad_pass(model, batch).logprobs
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """(B, T) log π_ref: the reference model, or under LoRA the policy with its adapter off."""
@@ -266,7 +291,7 @@ class Trainer:
     def values(self, batch: Batch) -> torch.Tensor:
         """(B, T) V(s_t) from the value head or the separate critic (no gradients)."""
         model = self.acc.unwrap_model(self.critic or self.model)
-        return forward_no_grad(model, batch, self.passes, self.cfg.batch.micro_batch_size).values
+        return self._no_grad_pass(model, batch).values
 
     def compute_advantages(self, batch: Batch) -> None:
         """Fill ``advantages``, ``returns`` and ``baseline`` with the configured estimator (+ whitening).
@@ -318,23 +343,23 @@ class Trainer:
     def optimizer_step(self, minibatch: Batch, sums: MetricSums) -> tuple[float, float, tuple | None]:
         """Accumulate the minibatch's gradient over micro-batches, clip, step. Returns (grad norm,
         loss, gradient-noise estimate or None)."""
-        cfg, mbs = self.cfg, self.cfg.batch.micro_batch_size
+        cfg = self.cfg
         m_all = minibatch.action_mask
         n = core.Normalisers(
             num_tokens=self.reduce.sum(m_all.sum()).item(),
             num_seqs=self.reduce.sum(torch.tensor(float(minibatch.size), device=m_all.device)).item(),
             max_tokens=cfg.rollout.max_new_tokens,
         )
-        starts = list(range(0, minibatch.size, mbs))
+        parts = self.micro_batches(minibatch)
         noise = (
             GradNoise(self._trainable_params(), self.algo.aggregation.unit, n.num_tokens, n.num_seqs)
-            if cfg.train.grad_noise_scale and len(starts) > 1 and self.world == 1
+            if cfg.train.grad_noise_scale and len(parts) > 1 and self.world == 1
             else None
         )
         loss_total = 0.0
-        for i, start in enumerate(starts):
-            mb = minibatch.select(torch.arange(start, min(start + mbs, minibatch.size)))
-            with accumulation_boundary(self.acc, (self.model, self.critic), sync=i == len(starts) - 1):
+        for i, rows in enumerate(parts):
+            mb = minibatch.select(rows.to(m_all.device))
+            with accumulation_boundary(self.acc, (self.model, self.critic), sync=i == len(parts) - 1):
                 loss = self.micro_batch_loss(mb, n, sums)
                 # DDP averages gradients over processes; the global normaliser already accounts for
                 # them, so undo the average.

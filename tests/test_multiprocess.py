@@ -67,6 +67,21 @@ RECIPES = {
         algo={"name": "grpo", "kl_coef": 0.05, "entropy_coef": 0.01},
         train=FAST,
     ),
+    # micro-batches by a token budget (batch.micro_batch_tokens): each process cuts its rows by its own
+    # completions' lengths, and both then run as many micro-batches (the sharded engines meet at every forward)
+    "grpo-token-budget": dict(
+        seed=11,
+        data={"eval_limit": 6},
+        batch={
+            "prompts_per_step": 4,
+            "group_size": 2,
+            "micro_batch_size": 4,
+            "micro_batch_tokens": 24,
+            "eval_batch_size": 2,
+        },
+        algo={"name": "grpo", "kl_coef": 0.05},
+        train=FAST,
+    ),
     # the PPO preset: value head, GAE, whitening over the global batch, 2 epochs × 2 minibatches (old
     # log-probs differ from current; each minibatch is drawn from GLOBAL rows, half on each process)
     "ppo": dict(
@@ -133,7 +148,7 @@ def test_two_processes_equal_one_process(tmp_path, algo, one_thread, tiny_recipe
 
     # the gradient of every optimizer step: equal on both ranks, and to the 1-process gradient
     n_opt = tr.cfg.train.max_steps * tr.plan.optimizer_steps
-    assert n_opt == {"grpo": 2, "ppo": 8, "episodes": 2}[algo]
+    assert n_opt == {"grpo": 2, "grpo-token-budget": 2, "ppo": 8, "episodes": 2}[algo]
     assert len(grads_one) == len(r0["grads"]) == len(r1["grads"]) == n_opt
     for i, (g1, g0, gr1) in enumerate(zip(grads_one, r0["grads"], r1["grads"])):
         assert g1.keys() == g0.keys()

@@ -121,6 +121,54 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg, tiny_confi
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)  # float summation order
 
 
+def test_token_budget_micro_batches_give_the_same_gradient_and_reference(tmp_path, tiny_config):
+    """batch.micro_batch_tokens: each training and reference micro-batch within the budget (completions'
+    tokens + each distinct prompt once), and the same gradient and reference log-probs as one micro-batch."""
+    grads, refs, seen_mbs = [], [], []
+    for budget in (None, "small"):
+        cfg = tiny_config(
+            tmp_path / str(budget),
+            algo={"kl_coef": 0.05},
+            batch={"micro_batch_size": 8},
+            train={"max_steps": 1, "eval_at_start": False},
+        )
+        tr = Trainer(cfg)
+        batch = tr.rollout()
+        if budget == "small":  # about two completions per micro-batch: several micro-batches
+            budget = int(batch.prompt_mask.sum(-1).max() + 2 * batch.completion_mask.shape[1])
+            tr.cfg.batch.micro_batch_tokens = budget
+        tr.rollout = lambda step=None, b=batch: b  # the same sampled batch for both
+        got, mbs = {}, []
+        real_step, real_loss, real_logprobs = tr.optimizer.step, tr.micro_batch_loss, tr.logprobs
+
+        def capture(*a, **k):
+            got.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+            return real_step(*a, **k)
+
+        def loss(mb, n, sums):
+            mbs.append(mb)
+            return real_loss(mb, n, sums)
+
+        def logprobs(model, b):
+            out = real_logprobs(model, b)
+            refs.append(out)
+            return out
+
+        tr.optimizer.step, tr.micro_batch_loss, tr.logprobs = capture, loss, logprobs
+        tr.step()
+        grads.append(got)
+        seen_mbs.append((budget, mbs))
+    assert len(seen_mbs[0][1]) == 1
+    budget, mbs = seen_mbs[1]
+    assert len(mbs) > 1 and sum(mb.size for mb in mbs) == 8
+    for mb in mbs:
+        uniq = {tuple(r.tolist()): m.sum().item() for r, m in zip(mb.prompt_ids, mb.prompt_mask)}
+        assert sum(uniq.values()) + mb.completion_mask.sum().item() <= budget or mb.size == 1
+    torch.testing.assert_close(refs[0], refs[1], atol=1e-6, rtol=1e-5)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)  # float summation order
+
+
 def test_existing_run_is_not_clobbered(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, train={"max_steps": 0, "eval_at_start": False, "save_model": False})
     Trainer(cfg).train()
