@@ -129,7 +129,7 @@ class BatchConfig(_Section):
     """Token budget of one forward/backward, PER PROCESS (null = off: fixed micro-batches of `micro_batch_size`).
     Consecutive completions share a micro-batch while their tokens (completions' real tokens, each distinct
     prompt once, as the packed passes run them) fit the budget and they are at most `micro_batch_size`: the
-    activations' memory is bounded by tokens, not by completions, and short completions make larger, faster
+    activations' memory is bounded by tokens, not by completions, and short completions make larger
     micro-batches. The same gradient up to rounding (every loss is normalised by the minibatch's global counts).
     E.g. `micro_batch_size: 64, micro_batch_tokens: 2048`."""
     eval_batch_size: int = Field(64, ge=1)

@@ -8,9 +8,12 @@ The workload is `rlhf-pg bench --against trl`'s rlhf-pg side (rlhf_pg/labs/bench
 8 prompts x 4, <= 64 new tokens, beta 0.04, micro-batches of 8, lr 1e-5). Each run is a fresh process (A, B,
 A, B, ...), so one setting's process-wide state (threads, allocator) cannot leak into the other; each starts
 with its config's ``train.allocator``, as ``rlhf-pg train`` does. A run
-prints the median of each phase over its steps after the first (the first pays one-off costs) and its
-peak RSS; the last lines are the medians over the rounds. For a lever's effect on a phase, before
-building the whole benchmark's comparison; the machine must be otherwise idle.
+prints the median of each phase over its steps after the first (the first pays one-off costs), the completion
+tokens per step, the training pass's and the step's seconds per 1k of them (all measured steps' time over
+all their tokens: two settings sample different completions after the first update, so compare per token),
+and its peak RSS; the last lines are the medians over the rounds. For
+a lever's effect on a phase, before building the whole benchmark's comparison; the machine must be
+otherwise idle.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(config(tmp))
         times: dict[str, list[float]] = {p: [] for p in PHASES}
+        tokens: list[float] = []
         for i in range(steps + 1):
             if i == 1:
                 before = resource.getrusage(resource.RUSAGE_SELF)
@@ -56,6 +60,7 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
             if i:
                 for p in PHASES:
                     times[p].append(m[f"time/{p}"])
+                tokens.append(m["completion_len"] * tr.plan.rollout)
         after = resource.getrusage(resource.RUSAGE_SELF)
         tr.run.release()
     per_step = {  # page faults and kernel CPU time: what a memory policy changes
@@ -63,6 +68,10 @@ def child(overrides: list[str], precision: str, steps: int) -> dict:
         "sys_s": (after.ru_stime - before.ru_stime) / steps,
     }
     median = {p: statistics.median(v) for p, v in times.items()}
+    # the settings compared change what is sampled after the first update (float rounding): time per token
+    median["tokens"] = statistics.median(tokens)
+    for p in ("train", "step"):  # over all measured steps: Σ time / Σ tokens
+        median[f"{p}_per_1k"] = 1e3 * sum(times[p]) / sum(tokens)
     return {"median": median, "steps": times, "per_step": per_step, "peak_rss_mb": peak_rss_mb(), "heap": tr.heap}
 
 
@@ -101,16 +110,28 @@ def main() -> None:
             res = json.loads(line[len("RESULT ") :])
             results[side].append(res)
             label = "defaults" if side == "A" else " ".join(args.overrides + args.b_env)
-            phases = "  ".join(f"{p} {res['median'][p]:6.2f} s" for p in PHASES)
+            phases = "  ".join(f"{p} {res['median'][p]:6.2f} s" for p in PHASES) + _per_token(res["median"])
             print(f"round {r + 1} {side}: C heap {res['heap']}", flush=True)
             kernel = f"faults/step {res['per_step']['minor_faults']:.0f}  sys {res['per_step']['sys_s']:.2f} s/step"
             print(
                 f"round {r + 1} {side} ({label}): {phases}  peak RSS {res['peak_rss_mb']:.0f} MB  {kernel}", flush=True
             )
     for side in ("A", "B"):
-        med = {p: statistics.median(x["median"][p] for x in results[side]) for p in PHASES}
+        med = {p: statistics.median(x["median"][p] for x in results[side]) for p in (*PHASES, *PER_TOKEN)}
         rss = statistics.median(x["peak_rss_mb"] for x in results[side])
-        print(f"median {side}: " + "  ".join(f"{p} {med[p]:6.2f} s" for p in PHASES) + f"  peak RSS {rss:.0f} MB")
+        phases = "  ".join(f"{p} {med[p]:6.2f} s" for p in PHASES) + _per_token(med)
+        print(f"median {side}: {phases}  peak RSS {rss:.0f} MB")
+
+
+PER_TOKEN = ("tokens", "train_per_1k", "step_per_1k")
+
+
+def _per_token(median: dict) -> str:
+    """Completion tokens per step (median) and the train and step seconds per 1k of them, where the run has them."""
+    if "tokens" not in median:
+        return ""
+    per = "  ".join(f"{p}/1k tok {median[f'{p}_per_1k']:5.2f} s" for p in ("train", "step"))
+    return f"  tokens {median['tokens']:.0f}  {per}"
 
 
 if __name__ == "__main__":

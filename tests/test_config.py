@@ -139,6 +139,16 @@ def test_batch_plan_per_process():
         batch_plan(cfg, world=4)
 
 
+def test_batch_plan_with_a_token_budget():
+    from rlhf_pg.config import batch_plan
+
+    cfg = load_config(None, ["batch.micro_batch_size=64", "batch.micro_batch_tokens=2048"])
+    assert "micro-batches of ≤ 64 completions and ≤ 2048 tokens per process" in batch_plan(cfg, world=1).describe()
+    with pytest.raises(UserError) as e:
+        load_config(None, ["batch.micro_batch_tokens=0"])
+    assert "batch.micro_batch_tokens" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
