@@ -527,7 +527,15 @@ with gathered_for_generation(Acc, ddp) as gen:
 res["ddp_gathers"] = GATHERS[0] - g0
 with open(f"{OUT}/result_{rank}.json", "w") as f:
     json.dump(res, f)
+# Teardown: both ranks done with every collective before the group goes, then no interpreter teardown (a
+# clean-clone CI run once saw rank 1 abort in exit-time cleanup, "terminate called without an active
+# exception", after both results were written).
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+import os
+os._exit(0)
 """
 
 
