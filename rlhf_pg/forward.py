@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import core
+from . import core, order
 from .batch import Batch
 from .rollout import position_ids
 
@@ -278,16 +278,14 @@ def shared_prefix_forward(model, pids, pmask, cids, cmask) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def forward_no_grad(
-    model, batch: Batch, s: PassSettings, micro_batch_size: int = 8, *, micro_batches: list[torch.Tensor] | None = None
-) -> ForwardResult:
+def forward_no_grad(model, batch: Batch, s: PassSettings, micro_batches: int | list[torch.Tensor]) -> ForwardResult:
     """:func:`forward` over the whole batch in micro-batches, without gradients; results concatenated in the
-    batch's order. The micro-batches: ``micro_batches`` (row indices, consecutive, e.g. from
-    :func:`rlhf_pg.order.micro_batches` with a token budget), else chunks of ``micro_batch_size`` completions."""
+    batch's order. ``micro_batches``: the row indices of each (consecutive, e.g. ``Trainer.micro_batches``
+    with a token budget), or a number of completions per micro-batch."""
     rows = (
         micro_batches
-        if micro_batches is not None
-        else [torch.arange(i, min(i + micro_batch_size, batch.size)) for i in range(0, batch.size, micro_batch_size)]
+        if not isinstance(micro_batches, int)
+        else order.micro_batches(batch.prompt_ids, batch.prompt_mask, batch.completion_mask, micro_batches)
     )
     parts = [forward(model, batch.select(r.to(batch.completion_mask.device)), s) for r in rows]
 

@@ -273,8 +273,7 @@ class Trainer:
 
     def _no_grad_pass(self, model, batch: Batch):
         """:func:`forward_no_grad` of ``model`` over ``batch``, in this run's micro-batches."""
-        rows = self.micro_batches(batch)
-        return forward_no_grad(model, batch, self.passes, micro_batches=rows)
+        return forward_no_grad(model, batch, self.passes, self.micro_batches(batch))
 
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
         """(B, T) log π(a_t|s_t) of ``model`` (no gradients, micro-batched)."""

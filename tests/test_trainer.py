@@ -122,8 +122,9 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, agg, tiny_confi
 
 
 def test_token_budget_micro_batches_give_the_same_gradient_and_reference(tmp_path, tiny_config):
-    """batch.micro_batch_tokens: each training and reference micro-batch within the budget (completions'
-    tokens + each distinct prompt once), and the same gradient and reference log-probs as one micro-batch."""
+    """batch.micro_batch_tokens: each training micro-batch within the budget (completions' tokens + each
+    distinct prompt once), and the same gradient and reference log-probs (whose pass is cut by the same
+    Trainer.micro_batches) as one micro-batch."""
     grads, refs, seen_mbs = [], [], []
     for budget in (None, "small"):
         cfg = tiny_config(
