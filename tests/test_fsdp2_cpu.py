@@ -125,44 +125,11 @@ PPO = dict(
 )
 
 
-@pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
-def test_ppo_with_a_value_head_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny_recipe, tiny_config):
-    """PPO's value head rides on the sharded policy (one FSDP2 module): 2 epochs × 2 minibatches of
-    clipped updates on 2 processes train like 1, and the saved value head is the trained one."""
-    from safetensors.torch import load_file
-
+def _fsdp2_matches_one_process(tmp_path, sections, tiny_recipe, tiny_config):
+    """Train ``sections`` on 2 FSDP2 CPU processes and in 1 process; assert the weights agree. Returns the
+    2-process run's directory and its rank-0 weights."""
     from rlhf_pg.trainer import Trainer
 
-    recipe = tiny_recipe(tmp_path, **PPO)
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    out = tmp_path / "two"
-    proc = _launch(worker, recipe, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FSDP2 · 2 processes (gloo)" in proc.stdout + proc.stderr
-    r0 = torch.load(out / "rank0.pt", weights_only=True)["params"]
-    assert any(k.startswith("value_head") for k in r0)
-
-    tr = Trainer(tiny_config(tmp_path, output_dir=str(tmp_path / "one"), **PPO))
-    tr.train()
-    one = {n: p.detach() for n, p in tr.acc.unwrap_model(tr.model).named_parameters()}
-    assert one.keys() == r0.keys()
-    for k, v in one.items():
-        torch.testing.assert_close(r0[k], v, atol=5e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
-    head = load_file(out / "model" / "value_head.safetensors")
-    trained = {k.removeprefix("value_head."): v for k, v in r0.items() if k.startswith("value_head")}
-    assert head.keys() == trained.keys() and all(torch.equal(head[k], trained[k]) for k in head)
-    assert not all(torch.equal(v, torch.zeros_like(v)) for v in head.values())  # it trained (starts at 0)
-
-
-def test_token_budget_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny_recipe, tiny_config):
-    """batch.micro_batch_tokens with sharded weights: the processes' rows cut into different numbers of
-    micro-batches (here 2 and 4: prompts of 44-46 tokens, completions of 6, a budget of 57) are evened out
-    before any forward, since FSDP2 all-gathers at every one (without that the two processes deadlock and
-    the launch's 600 s timeout fails the test); 2 processes then train like 1."""
-    from rlhf_pg.trainer import Trainer
-
-    sections = {**SECTIONS, "batch": {**SECTIONS["batch"], "micro_batch_size": 4, "micro_batch_tokens": 57}}
     recipe = tiny_recipe(tmp_path, **sections)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -178,3 +145,28 @@ def test_token_budget_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny
     assert one.keys() == r0.keys()
     for k, v in one.items():
         torch.testing.assert_close(r0[k], v, atol=5e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+    return out, r0
+
+
+@pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
+def test_ppo_with_a_value_head_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny_recipe, tiny_config):
+    """PPO's value head rides on the sharded policy (one FSDP2 module): 2 epochs × 2 minibatches of
+    clipped updates on 2 processes train like 1, and the saved value head is the trained one."""
+    from safetensors.torch import load_file
+
+    out, r0 = _fsdp2_matches_one_process(tmp_path, PPO, tiny_recipe, tiny_config)
+    assert any(k.startswith("value_head") for k in r0)
+    head = load_file(out / "model" / "value_head.safetensors")
+    trained = {k.removeprefix("value_head."): v for k, v in r0.items() if k.startswith("value_head")}
+    assert head.keys() == trained.keys() and all(torch.equal(head[k], trained[k]) for k in head)
+    assert not all(torch.equal(v, torch.zeros_like(v)) for v in head.values())  # it trained (starts at 0)
+
+
+@pytest.mark.cpu_only(reason="FSDP2 over gloo on CPU processes, compared with a 1-process CPU run")
+def test_token_budget_under_fsdp2_matches_one_process(tmp_path, one_thread, tiny_recipe, tiny_config):
+    """batch.micro_batch_tokens with sharded weights: the processes' rows cut into different numbers of
+    micro-batches (here 2 and 4: prompts of 44-46 tokens, completions of 6, a budget of 57) are evened out
+    before any forward, since FSDP2 all-gathers at every one (without that the two processes deadlock and
+    the launch's 600 s timeout fails the test); 2 processes then train like 1."""
+    sections = {**SECTIONS, "batch": {**SECTIONS["batch"], "micro_batch_size": 4, "micro_batch_tokens": 57}}
+    _fsdp2_matches_one_process(tmp_path, sections, tiny_recipe, tiny_config)
