@@ -228,9 +228,8 @@ def packed_forward(model, pids, pmask, cids, cmask, s: PassSettings, with_entrop
     if out.logits is not None:
         V = out.logits.shape[-1]
         lg = out.logits.reshape(-1, V)
-        lse, e = core.logsumexp_entropy(lg, s.temperature, with_entropy, entropy_grad=s.entropy_grad)
-        picked = lg[flat, cids].float() / s.temperature
-        logp = torch.where(nz, picked - lse[flat], torch.zeros((), device=picked.device))
+        lp, e = core.gathered_logprobs(lg, flat[nz], cids[nz], s.temperature, with_entropy, entropy_grad=s.entropy_grad)
+        logp = lp.new_zeros(nz.shape).index_put((nz,), lp)  # (B, t1), 0 off the completions
         ent = torch.where(nz, e[flat], torch.zeros((), device=e.device)) if e is not None else None
     if "value_preds" in out:
         v = out["value_preds"][:, -keep:].reshape(-1)

@@ -357,6 +357,13 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Components:
         model, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     else:
         model, critic, optimizer, scheduler = acc.prepare(module, critic, optimizer, scheduler)
+    for m in (model, critic):
+        # Accelerate's mixed precision also wraps forward to cast every output to fp32: a full fp32 copy of
+        # the logits in every training pass, and its cast back in the backward. Every caller here enters the
+        # run's autocast itself (PassSettings.autocast, the backend's context, evaluation), and the log-probs
+        # read the logits in fp32 chunks (core.gathered_logprobs), so the wrapper is removed from the module.
+        if m is not None:
+            acc.unwrap_model(m, keep_fp32_wrapper=False)
     passes = PassSettings(
         temperature=cfg.rollout.temperature,
         shared_prefix=cfg.train.shared_prefix and not cfg.model.gradient_checkpointing,

@@ -5,6 +5,7 @@ workload (SmolLM2-135M-Instruct, 8 prompts x 4, <= 64 new tokens, beta 0.04), in
     .venv/bin/python scripts/measure_levers.py --precision no  # fp32
     .venv/bin/python scripts/measure_levers.py --matmul        # also: linear-layer shapes, plain vs prepacked
     .venv/bin/python scripts/measure_levers.py --compile-sampling   # also: torch.compile'd decoding (minutes)
+    .venv/bin/python scripts/measure_levers.py --logprobs      # only: the log-prob pass over the LM head's logits
 
 Each line is the best of ``--repeats`` timings of one phase with one lever changed, on the same batch:
 
@@ -19,6 +20,10 @@ Each line is the best of ``--repeats`` timings of one phase with one lever chang
 * ``--compile-layers``: the training and reference passes with every decoder layer compiled
   (``layer.compile(dynamic=True)``, regional compilation: one graph serves all layers) against eager,
   on the same batch: the first calls (compilation) and the compiled ones, and how far the log-probs move;
+* ``--logprobs`` (alone, no model): forward + backward of the token log-probs and entropy metric from
+  (600, 49152) logits in the precision's dtype — plain autograd over fp32 chunks of 4096 rows (what the
+  passes ran before ``core.gathered_logprobs``) against ``gathered_logprobs`` at several chunk sizes,
+  runs alternating, median of 5;
 * ``--compile-sampling``: decoding with ``torch.compile(forward, dynamic=True)`` on a bf16 copy: the first
   call (compilation) and the later ones, against eager.
 
@@ -54,7 +59,11 @@ def main() -> None:
     ap.add_argument("--compile-sampling", action="store_true", help="also time torch.compile'd decoding")
     ap.add_argument("--compile-layers", action="store_true", help="also time the passes with compiled layers")
     ap.add_argument("--only-compile-layers", action="store_true", help="skip the other levers (implies the above)")
+    ap.add_argument("--logprobs", action="store_true", help="only time the log-prob pass (no model)")
     args = ap.parse_args()
+    if args.logprobs:
+        logprob_pass(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        return
     args.compile_layers |= args.only_compile_layers
     if args.matmul:
         matmul_shapes()
@@ -208,6 +217,46 @@ def compile_layers(tr: Trainer, batch, timed, last) -> None:
         f"move by {d.sum().item() / m.sum().item():.1e} on average (max {d.max().item():.1e}); first-call "
         f"log-probs equal the later ones: {torch.equal(first.logprobs, comp.logprobs)}"
     )
+
+
+def logprob_pass(dtype: torch.dtype, rows: int = 600, vocab: int = 49152, repeats: int = 5) -> None:
+    """ms for forward + backward of log π(a) and the entropy metric from (rows, vocab) logits."""
+    import statistics
+
+    from rlhf_pg import core
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, generator=g)).to(dtype)
+    idx, targets = torch.arange(rows), torch.randint(0, vocab, (rows,), generator=g)
+
+    def autograd_chunks():  # the passes' arithmetic before gathered_logprobs, differentiated by autograd
+        lg = logits.clone().requires_grad_(True)
+        lse, _ = core.logsumexp_entropy(lg, 1.0, True, 4096, entropy_grad=False)
+        (0.01 * (lg[idx, targets].float() - lse[idx])).sum().backward()
+
+    def closed_form(chunk: int):
+        def run():
+            lg = logits.clone().requires_grad_(True)
+            lp, _ = core.gathered_logprobs(lg, idx, targets, 1.0, True, chunk, entropy_grad=False)
+            (0.01 * lp).sum().backward()
+
+        return run
+
+    default = max(1, core.LOGPROB_CHUNK_ELEMENTS // vocab)
+    variants = {"autograd, fp32 chunks of 4096 rows": autograd_chunks}
+    for chunk in sorted({1, default, 16, 64, 256, 4096}):
+        note = " (default)" if chunk == default else ""
+        variants[f"gathered_logprobs, chunks of {chunk} rows{note}"] = closed_form(chunk)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats + 1):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    print(f"log-prob pass, forward + backward, ({rows}, {vocab}) {dtype} logits, 2 threads (ms, median of {repeats}):")
+    for k, ts in times.items():
+        print(f"  {k:50s} {1e3 * statistics.median(ts[1:]):7.1f}")
 
 
 def _ms(fn, repeats: int) -> float:

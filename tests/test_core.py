@@ -608,6 +608,65 @@ def test_token_logprobs_and_entropy(temperature, chunk):
     assert logp_bf16.dtype == torch.float32  # computed in fp32
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_gathered_logprobs_closed_form_backward_matches_autograd(temperature, chunk):
+    """The log-prob pass's own backward ((onehot − softmax)/τ, chunk by chunk) against autograd of a
+    float64 log-softmax: rows read by several pairs (a packed prompt's last column), a pair read twice,
+    rows read by none; fp32 logits stay untouched; bf16 logits get the float64 gradient rounded once."""
+    g = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(7, 13, generator=g)
+    rows = torch.tensor([0, 0, 0, 2, 3, 3, 5, 6, 6])  # rows 1 and 4 read by no pair
+    targets = torch.tensor([4, 9, 4, 0, 12, 1, 7, 3, 2])  # (0, 4) read twice
+    upstream = torch.randn(rows.shape[0], generator=g, dtype=torch.float64)
+
+    def exact(x):
+        x = x.detach().double().requires_grad_(True)
+        lp = torch.log_softmax(x / temperature, -1)[rows, targets]
+        (lp * upstream).sum().backward()
+        ent = -(torch.softmax(x / temperature, -1) * torch.log_softmax(x / temperature, -1)).sum(-1)
+        return lp.detach(), x.grad, ent.detach()
+
+    lp_ref, grad_ref, ent_ref = exact(logits)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = core.gathered_logprobs(x, rows, targets, temperature, with_entropy=True, chunk=chunk, entropy_grad=False)
+    (lp * upstream.float()).sum().backward()
+    assert lp.dtype == ent.dtype == torch.float32 and not ent.requires_grad
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=1e-5)  # lse − Σ p·z cancels in fp32
+    torch.testing.assert_close(x.grad.double(), grad_ref, rtol=0, atol=2e-6)
+    assert torch.equal(x.detach(), logits)  # the saved fp32 logits were not overwritten by the backward
+    assert x.grad[1].abs().max() == 0 and x.grad[4].abs().max() == 0
+
+    xb = logits.bfloat16().requires_grad_(True)
+    lp_b, _ = core.gathered_logprobs(xb, rows, targets, temperature, with_entropy=False, chunk=chunk)
+    (lp_b * upstream.float()).sum().backward()
+    lp_ref_b, grad_ref_b, _ = exact(xb)  # the float64 answer for the rounded logits
+    torch.testing.assert_close(lp_b.double(), lp_ref_b, rtol=0, atol=2e-6)
+    assert xb.grad.dtype == torch.bfloat16
+    # one rounding of the exact gradient: within half a bf16 ulp (2^-8 relative) of it
+    err = (xb.grad.double() - grad_ref_b).abs()
+    assert bool((err <= grad_ref_b.abs() * 2.0**-8 + 1e-30).all()), err.max()
+
+
+def test_gathered_logprobs_trains_the_entropy_only_when_asked():
+    """entropy_grad: the entropy is differentiable (an entropy bonus) and equals the metric-only value;
+    without it the entropy carries no graph."""
+    g = torch.Generator().manual_seed(12)
+    logits = (2 * torch.randn(4, 9, generator=g)).requires_grad_(True)
+    rows, targets = torch.arange(4), torch.tensor([1, 2, 3, 4])
+    lp1, e1 = core.gathered_logprobs(logits, rows, targets, 0.8, True, entropy_grad=True)
+    lp0, e0 = core.gathered_logprobs(logits, rows, targets, 0.8, True, entropy_grad=False)
+    assert e1.requires_grad and not e0.requires_grad
+    torch.testing.assert_close(e1.detach(), e0)
+    torch.testing.assert_close(lp1.detach(), lp0.detach())
+    (gx,) = torch.autograd.grad(e1.sum(), logits)
+    p = torch.softmax(logits.detach() / 0.8, -1)
+    logp = torch.log_softmax(logits.detach() / 0.8, -1)
+    ent = -(p * logp).sum(-1, keepdim=True)
+    torch.testing.assert_close(gx, -p * (logp + ent) / 0.8)  # ∂H/∂z = −p (log p + H) / τ
+
+
 def test_sample_greedy_topk1_and_tiny_top_p_are_argmax():
     g = torch.Generator().manual_seed(10)
     logits = torch.randn(500, 9, generator=g)

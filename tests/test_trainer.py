@@ -223,6 +223,37 @@ def test_pass_layout_equals_padded_batch(tmp_path, tiny_config, layout):
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-3)
 
 
+def test_bf16_passes_get_bf16_logits_and_the_gradient_of_fp32_outputs(tmp_path, tiny_config):
+    """Under bf16 autocast the logits reach the log-prob pass in bf16: Accelerate's wrapper casting every
+    output to fp32 (a full fp32 copy of the logits in each pass, cast back in the backward) is removed in
+    setup. Log-probs and gradients equal those through that wrapper, re-applied as prepare() applies it."""
+    import types
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    tr = Trainer(tiny_config(tmp_path, train={"max_steps": 0, "mixed_precision": "bf16"}))
+    module = tr.acc.unwrap_model(tr.model)
+    assert "_original_forward" not in module.__dict__
+    batch = _ragged(tr.rollout(0))
+    with tr.passes.autocast():
+        assert module(input_ids=batch.prompt_ids[:2]).logits.dtype == torch.bfloat16
+
+    def pass_and_grads():
+        tr.model.zero_grad()
+        logp = forward(tr.model, batch, tr.passes, with_entropy=True).logprobs
+        (logp * batch.completion_mask).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+
+    logp, grads = pass_and_grads()
+    module.forward = types.MethodType(convert_outputs_to_fp32(type(module).forward), module)
+    with tr.passes.autocast():
+        assert module(input_ids=batch.prompt_ids[:2]).logits.dtype == torch.float32
+    logp_fp32_outputs, grads_fp32_outputs = pass_and_grads()
+    assert torch.equal(logp, logp_fp32_outputs)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, grads_fp32_outputs[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
     """A PPO minibatch holds rows of several prompts in any order and incomplete groups: packing by
     distinct prompt still gives every row its own log-probs."""
