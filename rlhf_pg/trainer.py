@@ -39,7 +39,7 @@ from .config import RunConfig
 from .distributed import accumulation_boundary, gathered_for_generation
 from .errors import UserError
 from .faults import fault
-from .forward import forward, forward_no_grad
+from .forward import forward, forward_no_grad, weight_casts_kept
 from .memory import release_memory
 from .metrics import GradNoise, MetricSums, Reducer, format_eval, rollout_metrics, sample_rows
 from .rewards import score_batch
@@ -356,16 +356,17 @@ class Trainer:
             else None
         )
         loss_total = 0.0
-        for i, rows in enumerate(parts):
-            mb = minibatch.select(rows.to(m_all.device))
-            with accumulation_boundary(self.acc, (self.model, self.critic), sync=i == len(parts) - 1):
-                loss = self.micro_batch_loss(mb, n, sums)
-                # DDP averages gradients over processes; the global normaliser already accounts for
-                # them, so undo the average.
-                self.acc.backward(loss * self.world)
-            if noise is not None:
-                noise.after_micro_batch(mb.action_mask)
-            loss_total += loss.item()
+        with weight_casts_kept(self.model, self.critic):  # autocast casts each weight once per update
+            for i, rows in enumerate(parts):
+                mb = minibatch.select(rows.to(m_all.device))
+                with accumulation_boundary(self.acc, (self.model, self.critic), sync=i == len(parts) - 1):
+                    loss = self.micro_batch_loss(mb, n, sums)
+                    # DDP averages gradients over processes; the global normaliser already accounts for
+                    # them, so undo the average.
+                    self.acc.backward(loss * self.world)
+                if noise is not None:
+                    noise.after_micro_batch(mb.action_mask)
+                loss_total += loss.item()
         release_memory()  # the activations are gone; the optimizer's peak should not sit on them
         params = self._trainable_params()
         if cfg.train.max_grad_norm is not None:

@@ -254,6 +254,67 @@ def test_bf16_passes_get_bf16_logits_and_the_gradient_of_fp32_outputs(tmp_path, 
         torch.testing.assert_close(g, grads_fp32_outputs[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
+def _weight_casts(model, fn):
+    """(fn's result, how many times each fp32 weight of ``model`` was cast to another dtype while fn ran)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr(): n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    casts: Counter = Counter()
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if func is torch.ops.aten._to_copy.default and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+                if x.data_ptr() in weights:
+                    casts[weights[x.data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountCasts():
+        out = fn()
+    return out, casts
+
+
+def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, tiny_config, monkeypatch):
+    """Under bf16 autocast the reference pass (frozen weights) and the micro-batches of one update cast each
+    weight once, not once per micro-batch; the log-probs and the accumulated gradient are the same as with a
+    cast per micro-batch, and the reference stays frozen."""
+    import contextlib
+
+    from rlhf_pg import forward as fwd
+
+    cfg = tiny_config(
+        tmp_path, algo={"name": "grpo", "kl_coef": 0.05}, train={"max_steps": 0, "mixed_precision": "bf16"}
+    )
+    tr = Trainer(cfg)
+    assert tr.ref is not None
+    batch = tr.rollout(0)
+    assert batch.size >= 4
+    ref_pass = lambda: fwd.forward_no_grad(tr.ref, batch, tr.passes, 1).logprobs  # noqa: E731
+    kept, casts = _weight_casts(tr.ref, ref_pass)
+    assert casts and max(casts.values()) == 1, casts
+    assert not any(p.requires_grad for p in tr.ref.parameters())
+
+    def update(context):
+        tr.model.zero_grad()
+        with context(tr.model):
+            for i in range(batch.size):  # one completion per micro-batch
+                (forward(tr.model, batch.select(torch.tensor([i])), tr.passes).logprobs.sum()).backward()
+        return {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+
+    grads, casts = _weight_casts(tr.model, lambda: update(fwd.weight_casts_kept))
+    assert casts and max(casts.values()) == 1, casts
+
+    monkeypatch.setattr(fwd, "weight_casts_kept", lambda *m: contextlib.nullcontext())
+    per_micro_batch, casts = _weight_casts(tr.ref, ref_pass)
+    assert min(casts.values()) == batch.size  # what the block saves: a cast per micro-batch
+    assert torch.equal(kept, per_micro_batch)
+    grads_per_micro_batch = update(lambda m: contextlib.nullcontext())
+    for n, g in grads.items():
+        assert torch.equal(g, grads_per_micro_batch[n]), n
+
+
 def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
     """A PPO minibatch holds rows of several prompts in any order and incomplete groups: packing by
     distinct prompt still gives every row its own log-probs."""
