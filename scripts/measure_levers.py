@@ -23,7 +23,7 @@ Each line is the best of ``--repeats`` timings of one phase with one lever chang
 * ``--logprobs`` (alone, no model): forward + backward of the token log-probs and entropy metric from
   (600, 49152) logits in the precision's dtype — plain autograd over fp32 chunks of 4096 rows (what the
   passes ran before ``core.gathered_logprobs``) against ``gathered_logprobs`` at several chunk sizes,
-  runs alternating, median of 5;
+  runs alternating, median of 5, in the C heap a run has (mimalloc where installed);
 * ``--compile-sampling``: decoding with ``torch.compile(forward, dynamic=True)`` on a bf16 copy: the first
   call (compilation) and the later ones, against eager.
 
@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--logprobs", action="store_true", help="only time the log-prob pass (no model)")
     args = ap.parse_args()
     if args.logprobs:
+        from rlhf_pg.memory import exec_with_allocator
+
+        exec_with_allocator("auto", keep=True)  # the C heap a run has (the process starts over once)
         logprob_pass(torch.bfloat16 if args.precision == "bf16" else torch.float32)
         return
     args.compile_layers |= args.only_compile_layers

@@ -4,7 +4,9 @@ GFLOP/s (the run's own perf/* metrics), then the ops by self CPU time.
     .venv/bin/python scripts/profile_step.py                       # SmolLM2, 8 prompts x 4, 64 tokens, bf16
     .venv/bin/python scripts/profile_step.py --precision no --rows 40
 
-One unprofiled warm-up step first; the profiled step is the second. The process starts with the C heap
+Unprofiled warm-up steps first (``--warmup``, default 3: the first two steps of a run fault in most of
+its memory, 1.5k huge pages and seconds of kernel time here, which would swamp the profile); then one
+profiled step. The process starts with the C heap
 that `rlhf-pg train` gives a run (mimalloc where installed), so the profile shows the allocator users get.
 For finding where a step's time goes before changing anything (issue 14); the benchmark (`rlhf-pg bench`)
 is what measures speed-ups.
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--rows", type=int, default=25, help="ops to list")
+    ap.add_argument("--warmup", type=int, default=3, help="unprofiled steps first")
     args = ap.parse_args()
     exec_with_allocator("auto", keep=True)  # as `rlhf-pg train` starts (the process starts over once)
     if args.threads:
@@ -46,7 +49,7 @@ def main() -> None:
             "batch": {"prompts_per_step": args.prompts, "group_size": args.group, "micro_batch_size": args.micro_batch},
             "rollout": {"max_new_tokens": args.max_new_tokens},
             "algo": {"name": "grpo", "kl_coef": args.beta},
-            "train": {"max_steps": 2, "lr": 1e-5, "mixed_precision": args.precision, "save_every": 0},
+            "train": {"max_steps": args.warmup + 1, "lr": 1e-5, "mixed_precision": args.precision, "save_every": 0},
         }
     )
     tr = Trainer(cfg)
@@ -55,7 +58,8 @@ def main() -> None:
     def show(m: dict) -> str:
         return ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith(("time/", "perf/")))
 
-    print("warm-up step:", show(tr.step()))
+    for _ in range(args.warmup):
+        print("warm-up step:", show(tr.step()))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         m = tr.step()
     print("profiled step:", show(m))
