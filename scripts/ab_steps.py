@@ -3,6 +3,11 @@
     .venv/bin/python scripts/ab_steps.py train.reuse_freed_memory=false          # A = defaults, B = the override
     .venv/bin/python scripts/ab_steps.py train.packing=false --precision no --rounds 3 --steps 8
     .venv/bin/python scripts/ab_steps.py train.allocator=glibc --b-env MALLOC_ARENA_MAX=1   # an override and an env
+    git worktree add /tmp/before HEAD~1 && .venv/bin/python scripts/ab_steps.py --b-env PYTHONPATH=/tmp/before
+
+The last form compares code: B's processes import the package from the other checkout (``PYTHONPATH`` comes
+before the editable install on ``sys.path``, and the script's own directory, not the repository root, is
+``sys.path[0]``), A's from this one.
 
 The workload is `rlhf-pg bench --against trl`'s rlhf-pg side (rlhf_pg/labs/bench.py: SmolLM2-135M-Instruct,
 8 prompts x 4, <= 64 new tokens, beta 0.04, micro-batches of 8, lr 1e-5). Each run is a fresh process (A, B,
