@@ -571,8 +571,8 @@ def importance_weights(log_ratio: Tensor, mask: Tensor, c: ISCorrection) -> tupl
 LOGPROB_CHUNK_ELEMENTS = 1 << 18
 """Logits turned to fp32 at a time by the log-prob passes: 1 MB, so that a chunk's fp32 copy, its exp and
 the gradient written from it stay in a core's L2 cache (5 rows of a 49k vocabulary). On the 2-core Xeon
-(2 MB L2 per core) forward + backward over 600 × 49k bf16 logits took 55 ms in chunks of 5 rows against
-96 ms in chunks of 256, and 129 ms by plain autograd (scripts/measure_levers.py --logprobs)."""
+(2 MB L2 per core) forward + backward over 600 × 49k bf16 logits took 55–66 ms in chunks of 5 rows against
+96 ms in chunks of 256, and 129–132 ms by plain autograd (scripts/measure_levers.py --logprobs)."""
 
 
 def token_logprobs(
@@ -646,17 +646,9 @@ class _GatheredLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, targets, temperature, with_entropy, chunk):
-        N = logits.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
-        for s in range(0, N, chunk):
-            lg = logits[s : s + chunk].float()
-            if temperature != 1.0:
-                lg = lg / temperature
-            lse[s : s + chunk] = torch.logsumexp(lg, dim=-1)
-            if with_entropy:
-                p = torch.softmax(lg, dim=-1)
-                ent[s : s + chunk] = lse[s : s + chunk] - (p * lg).sum(-1)
+        lse, ent = logsumexp_entropy(logits, temperature, with_entropy, chunk, entropy_grad=False)
+        if ent is None:
+            ent = lse.new_empty(0)
         logp = logits[rows, targets].float() / temperature - lse[rows]
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk

@@ -611,14 +611,19 @@ def test_token_logprobs_and_entropy(temperature, chunk):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
 def test_gathered_logprobs_closed_form_backward_matches_autograd(temperature, chunk):
+    check_gathered_logprobs(temperature, chunk, "cpu")
+
+
+def check_gathered_logprobs(temperature: float, chunk: int, device: str) -> None:
     """The log-prob pass's own backward ((onehot − softmax)/τ, chunk by chunk) against autograd of a
     float64 log-softmax: rows read by several pairs (a packed prompt's last column), a pair read twice,
-    rows read by none; fp32 logits stay untouched; bf16 logits get the float64 gradient rounded once."""
+    rows read by none; fp32 logits stay untouched; bf16 logits get the float64 gradient rounded once.
+    On ``device`` (tests/test_gpu.py runs it on CUDA)."""
     g = torch.Generator().manual_seed(11)
-    logits = 3 * torch.randn(7, 13, generator=g)
-    rows = torch.tensor([0, 0, 0, 2, 3, 3, 5, 6, 6])  # rows 1 and 4 read by no pair
-    targets = torch.tensor([4, 9, 4, 0, 12, 1, 7, 3, 2])  # (0, 4) read twice
-    upstream = torch.randn(rows.shape[0], generator=g, dtype=torch.float64)
+    logits = (3 * torch.randn(7, 13, generator=g)).to(device)
+    rows = torch.tensor([0, 0, 0, 2, 3, 3, 5, 6, 6], device=device)  # rows 1 and 4 read by no pair
+    targets = torch.tensor([4, 9, 4, 0, 12, 1, 7, 3, 2], device=device)  # (0, 4) read twice
+    upstream = torch.randn(rows.shape[0], generator=g, dtype=torch.float64).to(device)
 
     def exact(x):
         x = x.detach().double().requires_grad_(True)

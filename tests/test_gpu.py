@@ -127,35 +127,13 @@ def test_bf16_training_step_on_cuda(tmp_path, tiny_config, capsys, fresh_acceler
     )
 
 
-def _closed_form_logprobs_match_float64(device: str) -> None:
-    """core.gathered_logprobs on ``device``: log-probs and the closed-form gradient of bf16 logits against
-    float64 autograd (rows read by several pairs, τ ≠ 1): within one bf16 rounding of the exact gradient."""
-    from rlhf_pg import core
-
-    g = torch.Generator().manual_seed(21)
-    logits = (3 * torch.randn(64, 1000, generator=g)).bfloat16().to(device)
-    rows = torch.randint(0, 64, (200,), generator=g).to(device)
-    targets = torch.randint(0, 1000, (200,), generator=g).to(device)
-    upstream = torch.randn(200, generator=g, dtype=torch.float64).to(device)
-    exact = logits.double().requires_grad_(True)
-    lp_exact = torch.log_softmax(exact / 0.7, -1)[rows, targets]
-    (lp_exact * upstream).sum().backward()
-    x = logits.clone().requires_grad_(True)
-    lp, _ = core.gathered_logprobs(x, rows, targets, 0.7, with_entropy=True, entropy_grad=False)
-    (lp * upstream.float()).sum().backward()
-    torch.testing.assert_close(lp.double(), lp_exact.detach(), rtol=0, atol=1e-5)
-    err = (x.grad.double() - exact.grad).abs()
-    assert x.grad.dtype == torch.bfloat16 and bool((err <= exact.grad.abs() * 2.0**-8 + 1e-30).all()), err.max()
-
-
-def test_closed_form_logprobs_check_runs_on_cpu():
-    """The CUDA check's body, on the CPU (so that it is known to run before a GPU machine runs it)."""
-    _closed_form_logprobs_match_float64("cpu")
-
-
 @pytest.mark.gpu
-def test_closed_form_logprobs_on_cuda():
-    _closed_form_logprobs_match_float64("cuda")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_closed_form_logprobs_on_cuda(temperature):
+    """core.gathered_logprobs's closed-form backward on CUDA: tests/test_core.py's check, on the GPU."""
+    from test_core import check_gathered_logprobs
+
+    check_gathered_logprobs(temperature, 3, "cuda")
 
 
 # ------------------------------------------------------------------------------------------ FSDP2

@@ -278,16 +278,23 @@ def _weight_casts(model, fn):
 
 def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, tiny_config, monkeypatch):
     """Under bf16 autocast the reference pass (frozen weights) and the micro-batches of one update cast each
-    weight once, not once per micro-batch; the log-probs and the accumulated gradient are the same as with a
-    cast per micro-batch, and the reference stays frozen."""
+    weight once, not once per micro-batch; the log-probs and the update are the same as with a cast per
+    micro-batch, and the reference stays frozen."""
     import contextlib
 
     from rlhf_pg import forward as fwd
+    from rlhf_pg import trainer as trainer_module
 
-    cfg = tiny_config(
-        tmp_path, algo={"name": "grpo", "kl_coef": 0.05}, train={"max_steps": 0, "mixed_precision": "bf16"}
-    )
-    tr = Trainer(cfg)
+    def trainer(name: str) -> Trainer:
+        cfg = tiny_config(
+            tmp_path / name,
+            algo={"name": "grpo", "kl_coef": 0.05},
+            batch={"micro_batch_size": 1},  # one completion per micro-batch
+            train={"max_steps": 1, "mixed_precision": "bf16", "eval_at_start": False},
+        )
+        return Trainer(cfg)
+
+    tr = trainer("kept")
     assert tr.ref is not None
     batch = tr.rollout(0)
     assert batch.size >= 4
@@ -295,24 +302,22 @@ def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, 
     kept, casts = _weight_casts(tr.ref, ref_pass)
     assert casts and max(casts.values()) == 1, casts
     assert not any(p.requires_grad for p in tr.ref.parameters())
+    # a whole RL step (Trainer.optimizer_step's own block): the policy's weights are cast once for the
+    # rollout and once for the update's micro-batches
+    _, casts = _weight_casts(tr.model, tr.step)
+    assert casts and max(casts.values()) == 2, casts
 
-    def update(context):
-        tr.model.zero_grad()
-        with context(tr.model):
-            for i in range(batch.size):  # one completion per micro-batch
-                (forward(tr.model, batch.select(torch.tensor([i])), tr.passes).logprobs.sum()).backward()
-        return {n: p.grad.clone() for n, p in tr.model.named_parameters()}
-
-    grads, casts = _weight_casts(tr.model, lambda: update(fwd.weight_casts_kept))
-    assert casts and max(casts.values()) == 1, casts
-
-    monkeypatch.setattr(fwd, "weight_casts_kept", lambda *m: contextlib.nullcontext())
+    no_block = lambda *models: contextlib.nullcontext()  # noqa: E731
+    monkeypatch.setattr(fwd, "weight_casts_kept", no_block)
+    monkeypatch.setattr(trainer_module, "weight_casts_kept", no_block)
     per_micro_batch, casts = _weight_casts(tr.ref, ref_pass)
     assert min(casts.values()) == batch.size  # what the block saves: a cast per micro-batch
     assert torch.equal(kept, per_micro_batch)
-    grads_per_micro_batch = update(lambda m: contextlib.nullcontext())
-    for n, g in grads.items():
-        assert torch.equal(g, grads_per_micro_batch[n]), n
+    plain = trainer("per-micro-batch")
+    _, casts = _weight_casts(plain.model, plain.step)
+    assert min(casts.values()) == 1 + batch.size
+    for (n, p), q in zip(tr.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(p, q), n  # the same update
 
 
 def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
