@@ -31,7 +31,7 @@ from .distributed import (
 )
 from .envs import ChatFormat, Episodes, load_environment
 from .errors import UserError
-from .forward import PACKABLE_ATTENTION, PassSettings, attention_implementation
+from .forward import PACKABLE_ATTENTION, PassSettings, attention_implementation, store_frozen_in_autocast_dtype
 from .models import (
     PolicyWithValue,
     ValueModel,
@@ -259,6 +259,8 @@ def build_policy(cfg: RunConfig, acc: Accelerator, needs_values: bool):
             .eval()
             .requires_grad_(False)
         )
+        # its passes all run under the run's autocast: keep its linear weights as autocast casts them
+        store_frozen_in_autocast_dtype(ref, acc.autocast)
     module = PolicyWithValue(policy) if needs_values and mc.critic == "shared" else policy
     critic = None
     if needs_values and mc.critic == "separate":

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_pg import core
 from rlhf_pg.errors import UserError
-from rlhf_pg.forward import forward, with_layout
+from rlhf_pg.forward import forward, forward_no_grad, with_layout
 from rlhf_pg.metrics import GradNoise
 from rlhf_pg.rewards import score_batch
 from rlhf_pg.trainer import Trainer
@@ -318,6 +318,31 @@ def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, 
     assert min(casts.values()) == 1 + batch.size
     for (n, p), q in zip(tr.model.named_parameters(), plain.model.parameters()):
         assert torch.equal(p, q), n  # the same update
+
+
+def test_bf16_reference_stores_its_linear_weights_as_autocast_casts_them(tmp_path, tiny_config):
+    """Under bf16 autocast the frozen reference keeps its nn.Linear weights in bf16 (what autocast would cast
+    them to in each pass), the tied embedding / LM head and the norms in fp32: its log-probs are bit-equal to
+    those of the fp32 reference, in packed and padded passes. fp32 runs keep the reference in fp32."""
+    from rlhf_pg.models import load_model
+
+    tr = Trainer(tiny_config(tmp_path / "bf16", algo={"kl_coef": 0.05}, train={"mixed_precision": "bf16"}))
+    dtypes = {n: p.dtype for n, p in tr.ref.named_parameters()}
+    linear = [n for n, m in tr.ref.named_modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
+    assert len(linear) == 7 * tr.ref.config.num_hidden_layers  # q k v o gate up down; the tied LM head is not
+    assert dtypes["model.embed_tokens.weight"] == torch.float32 and tr.ref.lm_head.weight.dtype == torch.float32
+    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
+    fp32_ref = load_model(tr.cfg.model.name, "float32", torch.device("cpu")).eval().requires_grad_(False)
+    assert sum(p.numel() * p.element_size() for p in tr.ref.parameters()) < sum(
+        p.numel() * p.element_size() for p in fp32_ref.parameters()
+    )
+    batch = _ragged(tr.rollout(0))
+    for layout in ("packed", "padded"):
+        passes = _layout(tr.passes, layout)
+        stored = forward_no_grad(tr.ref, batch, passes, 3).logprobs
+        assert torch.equal(stored, forward_no_grad(fp32_ref, batch, passes, 3).logprobs), layout
+    plain = Trainer(tiny_config(tmp_path / "fp32", algo={"kl_coef": 0.05}, train={"mixed_precision": "no"}))
+    assert {p.dtype for p in plain.ref.parameters()} == {torch.float32}
 
 
 def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
