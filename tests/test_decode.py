@@ -68,6 +68,29 @@ def test_lean_decoding_samples_what_the_model_forward_samples(model, tokenizer, 
     assert torch.equal(hf.old_logprobs, lean.old_logprobs)  # the same arithmetic, not merely close
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
+def test_prepacked_weights_sample_what_the_model_forward_samples(model, tokenizer, monkeypatch):
+    """bf16 with every weight prepacked in oneDNN's layout (as on CPUs with AMX; forced here, whatever the
+    CPU) in the decoding steps: the same tokens and log-probs as the model's forward, bit for bit, with one
+    thread; every product of a decoding step used them, the prefill none."""
+    from rlhf_pg import decode
+
+    monkeypatch.setattr(decode, "prepacks_weights", lambda device, dtype: dtype == torch.bfloat16)
+    used = []
+    packed_linear = decode.packed_linear
+    monkeypatch.setattr(decode, "packed_linear", lambda *a: used.append(a[0].shape) or packed_linear(*a))
+    prompts, G, T = _prompts(tokenizer), 3, 10
+    params = SamplingParams(max_new_tokens=T, temperature=0.9, top_p=0.95, stop=["e"])
+    u = torch.rand(len(prompts) * G, T, generator=torch.Generator().manual_seed(3))
+    with sampling_mode(model) as m, torch.autocast("cpu", dtype=torch.bfloat16):
+        hf, lean = (generate(m, tokenizer, prompts, G, params, uniforms=u, decode=d) for d in ("hf", "lean"))
+    per_step = 7 * model.config.num_hidden_layers + 1  # every product of a decoding step, the LM head's too
+    assert used and len(used) % per_step == 0
+    assert all(len(shape) == 2 or shape[1] == 1 for shape in used)  # (rows, 1 column, d); the head (rows, d)
+    assert torch.equal(hf.completion_ids, lean.completion_ids)
+    assert torch.equal(hf.old_logprobs, lean.old_logprobs)
+
+
 def test_without_padding_it_samples_the_same_tokens_to_rounding(model, tokenizer):
     """No padding anywhere: transformers then runs one-query attention with SDPA's enable_gqa kernel
     (3-4x slower on the CPU than grouping the query heads, which the lean step keeps): the same tokens,
