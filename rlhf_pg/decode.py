@@ -152,6 +152,7 @@ class LeanDecoder:
         self.valid: torch.Tensor | None = None  # (B, capacity) bool: columns a query may attend to
         self.length = 0  # filled columns
         self.packed: dict[int, torch.Tensor] | None = None  # id(weight) → prepacked copy (made by start)
+        self.cast: dict[int, torch.Tensor] = {}  # id(weight) → its plain bf16 copy, beside the prepacked one
 
     # ------------------------------------------------------------------------------- the cache
     def start(self, batch: int, capacity: int, device) -> None:
@@ -162,8 +163,11 @@ class LeanDecoder:
             if prepacks_weights(torch.device(device), self.dtype):
                 weights = [self.head] + [t for layer in self.layers for t in (layer.q, layer.k, layer.v, layer.o)]
                 weights += [t for layer in self.layers for t in (layer.gate, layer.up, layer.down)]
-                for w in weights:  # the cast autocast would make, then oneDNN's layout for it
-                    self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(self.dtype), batch)
+                for w in weights:
+                    # the cast autocast would make (so it casts nothing here), for the products of many rows,
+                    # and oneDNN's layout of it for the decoding steps
+                    self.cast[id(w)] = w.detach().to(self.dtype)
+                    self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(self.cast[id(w)], batch)
         shape = (batch, self.n_kv, capacity, self.head_dim)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.values = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.layers]
@@ -233,7 +237,7 @@ class LeanDecoder:
 
         def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
             p = packed.get(id(w))
-            return F.linear(x, w, b) if p is None else packed_linear(x, p, b)
+            return F.linear(x, self.cast.get(id(w), w), b) if p is None else packed_linear(x, p, b)
 
         def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, 1, D) → (B, Hkv, H/Hkv, D)
             return x.view(B, Hkv, H // Hkv, D)
