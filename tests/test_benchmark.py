@@ -215,6 +215,18 @@ def test_script_is_a_thin_wrapper():
     assert "--precision" in proc.stdout and "--json" in proc.stdout
 
 
+def test_decode_peak_times_every_linear_of_the_model(tiny_model):
+    """The decode-shaped peak runs the products of one decoding step: every nn.Linear of the model (the tied
+    LM head included), and credits 2 * rows * their weights' size."""
+    import torch
+
+    shapes = bench.decode_shapes("tiny-random-llama")
+    linears = [m.weight for m in tiny_model.modules() if type(m) is torch.nn.Linear]
+    assert sorted(shapes) == sorted(tuple(w.shape) for w in linears)
+    assert tiny_model.lm_head.weight.shape in shapes
+    assert bench.decode_matmul_peak("tiny-random-llama", 3, 0.02, 1, "fp32") > 0
+
+
 def test_trl_config_matches_ours():
     """TRL's GRPOConfig for the workload: one generation of P x G completions per optimizer step, accumulated
     over ours' micro-batches; ours' sampling, loss (token-mean = dapo), KL (k3, no importance weight), AdamW."""
@@ -264,6 +276,10 @@ def test_against_trl_tiny_end_to_end():
         assert all(m[f"mfu_{k}"] > 0 for k in ("rollout", "reference", "train", "step"))
         run = r["runs"][0]["matmul_peak"]
         assert run["precision"] == r["precision"] and run["before"] > 0 and run["after"] > 0
+        step = r["steps"][0]
+        assert r["decode_matmul_peak_flop_per_s"] > 0
+        rate = step["flops"]["rollout"] / step["rollout"]
+        assert step["rollout_vs_decode_peak"] == pytest.approx(rate / r["decode_matmul_peak_flop_per_s"], rel=1e-9)
     for p in ("fp32", "bf16"):
         ours, trl = res[f"rlhf-pg-{p}"], res[f"trl-{p}"]
         assert ours["median"]["prompt_tokens"] == trl["median"]["prompt_tokens"]  # the same prompts
@@ -294,6 +310,8 @@ def test_against_trl_tiny_end_to_end():
         "completion tok/s",
         "peak RSS (MB)",
         "MFU train",
+        "decode peak, 4 rows",
+        "rollout/decode peak",
         "headline, completion tokens/s rlhf-pg / TRL: fp32 ",
     ):
         assert text in table, text

@@ -603,6 +603,56 @@ def matmul_peak(seconds: float, threads: int, precisions: tuple[str, ...] = ("fp
     return out
 
 
+def decode_shapes(model: str) -> list[tuple[int, int]]:
+    """(out, in) of every ``nn.Linear`` of ``model`` (its LM head included), from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_pg.models import resolve_model
+
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+    return [tuple(m.weight.shape) for m in built.modules() if type(m) is torch.nn.Linear]
+
+
+def decode_matmul_peak(model: str, rows: int, seconds: float, threads: int, precision: str) -> float | None:
+    """FLOP/s of the products of one decoding step alone: ``rows`` rows through every ``nn.Linear`` of
+    ``model`` (its LM head included), with weights of the model's shapes (random, ``precision``), best of
+    ~``seconds`` of such passes. The weights are the model's size, so they stream from memory as in decoding;
+    nothing else of the step runs (attention, norms, sampling). In bf16 on a CPU where the lean decoding step
+    prepacks its weights (:func:`rlhf_pg.decode.prepacks_weights`) the faster of the plain and the prepacked
+    products counts. None for a model without ``nn.Linear`` layers."""
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf_pg.decode import packed_linear, prepacks_weights
+
+    shapes = decode_shapes(model)
+    if not shapes:
+        return None
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weights = [torch.randn(n, k).to(dt) for n, k in shapes]
+        xs = {k: torch.randn(rows, k).to(dt) for k in {k for _, k in shapes}}
+        ways = {"plain": lambda: [F.linear(xs[w.shape[1]], w) for w in weights]}
+        if prepacks_weights(torch.device("cpu"), dt):
+            packed = [(w.shape[1], torch.ops.mkldnn._reorder_linear_weight(w, rows)) for w in weights]
+            ways["prepacked"] = lambda: [packed_linear(xs[k], p, None) for k, p in packed]
+        best = float("inf")
+        for run in ways.values():
+            run()  # warm-up
+            t_end = time.perf_counter() + seconds / len(ways)
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * rows * sum(n * k for n, k in shapes) / best
+
+
 def _median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

@@ -62,6 +62,7 @@ RATIO_KEYS = (
     "mfu_reference",
     "mfu_train",
     "mfu_step",
+    "rollout_vs_decode_peak",
 )
 """Per-step quantities whose rlhf-pg / TRL ratio is reported (plus peak RSS, per run)."""
 
@@ -352,11 +353,21 @@ def _peak(spec: bench.BenchSpec, precision: str) -> float | None:
     return bench.matmul_peak(spec.peak_seconds, spec.threads, (precision,))[precision]
 
 
+def _decode_peak(spec: bench.BenchSpec, precision: str) -> float | None:
+    """The decoding step's products alone at the rollout's rows (prompts × G): :func:`bench.decode_matmul_peak`."""
+    if spec.peak_seconds <= 0:
+        return None
+    rows = spec.prompts * spec.group_size
+    return bench.decode_matmul_peak(spec.model, rows, spec.peak_seconds, spec.threads, precision)
+
+
 def _measure(spec: bench.BenchSpec, log: Callable[[str], None]) -> dict[str, dict[str, list[dict]]]:
     """All repetitions: per β run and precision, one child per side, back to back, the order alternating per
-    repetition; the matmul peak right before and after each child. Returns β run → path → children."""
+    repetition; the matmul peak right before and after each child, the decode-shaped peak once per precision
+    (before its first child). Returns β run → path → children."""
     paths = [f"{side}-{p}" for p in spec.precisions for side in SIDES]
     runs: dict[str, dict[str, list[dict]]] = {b: {p: [] for p in paths} for b in spec.betas}
+    decode_peaks: dict[str, float | None] = {}  # per precision, measured once (before its first child)
     for rep in range(spec.repeats):
         for which in spec.betas:
             for prec in spec.precisions:
@@ -368,11 +379,14 @@ def _measure(spec: bench.BenchSpec, log: Callable[[str], None]) -> dict[str, dic
                         "spec": asdict(spec),
                     }
                     t0 = time.perf_counter()
+                    if prec not in decode_peaks:
+                        decode_peaks[prec] = _decode_peak(spec, prec)
                     before = _peak(spec, prec)
                     res = bench._launch(job, spec.in_process)
                     after = _peak(spec, prec)
                     used = (before + after) / 2 if before is not None and after is not None else None
                     res["matmul_peak"] = {"precision": prec, "before": before, "after": after, "used": used}
+                    res["decode_matmul_peak"] = decode_peaks[prec]
                     res["repetition"] = rep
                     runs[which][f"{side}-{prec}"].append(res)
                     tokens = bench._median([s["completion_tokens"] for s in res["steps"]])
@@ -384,8 +398,9 @@ def _measure(spec: bench.BenchSpec, log: Callable[[str], None]) -> dict[str, dic
     return runs
 
 
-def _per_step(s: dict, n_params: int, beta: float, peak: float | None) -> dict:
-    """One measured step with its derived quantities: throughput, FLOPs, MFU against the run's peak."""
+def _per_step(s: dict, n_params: int, beta: float, peak: float | None, decode_peak: float | None = None) -> dict:
+    """One measured step with its derived quantities: throughput, FLOPs, MFU against the run's peak, and the
+    rollout's FLOP rate against the decode-shaped peak (``rollout_vs_decode_peak``)."""
     s = dict(s)
     tok = s["completion_tokens"]
     s["other"] = s["step"] - sum(s[k] for k in ("rollout", "rewards", "reference", "train"))
@@ -396,6 +411,8 @@ def _per_step(s: dict, n_params: int, beta: float, peak: float | None) -> dict:
     for k in ("rollout", "reference", "train", "step"):
         ok = peak is not None and fl[k] > 0 and s[k] > 0
         s[f"mfu_{k}"] = fl[k] / s[k] / peak if ok else None
+    ok = decode_peak is not None and fl["rollout"] > 0 and s["rollout"] > 0
+    s["rollout_vs_decode_peak"] = fl["rollout"] / s["rollout"] / decode_peak if ok else None
     s["flops"] = fl
     return s
 
@@ -404,10 +421,13 @@ def _side_result(children: list[dict], beta: float, precision: str) -> dict[str,
     """One side's summary at one β and precision over all its children's measured steps."""
     n_params = children[0]["n_params"]
     for c in children:
-        c["steps"] = [_per_step(s, n_params, beta, c["matmul_peak"]["used"]) for s in c["steps"]]
+        decode_peak = c.get("decode_matmul_peak")
+        c["steps"] = [_per_step(s, n_params, beta, c["matmul_peak"]["used"], decode_peak) for s in c["steps"]]
     steps = [s for c in children for s in c["steps"]]
     numeric = [k for k, v in steps[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    numeric += [k for k in steps[0] if k.startswith("mfu_") and k not in numeric]  # None in some steps
+    numeric += [  # None in some steps
+        k for k in steps[0] if (k.startswith("mfu_") or k == "rollout_vs_decode_peak") and k not in numeric
+    ]
     r = {
         "precision": precision,
         "median": {k: bench._median([s[k] for s in steps]) for k in numeric},
@@ -416,6 +436,7 @@ def _side_result(children: list[dict], beta: float, precision: str) -> dict[str,
         "n_params": n_params,
         "flops": {k: bench._median([s["flops"][k] for s in steps]) for k in steps[0]["flops"]},
         "matmul_peak_flop_per_s": bench._median([c["matmul_peak"]["used"] for c in children]),
+        "decode_matmul_peak_flop_per_s": bench._median([c.get("decode_matmul_peak") for c in children]),
         "runs": [
             {"repetition": c["repetition"], "peak_rss_mb": c["peak_rss_mb"], "matmul_peak": c["matmul_peak"]}
             for c in children
@@ -481,6 +502,8 @@ def run_trl_comparison(spec: bench.BenchSpec, log: Callable[[str], None] = print
         "trl_grpo_config": config,
         "flop_formula": metrics.FLOP_FORMULA,
         "matmul_peak": "per run: the mean of the peak measured right before and right after the child",
+        "decode_matmul_peak": "per precision, once: one decoding step's products alone (every nn.Linear of the "
+        "model at prompts x G rows, model-sized random weights), best of ~peak_seconds",
         "peak_rss": "VmHWM (own high-water mark) of each child process, median over repetitions",
         "ratio_definition": "rlhf-pg / TRL per repetition (ratio of the medians), median over repetitions",
         "results": results,
@@ -531,7 +554,8 @@ def format_table(report: dict) -> str:
             else f"TRL's C heap: --peer-heap {w.get('peer_heap', 'default')}"
         ),
         "FLOPs (both sides alike, each for its own tokens): rollout 2*N*S, reference 2*N*S*[beta>0], train 6*N*S; "
-        "MFU vs the matmul peak measured around each run, in the run's precision",
+        "MFU vs the matmul peak measured around each run, in the run's precision; the rollout also vs the "
+        "decode peak (one decoding step's products alone, every linear of the model at prompts x G rows)",
     ]
     for key, res in report["results"].items():
         paths = list(res)
@@ -561,6 +585,19 @@ def format_table(report: dict) -> str:
                             "{:.1f}%",
                         )
                     )
+        dpeaks = [res[p].get("decode_matmul_peak_flop_per_s") for p in paths]
+        if any(v is not None for v in dpeaks):
+            rows = w["prompts"] * w["group_size"]
+            lines.append(_row(f"decode peak, {rows} rows", [v / 1e9 if v else None for v in dpeaks], fmt="{:.1f}"))
+            vals = [res[p]["median"].get("rollout_vs_decode_peak") for p in paths]
+            lines.append(
+                _row(
+                    "rollout/decode peak",
+                    [100 * v if v is not None else None for v in vals],
+                    [rat[q].get("rollout_vs_decode_peak") for q in precs],
+                    "{:.1f}%",
+                )
+            )
         head = ", ".join(
             f"{q} {rat[q]['completion_tokens_per_s']:.2f}x" for q in precs if rat[q]["completion_tokens_per_s"]
         )
