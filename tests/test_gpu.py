@@ -136,6 +136,19 @@ def test_closed_form_logprobs_on_cuda(temperature):
     check_gathered_logprobs(temperature, 3, "cuda")
 
 
+@pytest.mark.gpu
+def test_bf16_reference_storage_on_cuda(tmp_path, tiny_config, fresh_accelerate):
+    """The reference's linear weights stored in bf16 under CUDA autocast: tests/test_trainer.py's check."""
+    from test_trainer import check_reference_storage
+
+    from rlhf_pg.trainer import Trainer
+
+    _require_bf16()
+    tr = Trainer(tiny_config(tmp_path, algo={"kl_coef": 0.05}, train={"mixed_precision": "bf16"}))
+    assert tr.acc.device.type == "cuda"
+    check_reference_storage(tr)
+
+
 # ------------------------------------------------------------------------------------------ FSDP2
 @pytest.mark.gpu
 def test_fsdp2_on_one_gpu_trains_checkpoints_and_resumes(tmp_path, tiny_recipe, capsys):

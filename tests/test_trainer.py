@@ -190,7 +190,7 @@ def _ragged(batch, seed=0):
     T = batch.completion_ids.shape[1]
     n = torch.randint(1, T + 1, (batch.size,), generator=torch.Generator().manual_seed(seed))
     n[0] = T
-    keep = (torch.arange(T)[None, :] < n[:, None]).float()
+    keep = (torch.arange(T)[None, :] < n[:, None]).float().to(batch.completion_mask.device)
     batch.completion_mask = batch.completion_mask * keep
     batch.completion_ids = batch.completion_ids.masked_fill(keep == 0, 0)
     batch.old_logprobs = batch.old_logprobs * keep
@@ -320,19 +320,17 @@ def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, 
         assert torch.equal(p, q), n  # the same update
 
 
-def test_bf16_reference_stores_its_linear_weights_as_autocast_casts_them(tmp_path, tiny_config):
-    """Under bf16 autocast the frozen reference keeps its nn.Linear weights in bf16 (what autocast would cast
-    them to in each pass), the tied embedding / LM head and the norms in fp32: its log-probs are bit-equal to
-    those of the fp32 reference, in packed and padded passes. fp32 runs keep the reference in fp32."""
+def check_reference_storage(tr: Trainer) -> None:
+    """``tr`` runs in bf16 autocast: its reference keeps the nn.Linear weights in bf16 and the tied embedding /
+    LM head and the norms in fp32, and its log-probs are bit-equal to those of the fp32 reference."""
     from rlhf_pg.models import load_model
 
-    tr = Trainer(tiny_config(tmp_path / "bf16", algo={"kl_coef": 0.05}, train={"mixed_precision": "bf16"}))
     dtypes = {n: p.dtype for n, p in tr.ref.named_parameters()}
     linear = [n for n, m in tr.ref.named_modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
     assert len(linear) == 7 * tr.ref.config.num_hidden_layers  # q k v o gate up down; the tied LM head is not
     assert dtypes["model.embed_tokens.weight"] == torch.float32 and tr.ref.lm_head.weight.dtype == torch.float32
     assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
-    fp32_ref = load_model(tr.cfg.model.name, "float32", torch.device("cpu")).eval().requires_grad_(False)
+    fp32_ref = load_model(tr.cfg.model.name, "float32", tr.acc.device).eval().requires_grad_(False)
     assert sum(p.numel() * p.element_size() for p in tr.ref.parameters()) < sum(
         p.numel() * p.element_size() for p in fp32_ref.parameters()
     )
@@ -341,6 +339,16 @@ def test_bf16_reference_stores_its_linear_weights_as_autocast_casts_them(tmp_pat
         passes = _layout(tr.passes, layout)
         stored = forward_no_grad(tr.ref, batch, passes, 3).logprobs
         assert torch.equal(stored, forward_no_grad(fp32_ref, batch, passes, 3).logprobs), layout
+
+
+def test_bf16_reference_stores_its_linear_weights_as_autocast_casts_them(tmp_path, tiny_config):
+    """Under bf16 autocast the frozen reference keeps its nn.Linear weights in bf16 (what autocast would cast
+    them to in each pass), the tied embedding / LM head and the norms in fp32: its log-probs are bit-equal to
+    those of the fp32 reference, in packed and padded passes (tests/test_gpu.py runs the same check on CUDA).
+    fp32 runs keep the reference in fp32."""
+    check_reference_storage(
+        Trainer(tiny_config(tmp_path / "bf16", algo={"kl_coef": 0.05}, train={"mixed_precision": "bf16"}))
+    )
     plain = Trainer(tiny_config(tmp_path / "fp32", algo={"kl_coef": 0.05}, train={"mixed_precision": "no"}))
     assert {p.dtype for p in plain.ref.parameters()} == {torch.float32}
 
