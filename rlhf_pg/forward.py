@@ -313,15 +313,15 @@ def weight_casts_kept(*models: torch.nn.Module | None) -> Iterator[None]:
 @torch.no_grad()
 def store_frozen_in_autocast_dtype(model: torch.nn.Module, autocast: Callable[[], AbstractContextManager]) -> int:
     """Keep a frozen model's ``nn.Linear`` weights (and biases) in the dtype the run's autocast casts them
-        to; returns the number of modules converted (0 when ``autocast`` does not enable torch's autocast).
+    to; returns the number of modules converted (0 when ``autocast`` does not enable torch's autocast).
 
-        Under autocast every ``F.linear`` casts its fp32 weight to the low-precision dtype (round to nearest,
-        the same as ``Tensor.to``) before the product, so a weight stored already cast gives the same product
-        bit for bit, without the fp32 copy or the cast in each pass. (SmolLM2-135M's reference: 315 MB in all,
-    against 540 MB of its file's pages that the fp32 model kept resident.)
-        Left in fp32: parameters any other module also uses (a tied embedding: its lookup is not autocast,
-        so the residual stream stays fp32), norms, subclasses of ``nn.Linear`` (adapters, quantized layers),
-        and sharded models. Only for models that never run outside the autocast (the frozen reference)."""
+    Under autocast every ``F.linear`` casts its fp32 weight to the low-precision dtype (round to nearest,
+    the same as ``Tensor.to``) before the product, so a weight stored already cast gives the same product
+    bit for bit, without the fp32 copy or the cast in each pass (SmolLM2-135M's reference: 315 MB in all,
+    against 540 MB of its file's pages that the fp32 model kept resident). Left in fp32: parameters any other
+    module also uses (a tied embedding: its lookup is not autocast, so the residual stream stays fp32),
+    norms, subclasses of ``nn.Linear`` (adapters, quantized layers), and sharded models. Only for models
+    that never run outside the autocast (the frozen reference)."""
     from .distributed import sharding_kind
 
     params = list(model.parameters())

@@ -424,6 +424,9 @@ def describe(cfg: RunConfig, c: Components) -> str:
     reference = (
         "none" if a.kl_coef == 0 else "policy with the LoRA adapter disabled" if c.ref is None else "frozen model"
     )
+    stored = {str(p.dtype).removeprefix("torch.") for p in c.ref.parameters()} if c.ref is not None else set()
+    if len(stored) > 1:  # store_frozen_in_autocast_dtype converted its linear weights
+        reference += f" (linear weights in {min(stored, key=lambda d: d == 'float32')}, as autocast casts them)"
     line = (
         f"algorithm {a.name}: "
         + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")

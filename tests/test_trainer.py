@@ -320,11 +320,18 @@ def test_weight_casts_kept_casts_each_weight_once_per_pass_and_update(tmp_path, 
         assert torch.equal(p, q), n  # the same update
 
 
+def _reference_in_header(tr: Trainer) -> str:
+    from rlhf_pg.setup import describe
+
+    return describe(tr.cfg, tr.components).split("reference=")[1].split("\n")[0]
+
+
 def check_reference_storage(tr: Trainer) -> None:
     """``tr`` runs in bf16 autocast: its reference keeps the nn.Linear weights in bf16 and the tied embedding /
     LM head and the norms in fp32, and its log-probs are bit-equal to those of the fp32 reference."""
     from rlhf_pg.models import load_model
 
+    assert _reference_in_header(tr) == "frozen model (linear weights in bfloat16, as autocast casts them)"
     dtypes = {n: p.dtype for n, p in tr.ref.named_parameters()}
     linear = [n for n, m in tr.ref.named_modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
     assert len(linear) == 7 * tr.ref.config.num_hidden_layers  # q k v o gate up down; the tied LM head is not
@@ -344,13 +351,14 @@ def check_reference_storage(tr: Trainer) -> None:
 def test_bf16_reference_stores_its_linear_weights_as_autocast_casts_them(tmp_path, tiny_config):
     """Under bf16 autocast the frozen reference keeps its nn.Linear weights in bf16 (what autocast would cast
     them to in each pass), the tied embedding / LM head and the norms in fp32: its log-probs are bit-equal to
-    those of the fp32 reference, in packed and padded passes (tests/test_gpu.py runs the same check on CUDA).
-    fp32 runs keep the reference in fp32."""
+    those of the fp32 reference, in packed and padded passes (tests/test_gpu.py runs the same check on CUDA);
+    the run header says so. fp32 runs keep the reference in fp32."""
     check_reference_storage(
         Trainer(tiny_config(tmp_path / "bf16", algo={"kl_coef": 0.05}, train={"mixed_precision": "bf16"}))
     )
     plain = Trainer(tiny_config(tmp_path / "fp32", algo={"kl_coef": 0.05}, train={"mixed_precision": "no"}))
     assert {p.dtype for p in plain.ref.parameters()} == {torch.float32}
+    assert _reference_in_header(plain) == "frozen model"
 
 
 def test_packed_pass_of_shuffled_partial_groups(tmp_path, tiny_config):
