@@ -18,8 +18,8 @@ with the model's own weights and nothing else:
   key head, as transformers' sdpa path does for one query position;
 * on CPUs with AMX, in bf16, each weight is cast and reordered once per decoder into oneDNN's blocked
   layout for the decoding steps (:func:`prepacks_weights`): with plain bf16 weights the step's small-row
-  products took about a third longer here. The same sums, in the same order where oneDNN splits both
-  products between threads alike (with 2 threads: up to 64 rows at least).
+  products took a third longer or more here. The same sums, in the same order where oneDNN splits both
+  products between threads alike (with 2 threads here: at least up to 95 rows).
 
 The arithmetic is the transformers forward's, op for op and dtype for dtype (fp32 residual stream and
 norms under autocast, bf16 matmuls, the same SDPA kernels), so the sampled tokens and their log-probs
@@ -278,17 +278,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def prepacks_weights(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :class:`LeanDecoder` prepacks its weights: bf16 products on a CPU with AMX tiles (oneDNN).
 
-    Measured on a 2-core Xeon with AMX-BF16 (the 210 linears and the LM head of SmolLM2-135M, 30 distinct
-    weights per shape, medians of 7): 23 against 30 ms a decoding step at 32 rows, 20 against 28 at 9 rows,
-    53 against 62 at 240 (a prefill); reordering the whole model takes ~0.1 s, once per decoder. On an AMD
-    EPYC with AVX512-BF16 but no AMX an earlier measurement found no shape faster prepacked, so it is off
-    there; in fp32 oneDNN's prepacked products differ from the plain ones by rounding.
+    ``.venv/bin/python scripts/measure_levers.py --prepacked`` on a 2-core Xeon with AMX-BF16 (the 211 linears
+    of SmolLM2-135M, model-sized weights, 2 threads; two runs): one decoding step's products took 30.9 against
+    40.4–41.9 ms at 32 rows, 20.6–27.3 against 35.9–38.2 at 9 rows, 83–97 against 96–102 at 240 (a prefill);
+    reordering the whole model took 0.13 s, once per decoder. On an AMD EPYC with AVX512-BF16 but no AMX an
+    earlier measurement found no shape faster prepacked, so it is off there; in fp32 oneDNN's prepacked
+    products differ from the plain ones by rounding.
 
     The prepacked product is the same sum as the plain one, in the same order, as long as oneDNN splits it
-    between threads the same way for both layouts. Throw-away checks with random bf16 data on the model's
-    shapes: with 2 threads, equal up to 64 rows and different for some shapes from 96 rows (a prefill:
-    hundreds of rows, hence plain there); with 16 or more threads the 1536-wide product differed from 1 row
-    on. So with 2 threads the samples are the model's forward's bit for bit (tests/test_decode.py runs one
+    between threads the same way for both layouts. The same command checks the model's shapes with random
+    data: bit-equal at every row count tried with 1 thread; with 2 threads some shapes differ from 96 rows on
+    in one run, from 296 in the other (the data decide whether a different order shows); with 16 threads the
+    1536 → 576 product differed from 14 rows. Hence the prefill (hundreds of rows) takes the plain product,
+    and with 2 threads the samples are the model's forward's bit for bit (tests/test_decode.py runs one
     thread); with many threads they agree to rounding."""
     return (
         device.type == "cpu"

@@ -311,9 +311,9 @@ def weight_casts_kept(*models: torch.nn.Module | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def store_frozen_in_autocast_dtype(model: torch.nn.Module, autocast: Callable[[], AbstractContextManager]) -> int:
+def store_frozen_in_autocast_dtype(model: torch.nn.Module, autocast: Callable[[], AbstractContextManager]) -> None:
     """Keep a frozen model's ``nn.Linear`` weights (and biases) in the dtype the run's autocast casts them
-    to; returns the number of modules converted (0 when ``autocast`` does not enable torch's autocast).
+    to (nothing when ``autocast`` does not enable torch's autocast).
 
     Under autocast every ``F.linear`` casts its fp32 weight to the low-precision dtype (round to nearest,
     the same as ``Tensor.to``) before the product, so a weight stored already cast gives the same product
@@ -326,28 +326,26 @@ def store_frozen_in_autocast_dtype(model: torch.nn.Module, autocast: Callable[[]
 
     params = list(model.parameters())
     if not params or sharding_kind(model) != "none":
-        return 0
+        return
     device = params[0].device.type
     with autocast():
         if not torch.is_autocast_enabled(device):
-            return 0
+            return
         dtype = torch.get_autocast_dtype(device)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     elsewhere = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear for p in m.parameters(recurse=False)}
-    converted = 0
+    converted = False
     for m in linears:
-        own = [p for p in m.parameters(recurse=False)]
-        if any(id(p) in elsewhere or p.dtype != torch.float32 or p.requires_grad for p in own):
+        if any(id(p) in elsewhere or p.dtype != torch.float32 or p.requires_grad for p in m.parameters(False)):
             continue
         m.to(dtype)
-        converted += 1
+        converted = True
     if converted and device == "cpu":
         # A model loaded from safetensors views the file's mmap, and its pages, once read, stay resident
         # (in RSS) while any tensor still views the mapping: copy what was not converted, so it is released.
         for t in [*model.parameters(), *model.buffers()]:
             if t.dtype != dtype:
                 t.data = t.data.clone()
-    return converted
 
 
 @torch.no_grad()

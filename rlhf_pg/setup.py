@@ -426,7 +426,7 @@ def describe(cfg: RunConfig, c: Components) -> str:
     )
     stored = {str(p.dtype).removeprefix("torch.") for p in c.ref.parameters()} if c.ref is not None else set()
     if len(stored) > 1:  # store_frozen_in_autocast_dtype converted its linear weights
-        reference += f" (linear weights in {min(stored, key=lambda d: d == 'float32')}, as autocast casts them)"
+        reference += f" (linear weights in {', '.join(sorted(stored - {'float32'}))}, as autocast casts them)"
     line = (
         f"algorithm {a.name}: "
         + ", ".join(f"{k}={v}" for k, v in a.model_dump().items() if k != "name")

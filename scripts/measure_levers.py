@@ -6,6 +6,7 @@ workload (SmolLM2-135M-Instruct, 8 prompts x 4, <= 64 new tokens, beta 0.04), in
     .venv/bin/python scripts/measure_levers.py --matmul        # also: linear-layer shapes, plain vs prepacked
     .venv/bin/python scripts/measure_levers.py --compile-sampling   # also: torch.compile'd decoding (minutes)
     .venv/bin/python scripts/measure_levers.py --logprobs      # only: the log-prob pass over the LM head's logits
+    .venv/bin/python scripts/measure_levers.py --prepacked     # only: a decoding step's products, plain vs prepacked
 
 Each line is the best of ``--repeats`` timings of one phase with one lever changed, on the same batch:
 
@@ -24,6 +25,10 @@ Each line is the best of ``--repeats`` timings of one phase with one lever chang
   (600, 49152) logits in the precision's dtype — plain autograd over fp32 chunks of 4096 rows (what the
   passes ran before ``core.gathered_logprobs``) against ``gathered_logprobs`` at several chunk sizes,
   runs alternating, median of 5, in the C heap a run has (mimalloc where installed);
+* ``--prepacked`` (alone, no model weights): the products of one decoding step (every linear of the model,
+  model-sized random bf16 weights, ``bench.decode_matmul_rates``), plain ``F.linear`` against oneDNN-prepacked
+  weights as the lean decoding step runs them, at 32, 9 and 240 rows; and, per thread count, the row counts at
+  which the two products of one of the model's shapes are not bit-equal (``decode.prepacks_weights``);
 * ``--compile-sampling``: decoding with ``torch.compile(forward, dynamic=True)`` on a bf16 copy: the first
   call (compilation) and the later ones, against eager.
 
@@ -60,7 +65,11 @@ def main() -> None:
     ap.add_argument("--compile-layers", action="store_true", help="also time the passes with compiled layers")
     ap.add_argument("--only-compile-layers", action="store_true", help="skip the other levers (implies the above)")
     ap.add_argument("--logprobs", action="store_true", help="only time the log-prob pass (no model)")
+    ap.add_argument("--prepacked", action="store_true", help="only: decoding products, plain vs prepacked")
     args = ap.parse_args()
+    if args.prepacked:
+        prepacked_products(args.model)
+        return
     if args.logprobs:
         from rlhf_pg.memory import exec_with_allocator
 
@@ -260,6 +269,43 @@ def logprob_pass(dtype: torch.dtype, rows: int = 600, vocab: int = 49152, repeat
     print(f"log-prob pass, forward + backward, ({rows}, {vocab}) {dtype} logits, 2 threads (ms, median of {repeats}):")
     for k, ts in times.items():
         print(f"  {k:50s} {1e3 * statistics.median(ts[1:]):7.1f}")
+
+
+@torch.no_grad()
+def prepacked_products(model: str, seconds: float = 3.0) -> None:
+    """ms of one decoding step's products, plain against prepacked, and where the two differ in the bit."""
+    import torch.nn.functional as F
+
+    from rlhf_pg.decode import packed_linear
+    from rlhf_pg.labs.bench import decode_matmul_rates, decode_shapes
+
+    shapes = decode_shapes(model)
+    flops = 2 * sum(n * k for n, k in shapes)
+    print(f"one decoding step's products ({len(shapes)} linears of {model} bf16, 2 threads; ms, best of {seconds:g} s)")
+    for rows in (32, 9, 240):
+        rates = decode_matmul_rates(model, rows, seconds, 2, "bf16", prepacked=True)
+        print(f"  {rows:4d} rows: " + ", ".join(f"{way} {1e3 * rows * flops / r:6.1f}" for way, r in rates.items()))
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g).to(torch.bfloat16) for n, k in shapes]
+    t0 = time.perf_counter()
+    for w in weights:
+        torch.ops.mkldnn._reorder_linear_weight(w, 32)
+    print(f"  reordering all {len(weights)} weights (once per rollout): {1e3 * (time.perf_counter() - t0):.0f} ms")
+    del weights
+    counts = [*range(1, 129), *range(136, 513, 8)]
+    for threads in (1, 2, 16):
+        torch.set_num_threads(threads)
+        differ = {}
+        for n, k in sorted(set(shapes)):
+            w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            p = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+            xs = (torch.randn(m, k, generator=g).to(torch.bfloat16) for m in counts)
+            bad = [x.shape[0] for x in xs if not torch.equal(F.linear(x, w), packed_linear(x, p, None))]
+            if bad:
+                differ[f"{k}->{n}"] = bad[0]
+        first = differ or "none"
+        print(f"  {threads:2d} threads, rows 1-128 and 136-512 by 8, first row count that differs per shape: {first}")
+    torch.set_num_threads(2)
 
 
 def _ms(fn, repeats: int) -> float:

@@ -580,6 +580,17 @@ def _launch(job: dict, in_process: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------ parent
+def _best_seconds(fn, seconds: float) -> float:
+    """The fastest of the calls of ``fn`` made over ~``seconds`` (after one warm-up call)."""
+    fn()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak(seconds: float, threads: int, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
     """FLOP/s of a 2048×2048 @ 2048×2048 ``torch.matmul`` (fp32 and/or bf16), best of ~``seconds`` each."""
     import torch
@@ -591,13 +602,7 @@ def matmul_peak(seconds: float, threads: int, precisions: tuple[str, ...] = ("fp
     try:
         for name, dt in ((p, dtypes[p]) for p in precisions):
             a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-            a @ b  # warm-up
-            best, t_end = float("inf"), time.perf_counter() + seconds
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                a @ b
-                best = min(best, time.perf_counter() - t0)
-            out[name] = 2 * n**3 / best
+            out[name] = 2 * n**3 / _best_seconds(lambda a=a, b=b: a @ b, seconds)
     finally:
         torch.set_num_threads(old)
     return out
@@ -615,13 +620,16 @@ def decode_shapes(model: str) -> list[tuple[int, int]]:
     return [tuple(m.weight.shape) for m in built.modules() if type(m) is torch.nn.Linear]
 
 
-def decode_matmul_peak(model: str, rows: int, seconds: float, threads: int, precision: str) -> float | None:
-    """FLOP/s of the products of one decoding step alone: ``rows`` rows through every ``nn.Linear`` of
-    ``model`` (its LM head included), with weights of the model's shapes (random, ``precision``), best of
-    ~``seconds`` of such passes. The weights are the model's size, so they stream from memory as in decoding;
-    nothing else of the step runs (attention, norms, sampling). In bf16 on a CPU where the lean decoding step
-    prepacks its weights (:func:`rlhf_pg.decode.prepacks_weights`) the faster of the plain and the prepacked
-    products counts. None for a model without ``nn.Linear`` layers."""
+def decode_matmul_rates(
+    model: str, rows: int, seconds: float, threads: int, precision: str, prepacked: bool | None = None
+) -> dict[str, float]:
+    """FLOP/s of the products of one decoding step alone, per way of running them: ``rows`` rows through every
+    ``nn.Linear`` of ``model`` (its LM head included), with weights of the model's shapes (random,
+    ``precision``), best of ~``seconds`` of such passes per way. The weights are the model's size, so they
+    stream from memory as in decoding; nothing else of the step runs (attention, norms, sampling). Ways:
+    ``plain`` (``F.linear``) and, in bf16, ``prepacked`` (oneDNN's layout, as the lean decoding step runs
+    them) where :func:`rlhf_pg.decode.prepacks_weights` says so, or as ``prepacked`` asks. Empty for a model
+    without ``nn.Linear`` layers."""
     import torch
     import torch.nn.functional as F
 
@@ -629,28 +637,29 @@ def decode_matmul_peak(model: str, rows: int, seconds: float, threads: int, prec
 
     shapes = decode_shapes(model)
     if not shapes:
-        return None
+        return {}
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if prepacked is None:
+        prepacked = prepacks_weights(torch.device("cpu"), dt)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         weights = [torch.randn(n, k).to(dt) for n, k in shapes]
         xs = {k: torch.randn(rows, k).to(dt) for k in {k for _, k in shapes}}
         ways = {"plain": lambda: [F.linear(xs[w.shape[1]], w) for w in weights]}
-        if prepacks_weights(torch.device("cpu"), dt):
+        if prepacked and dt == torch.bfloat16:
             packed = [(w.shape[1], torch.ops.mkldnn._reorder_linear_weight(w, rows)) for w in weights]
             ways["prepacked"] = lambda: [packed_linear(xs[k], p, None) for k, p in packed]
-        best = float("inf")
-        for run in ways.values():
-            run()  # warm-up
-            t_end = time.perf_counter() + seconds / len(ways)
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t0)
+        flops = 2 * rows * sum(n * k for n, k in shapes)
+        return {way: flops / _best_seconds(run, seconds / len(ways)) for way, run in ways.items()}
     finally:
         torch.set_num_threads(old)
-    return 2 * rows * sum(n * k for n, k in shapes) / best
+
+
+def decode_matmul_peak(model: str, rows: int, seconds: float, threads: int, precision: str) -> float | None:
+    """The decode-shaped peak: the faster way of :func:`decode_matmul_rates` (the prepacked products where the
+    lean decoding step uses them). None for a model without ``nn.Linear`` layers."""
+    return max(decode_matmul_rates(model, rows, seconds, threads, precision).values(), default=None)
 
 
 def _median(xs: list[float]) -> float | None:
